@@ -1,0 +1,132 @@
+"""Every exception, error code and exit code of mpipeline, defined once.
+
+Exceptions live here and nowhere else so that callers can catch by family
+(``RingError``, ``ConfigError``...) without importing the module that raised,
+and so that errors which cross process boundaries travel as an ``ErrorCode``
+plus a reason string, never as pickled exception objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes of the CLI, the supervisor and stage replicas."""
+
+    OK = 0
+    FAILURE = 1
+    # Bad configuration or command line: nothing was created.
+    USAGE = 2
+    # A replica failed while booting; the supervisor halts instead of looping
+    # (gunicorn's WORKER_BOOT_ERROR).
+    BOOT_ERROR = 3
+    # Too many restarts within the intensity window: the pipeline gave up.
+    FATAL = 4
+    # Another supervisor holds the run directory lock.
+    ALREADY_RUNNING = 5
+
+
+class ErrorCode(enum.StrEnum):
+    """Machine-readable reason carried by a ``Failed`` message and HTTP errors."""
+
+    INVALID_REQUEST = "invalid_request"
+    RING_FULL = "ring_full"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    STAGE_ERROR = "stage_error"
+    STAGE_RESTARTED = "stage_restarted"
+    SHUTTING_DOWN = "shutting_down"
+    DECODE_ERROR = "decode_error"
+    RING_CORRUPTED = "ring_corrupted"
+    UPSTREAM_ERROR = "upstream_error"
+    CIRCUIT_OPEN = "circuit_open"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+class MPipelineError(Exception):
+    """Root of every error raised on purpose by mpipeline."""
+
+
+class ConfigError(MPipelineError):
+    """The configuration file or a command-line setting is invalid.
+
+    ``issues`` lists every problem found in a config file (empty when the error is
+    about something else, such as a command-line flag); the message repeats them,
+    one per line.
+    """
+
+    def __init__(self, message: str, issues: Iterable[ConfigIssue] = ()) -> None:
+        super().__init__(message)
+        self.issues: list[ConfigIssue] = list(issues)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config file: where it is, which field, and what is wrong."""
+
+    file: str
+    # 1-based; None when the problem has no place in the text (a missing file).
+    line: int | None
+    # Dotted path such as "stages.rag.replicas"; "" for the file as a whole.
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return ": ".join(part for part in (where, self.field, self.message) if part)
+
+
+# Ring errors
+
+
+class RingError(MPipelineError):
+    """Something is wrong with a shared-memory ring or its use."""
+
+
+class RingFull(RingError, TimeoutError):  # noqa: N818 - named for the state, like anyio's WouldBlock
+    """An awaitable ``put`` timed out because the consumer did not make room."""
+
+
+class RingEmpty(RingError, TimeoutError):  # noqa: N818
+    """An awaitable ``get`` timed out with nothing to read."""
+
+
+class RingClosed(RingError):  # noqa: N818
+    """This ring handle was closed; it can no longer be used."""
+
+
+class RecordTooLarge(RingError, ValueError):  # noqa: N818
+    """A record is larger than the ring accepts; nothing was written."""
+
+
+class RingCorrupted(RingError):  # noqa: N818
+    """The segment's header or a record failed validation."""
+
+
+class RingNotFound(RingError, FileNotFoundError):  # noqa: N818
+    """No segment of that name exists."""
+
+
+class PeerGone(RingError):  # noqa: N818
+    """The process on the other side of the ring died and none replaced it."""
+
+
+# Stage and upstream errors
+
+
+class StageError(MPipelineError):
+    """A stage could not process a message."""
+
+
+class UpstreamError(MPipelineError):
+    """A model backend failed (HTTP error, timeout, broken stream)."""
+
+
+# Message errors
+
+
+class DecodeError(MPipelineError):
+    """A ring record is not a valid batch of the messages its edge carries."""
