@@ -1,0 +1,219 @@
+"""Every message that crosses a process boundary, and the union each edge carries.
+
+Messages are msgspec Structs on one tagged base, so a typed decoder rejects a
+message that does not belong on an edge instead of handing a stage the wrong
+type. The tag travels in the field ``"t"`` with short explicit values; they are
+the wire format, so never reuse one for a different shape.
+
+Errors travel as ``Failed`` data (an ``ErrorCode`` plus a reason), never as
+pickled exceptions, and a ``Failed`` may appear on every edge after ``rag`` so
+that a request that broke anywhere still reaches the gateway that holds its
+client.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Final, TypeAlias
+
+import msgspec
+
+from mpipeline.errors import ErrorCode
+
+__all__ = [
+    "EDGE_TYPES",
+    "Assembled",
+    "Completed",
+    "Failed",
+    "Message",
+    "Passage",
+    "Priority",
+    "PromptRequest",
+    "Reply",
+    "Retrieved",
+    "ToAssemble",
+    "ToGateway",
+    "ToInference",
+    "ToPost",
+    "ToRag",
+    "ToStream",
+    "TokenChunk",
+    "Usage",
+    "failed_from",
+    "reply_info",
+]
+
+# Struct options, chosen by bench/micro/test_codec.py (numbers in codec.py's docstring):
+# array_like=True encodes a Struct as a msgpack array in field order instead of a
+# map keyed by field name, and gc=False keeps instances out of the cyclic garbage
+# collector. Both are safe because ring records never outlive one run of one code
+# version (anything persisted, like the DLQ, must use its own self-describing
+# format) and no message can take part in a reference cycle.
+# Subclasses inherit every option at runtime; they repeat frozen/kw_only only
+# because mypy does not carry those through msgspec's dataclass_transform.
+
+
+class Priority(enum.IntEnum):
+    """Scheduling class of a request; lower values are served first."""
+
+    CRITICAL = 0
+    HIGH = 1
+    NORMAL = 2
+    LOW = 3
+
+
+class Message(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    tag=True,
+    tag_field="t",
+    array_like=True,
+    gc=False,
+):
+    """Base of every tagged message; subclasses set a short explicit ``tag``."""
+
+
+class PromptRequest(Message, tag="req", frozen=True, kw_only=True):
+    """A client request as the gateway accepted it.
+
+    ``deadline_ns`` is an absolute ``time.monotonic_ns()``; CLOCK_MONOTONIC is
+    system-wide on Linux, so every process on the host can compare against it.
+    0 means no deadline. ``reply_to`` is the index of the gateway replica (and
+    so of the return ring) that holds the client connection.
+
+    ``stamps`` maps a stage name to the ``monotonic_ns`` at which that stage
+    received the request. It is the one deliberately mutable part of a frozen
+    message: the runner stamps in place, which costs one dict store instead of
+    a copy of the whole struct (and its 0.5 kB+ input) per stage.
+    """
+
+    request_id: str
+    session_id: str | None = None
+    input: str
+    metadata: dict[str, str] = {}
+    priority: Priority = Priority.NORMAL
+    deadline_ns: int = 0
+    reply_to: int = 0
+    stream: bool = False
+    max_tokens: int | None = None
+    stamps: dict[str, int] = {}
+
+
+class Passage(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
+    """One piece of retrieved context; only ever nested, so it carries no tag."""
+
+    source: str
+    text: str
+    score: float
+
+
+class Retrieved(Message, tag="ret", frozen=True, kw_only=True):
+    """A request with the context that rag found for it (possibly none)."""
+
+    request: PromptRequest
+    context: list[Passage] = []
+
+
+class Assembled(Message, tag="asm", frozen=True, kw_only=True):
+    """The exact prompt the model will see, and the key that dedups it."""
+
+    request: PromptRequest
+    prompt: str
+    dedup_key: str
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
+    """Token counts of one completion, as the worker reported them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Reply(Message, frozen=True, kw_only=True):
+    """Base of the messages that travel back to a client.
+
+    They carry the request's identity and return address themselves, so that
+    post, stream and the gateway never need the original request.
+    """
+
+    request_id: str
+    session_id: str | None
+    reply_to: int
+
+
+class TokenChunk(Reply, tag="tok", frozen=True, kw_only=True):
+    """One streamed piece of output; ``index`` counts from 0 per request."""
+
+    index: int
+    text: str
+
+
+class Completed(Reply, tag="done", frozen=True, kw_only=True):
+    """The final result of a request (the whole text, also after a stream)."""
+
+    text: str
+    usage: Usage
+    finish_reason: str = "stop"
+    stamps: dict[str, int] = {}
+
+
+class Failed(Reply, tag="fail", frozen=True, kw_only=True):
+    """A terminal error for one request; ``stage`` names where it happened."""
+
+    code: ErrorCode
+    reason: str
+    stage: str
+
+
+# One union per edge, named for the stage that consumes it. Failed rides every
+# edge after rag so that an error keeps its place in the session's order.
+ToRag: TypeAlias = PromptRequest
+ToAssemble: TypeAlias = Retrieved | Failed
+ToInference: TypeAlias = Assembled | Failed
+ToPost: TypeAlias = TokenChunk | Completed | Failed
+ToStream: TypeAlias = ToPost
+ToGateway: TypeAlias = TokenChunk | Completed | Failed
+
+EDGE_TYPES: Final[Mapping[str, Any]] = MappingProxyType(
+    {
+        "rag": ToRag,
+        "assemble": ToAssemble,
+        "inference": ToInference,
+        "post": ToPost,
+        "stream": ToStream,
+        "gateway": ToGateway,
+    }
+)
+
+
+def reply_info(msg: Message) -> tuple[str, str | None, int]:
+    """Return ``(request_id, session_id, reply_to)`` of any message.
+
+    :raises TypeError: if ``msg`` is not one of the messages defined here
+    """
+    if isinstance(msg, Reply):
+        return msg.request_id, msg.session_id, msg.reply_to
+    if isinstance(msg, Retrieved | Assembled):
+        msg = msg.request
+    if isinstance(msg, PromptRequest):
+        return msg.request_id, msg.session_id, msg.reply_to
+    raise TypeError(f"no reply info in {type(msg).__name__}")
+
+
+def failed_from(msg: Message, code: ErrorCode, reason: str, stage: str) -> Failed:
+    """Build the ``Failed`` that answers whatever request ``msg`` belongs to.
+
+    :raises TypeError: if ``msg`` is not one of the messages defined here
+    """
+    request_id, session_id, reply_to = reply_info(msg)
+    return Failed(
+        request_id=request_id,
+        session_id=session_id,
+        reply_to=reply_to,
+        code=code,
+        reason=reason,
+        stage=stage,
+    )
