@@ -1,0 +1,468 @@
+"""Pipeline: the library face of mpipeline (the reference's ``spawn_pipeline``).
+
+``async with Pipeline(config) as p`` starts a supervisor for ``config`` and
+plays the gateway's part in the calling process: it claims a client slot,
+writes requests to the first stage's rings and reads results, chunks and
+errors from its return and error rings. ``Pipeline.attach(run_dir)`` joins a
+supervisor that is already running instead.
+
+The client owns the promise that every accepted request ends in exactly one
+outcome: it keeps an in-flight table with deadlines, fails requests whose
+replica the supervisor replaced (the control block's generation counter)
+with ``stage_restarted``, and fails everything if the supervisor goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import msgspec
+
+from mpipeline.codec import Codec
+from mpipeline.config import PipelineConfig, dump_toml, load, resolve_run_dir
+from mpipeline.errors import ErrorCode, MPipelineError, RingEmpty, RingFull
+from mpipeline.heartbeat import ControlBlock, RunState
+from mpipeline.messages import Completed, Failed, Priority, PromptRequest, TokenChunk, ToGateway
+from mpipeline.ring import Ring
+from mpipeline.routing import request_key, shard_for
+from mpipeline.supervisor import LOCK_FILE, STATE_FILE
+from mpipeline.topology import ClientSpec
+
+# The client answers a request itself this long after its deadline, so the
+# pipeline's own, more specific, expiry error normally arrives first.
+DEADLINE_GRACE_S = 0.25
+_WATCH_S = 0.02
+# Requests per ring record: amortizes the ring and codec per call while
+# keeping records far below max_record for ordinary prompts.
+_PER_RECORD = 64
+# Room left in a record for everything in a request but its input text.
+_ENVELOPE_BYTES = 4096
+_IDLE_WAIT_S = 0.25
+
+
+class RequestFailed(MPipelineError):
+    """A request ended in an explicit error; ``code``/``stage`` say where and why."""
+
+    def __init__(self, failed: Failed) -> None:
+        super().__init__(f"{failed.code}: {failed.reason} (stage {failed.stage})")
+        self.failed = failed
+        self.code = failed.code
+        self.stage = failed.stage
+        self.request_id = failed.request_id
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: PromptRequest
+    deadline_ns: int
+    future: asyncio.Future[Completed]
+    chunks: asyncio.Queue[TokenChunk] | None = None
+    route: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: PipelineConfig | str | os.PathLike[str] | None = None,
+        *,
+        run_dir: str | os.PathLike[str] | None = None,
+        timeout_s: float = 30.0,
+        boot_timeout_s: float = 60.0,
+    ) -> None:
+        self._config_arg = config
+        self._run_dir_arg = Path(run_dir) if run_dir is not None else None
+        self.timeout_s = timeout_s
+        self.boot_timeout_s = boot_timeout_s
+        self._owns_supervisor = True
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self._rings: list[Ring] = []
+        self._ingress: list[Ring] = []
+        self._inflight: dict[str, _Pending] = {}
+        self._outbox: list[list[PromptRequest]] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ctl: ControlBlock | None = None
+        self._slot_fd = -1
+        self._ids = itertools.count()
+        self._prefix = ""
+        self._closed = False
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder: Codec[Any] = Codec(ToGateway)
+        self.stats = {"submitted": 0, "completed": 0, "failed": 0, "late": 0}
+
+    @classmethod
+    def attach(cls, run_dir: str | os.PathLike[str], *, timeout_s: float = 30.0) -> Pipeline:
+        """A Pipeline that joins the supervisor already running in ``run_dir``."""
+        p = cls(None, run_dir=run_dir, timeout_s=timeout_s)
+        p._owns_supervisor = False
+        return p
+
+    # Lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._owns_supervisor:
+            await self._start_supervisor()
+        assert self._run_dir_arg is not None
+        state = await self._read_state(self._run_dir_arg)
+        self._connect(state)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._receive(r)) for r in self._rings_in]
+        self._tasks.append(loop.create_task(self._watch()))
+
+    async def _start_supervisor(self) -> None:
+        cfg_arg = self._config_arg
+        if isinstance(cfg_arg, PipelineConfig):
+            cfg = cfg_arg
+        else:
+            cfg = load(Path(cfg_arg if cfg_arg is not None else "config/pipeline.toml"))
+        run_dir = self._run_dir_arg or resolve_run_dir(cfg)
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._run_dir_arg = run_dir
+        if isinstance(cfg_arg, PipelineConfig) or cfg_arg is None:
+            path = run_dir / "pipeline.toml"
+            path.write_text(dump_toml(cfg))
+        else:
+            path = Path(cfg_arg)
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mpipeline", "run", "--config", str(path),
+             "--run-dir", str(run_dir), "--parent-pid", str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+
+    async def _read_state(self, run_dir: Path) -> dict[str, Any]:
+        deadline = time.monotonic() + self.boot_timeout_s
+        path = run_dir / STATE_FILE
+        while True:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise MPipelineError(
+                    f"the supervisor exited with code {self._proc.returncode}:\n{self._stderr_tail()}"
+                )
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                state: dict[str, Any] = json.loads(path.read_text())
+                if self._proc is None or state.get("pid") == self._proc.pid:
+                    return state
+            if self._proc is None and not (run_dir / LOCK_FILE).exists():
+                raise MPipelineError(f"no supervisor is running in {run_dir}")
+            if time.monotonic() > deadline:
+                raise MPipelineError(f"the pipeline in {run_dir} was not ready in time")
+            await asyncio.sleep(0.02)
+
+    def _stderr_tail(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-4000:]
+
+    def _connect(self, state: dict[str, Any]) -> None:
+        topo = state["topology"]
+        clients = [ClientSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+                   for c in topo["clients"]]
+        assert self._run_dir_arg is not None
+        spec = self._claim_slot(self._run_dir_arg, clients)
+        self._client = spec
+        self._stages = [(s, n) for s, n in topo["stages"]]
+        self._replica_slots = {(r["stage"], r["index"]): r["slot"] for r in topo["replicas"]}
+        self._ctl = ControlBlock.attach(state["control"])
+        self._generations = self._ctl.generations()
+        self._ingress = [Ring.attach(n) for n in spec.ingress]
+        self._rings_in = [Ring.attach(n) for n in (*spec.returns, *spec.errors)]
+        self._rings = [*self._ingress, *self._rings_in]
+        self._outbox = [[] for _ in self._ingress]
+        self._first_stage, _ = self._stages[0]
+        self._prefix = f"{os.getpid():x}{spec.index}-"
+
+    def _claim_slot(self, run_dir: Path, clients: list[ClientSpec]) -> ClientSpec:
+        # flock, not a pid in shared memory: the kernel frees it when we die.
+        for spec in reversed(clients):
+            fd = os.open(run_dir / f"client-{spec.index}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._slot_fd = fd
+            return spec
+        raise MPipelineError(f"all {len(clients)} client slots of {run_dir} are taken")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_all(ErrorCode.SHUTTING_DOWN, "the client closed")
+        for ring in self._rings:
+            ring.close()
+        if self._ctl is not None:
+            self._ctl.close()
+        if self._slot_fd >= 0:
+            os.close(self._slot_fd)
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.terminate()
+            await asyncio.get_running_loop().run_in_executor(None, self._proc.wait)
+        if self._stderr is not None:
+            self._stderr.close()
+
+    @property
+    def supervisor_pid(self) -> int | None:
+        return self._ctl.supervisor_pid if self._ctl is not None else None
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self._run_dir_arg
+
+    # Requests
+
+    def _new_request(
+        self,
+        text: str,
+        session_id: str | None,
+        metadata: dict[str, str] | None,
+        priority: Priority,
+        deadline_ms: float | None,
+        max_tokens: int | None,
+        stream: bool,
+    ) -> _Pending:
+        if self._closed or self._ctl is None:
+            raise MPipelineError("the pipeline client is closed")
+        if self._ctl.state != RunState.RUNNING:
+            raise RequestFailed(self._failed("", session_id, ErrorCode.SHUTTING_DOWN,
+                                             f"the pipeline is {self._ctl.state.name.lower()}"))
+        limit = self._ingress[0].max_record - _ENVELOPE_BYTES
+        if len(text) * 4 > limit and len(text.encode()) > limit:
+            raise RequestFailed(self._failed("", session_id, ErrorCode.INVALID_REQUEST,
+                                             f"input of {len(text)} characters exceeds the "
+                                             f"limit of {limit}"))
+        now = time.monotonic_ns()
+        timeout = self.timeout_s if deadline_ms is None else deadline_ms / 1000.0
+        req = PromptRequest(
+            request_id=f"{self._prefix}{next(self._ids)}",
+            session_id=session_id,
+            input=text,
+            metadata=metadata or {},
+            priority=priority,
+            deadline_ns=now + int(timeout * 1e9),
+            reply_to=self._client.index,
+            stream=stream,
+            max_tokens=max_tokens,
+        )
+        loop = asyncio.get_running_loop()
+        pending = _Pending(req, req.deadline_ns, loop.create_future(),
+                           asyncio.Queue() if stream else None)
+        self._inflight[req.request_id] = pending
+        self.stats["submitted"] += 1
+        n = len(self._outbox)
+        self._outbox[0 if n == 1 else shard_for(request_key(req, self._first_stage), n)].append(req)
+        if self._flush_handle is None:
+            self._flush_handle = loop.call_soon(self._flush)
+        return pending
+
+    async def submit(
+        self,
+        text: str,
+        *,
+        session_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        priority: Priority = Priority.NORMAL,
+        deadline_ms: float | None = None,
+        max_tokens: int | None = None,
+    ) -> Completed:
+        """Run one request through the pipeline and return its result.
+
+        :raises RequestFailed: when the request ended in an explicit error
+            (shed, expired, stage error, replica restarted, shutting down).
+        """
+        pending = self._new_request(text, session_id, metadata, priority, deadline_ms,
+                                    max_tokens, False)
+        return await pending.future
+
+    async def stream(
+        self,
+        text: str,
+        *,
+        session_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        priority: Priority = Priority.NORMAL,
+        deadline_ms: float | None = None,
+        max_tokens: int | None = None,
+    ) -> AsyncIterator[TokenChunk]:
+        """Yield token chunks as the model makes them; ends when the request completes.
+
+        :raises RequestFailed: as ``submit``, possibly after some chunks.
+        """
+        pending = self._new_request(text, session_id, metadata, priority, deadline_ms,
+                                    max_tokens, True)
+        queue = pending.chunks
+        assert queue is not None
+        future = pending.future
+        while True:
+            if not queue.empty():
+                yield queue.get_nowait()
+                continue
+            if future.done():
+                future.result()  # raises RequestFailed
+                return
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait([getter, future], return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._flushing is not None and not self._flushing.done():
+            return  # the running flush picks these up
+        for i, batch in enumerate(self._outbox):
+            if not batch:
+                continue
+            records = self._records_with_parts(batch)
+            written = self._ingress[i].put_many([record for record, _ in records])
+            if written == len(records):
+                self._outbox[i] = []
+            else:
+                self._outbox[i] = [req for _, part in records[written:] for req in part]
+                self._flushing = asyncio.get_running_loop().create_task(self._flush_slow())
+                return
+
+    def _records_with_parts(
+        self, batch: list[PromptRequest]
+    ) -> list[tuple[bytes, list[PromptRequest]]]:
+        encode = self._encoder.encode
+        limit = self._ingress[0].max_record
+        out: list[tuple[bytes, list[PromptRequest]]] = []
+        for k in range(0, len(batch), _PER_RECORD):
+            part = batch[k : k + _PER_RECORD]
+            record = encode(part)
+            if len(record) <= limit:
+                out.append((record, part))
+            else:
+                out.extend((encode([req]), [req]) for req in part)
+        return out
+
+    async def _flush_slow(self) -> None:
+        """The first stage's ring is full: wait (block) up to each batch's deadline."""
+        while any(self._outbox):
+            for i, batch in enumerate(self._outbox):
+                if not batch:
+                    continue
+                self._outbox[i] = []
+                ring = self._ingress[i]
+                for record, part in self._records_with_parts(batch):
+                    soonest = min(r.deadline_ns for r in part)
+                    timeout = max(0.0, (soonest - time.monotonic_ns()) / 1e9)
+                    try:
+                        await ring.put(record, timeout=timeout)
+                    except RingFull:
+                        edge = ring.name.split("-", 2)[-1]
+                        for req in part:
+                            self._resolve_failed(self._failed(
+                                req.request_id, req.session_id, ErrorCode.RING_FULL,
+                                f"ring_full:{edge}"))
+
+    # Results
+
+    async def _receive(self, ring: Ring) -> None:
+        decode = self._decoder.decode_many
+        while True:
+            views = ring.get_many(256)
+            if not views:
+                try:
+                    views = [await ring.get(timeout=_IDLE_WAIT_S)]
+                except RingEmpty:
+                    continue
+            for view in views:
+                for msg in decode(view):
+                    self._deliver(msg)
+
+    def _deliver(self, msg: TokenChunk | Completed | Failed) -> None:
+        pending = self._inflight.get(msg.request_id)
+        if pending is None:
+            self.stats["late"] += 1  # already answered (expired, restarted): never twice
+            return
+        if type(msg) is TokenChunk:
+            if pending.chunks is not None:
+                pending.chunks.put_nowait(msg)
+            return
+        del self._inflight[msg.request_id]
+        if type(msg) is Completed:
+            self.stats["completed"] += 1
+            pending.future.set_result(msg)
+        else:
+            assert isinstance(msg, Failed)
+            self.stats["failed"] += 1
+            pending.future.set_exception(RequestFailed(msg))
+
+    def _failed(self, request_id: str, session_id: str | None, code: ErrorCode, reason: str,
+                stage: str = "client") -> Failed:
+        return Failed(request_id=request_id, session_id=session_id,
+                      reply_to=self._client.index if self._ctl else 0,
+                      code=code, reason=reason, stage=stage)
+
+    def _resolve_failed(self, failed: Failed) -> None:
+        pending = self._inflight.pop(failed.request_id, None)
+        if pending is not None:
+            self.stats["failed"] += 1
+            pending.future.set_exception(RequestFailed(failed))
+
+    def _fail_all(self, code: ErrorCode, reason: str) -> None:
+        for rid, p in list(self._inflight.items()):
+            self._resolve_failed(self._failed(rid, p.request.session_id, code, reason))
+
+    async def _watch(self) -> None:
+        """Deadlines, replaced replicas and a vanished supervisor, every 20 ms."""
+        ctl = self._ctl
+        assert ctl is not None
+        grace = int(DEADLINE_GRACE_S * 1e9)
+        while True:
+            await asyncio.sleep(_WATCH_S)
+            now = time.monotonic_ns()
+            for rid, p in list(self._inflight.items()):
+                if now > p.deadline_ns + grace:
+                    self._resolve_failed(self._failed(
+                        rid, p.request.session_id, ErrorCode.DEADLINE_EXCEEDED,
+                        "no answer before the deadline"))
+            gens = ctl.generations()
+            if gens != self._generations:
+                for (stage, index), slot in self._replica_slots.items():
+                    if gens[slot] != self._generations[slot]:
+                        self._fail_through(stage, index)
+                self._generations = gens
+            state = ctl.state
+            if state in (RunState.STOPPED, RunState.FATAL) or not ctl.supervisor_alive():
+                self._fail_all(ErrorCode.SHUTTING_DOWN, f"the pipeline is {state.name.lower()}")
+
+    def _fail_through(self, stage: str, index: int) -> None:
+        """Fail every in-flight request whose route passes the replaced replica."""
+        n = dict(self._stages)[stage]
+        reason = f"replica {stage}-{index} was restarted while holding this request"
+        for rid, p in list(self._inflight.items()):
+            if shard_for(request_key(p.request, stage), n) == index:
+                self._resolve_failed(self._failed(rid, p.request.session_id,
+                                                  ErrorCode.STAGE_RESTARTED, reason, stage))

@@ -1,0 +1,112 @@
+"""Child bootstrap: the first code a spawned stage replica runs.
+
+The only place that pins CPUs, builds an event loop or installs child signal
+handlers. SIGINT is ignored (Ctrl-C reaches the whole process group; only
+the supervisor decides what it means), SIGTERM sets an Event that drains the
+runner, and PDEATHSIG makes the kernel kill us if the supervisor dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import uvloop
+
+from mpipeline import faults as faults_mod
+from mpipeline.config import PipelineConfig, load
+from mpipeline.errors import ExitCode
+from mpipeline.heartbeat import ControlBlock, ReplicaState
+from mpipeline.heartbeat import R_PID, R_STATE
+from mpipeline.runner import StageRunner
+from mpipeline.stages import STAGES, AsyncStage, Stage, StageContext
+from mpipeline.topology import ReplicaSpec
+
+log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+class BootError(Exception):
+    """The replica could not get ready; the supervisor must not restart it in a loop."""
+
+
+def _die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died before prctl: then we were reparented already.
+    if os.getppid() != parent:
+        os._exit(ExitCode.FAILURE)
+
+
+def main(spec: ReplicaSpec, config_path: str, ctl_name: str, parent: int, log_level: int) -> None:
+    """Entry point of a replica process (the spawn target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The supervisor blocks signals while it spawns; unblock now that INT is ignored.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    _die_with_parent(parent)
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s {spec.name}[%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = load(Path(config_path))
+        if spec.cpus:
+            psutil.Process().cpu_affinity(list(spec.cpus))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(spec, cfg, ctl_name))
+    except BootError as exc:
+        log.error("failed to boot: %s", exc)
+        sys.exit(ExitCode.BOOT_ERROR)
+    except Exception:  # the top-level crash logger: anything else is a crash
+        log.exception("crashed")
+        sys.exit(ExitCode.FAILURE)
+    sys.exit(ExitCode.OK)
+
+
+def build_stage(spec: ReplicaSpec, cfg: PipelineConfig) -> Stage[Any, Any] | AsyncStage[Any, Any]:
+    ctx = StageContext(stage=spec.stage, replica=spec.index, replicas=spec.replicas, config=cfg)
+    cls = STAGES[spec.stage]
+    stage = cls(getattr(cfg.stages, spec.stage), ctx)
+    assert isinstance(stage, Stage | AsyncStage)
+    return stage
+
+
+async def _serve(spec: ReplicaSpec, cfg: PipelineConfig, ctl_name: str) -> None:
+    ctl = ControlBlock.attach(ctl_name)
+    ctl.put(spec.slot, R_PID, os.getpid())
+    ctl.put(spec.slot, R_STATE, ReplicaState.BOOTING)
+    faults = faults_mod.for_stage(spec.stage)
+    try:
+        if faults.boot_error:
+            raise BootError("injected boot_error fault")
+        stage = build_stage(spec, cfg)
+        if faults.any:
+            from mpipeline._faulty import wrap
+
+            stage = wrap(stage, faults)
+        await stage.start()
+        runner = StageRunner(spec, cfg, stage, ctl)
+        runner.attach()
+    except BootError:
+        raise
+    except Exception as exc:
+        raise BootError(f"{type(exc).__name__}: {exc}") from exc
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    ctl.put(spec.slot, R_STATE, ReplicaState.READY)
+    log.debug("ready on cpus %s", list(spec.cpus))
+    try:
+        await runner.run(stop)
+    finally:
+        ctl.put(spec.slot, R_STATE, ReplicaState.EXITED)
+        await stage.stop()
+        runner.close()
+        ctl.close()

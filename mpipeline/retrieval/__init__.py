@@ -1,0 +1,1 @@
+"""Retrievers behind the rag stage."""

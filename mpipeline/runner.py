@@ -1,0 +1,426 @@
+"""StageRunner: everything around a stage, written once.
+
+Reads its input rings in batches, decodes each record (a msgpack array of
+messages) straight from shared memory, checks deadlines, stamps, calls the
+stage, routes every output by session hash to the next stage's ring (or, in
+the last stage, to the client named by ``reply_to``), and writes one record
+per destination per batch. An exception in a message becomes a ``Failed``
+for that request only; ``Failed`` messages go straight to the client's
+error ring. Full rings follow the consuming stage's policy: ``block`` waits
+up to the earliest deadline in the batch, ``shed`` fails the batch at once.
+
+Async stages run each message *eagerly*: the handler is stepped inline and
+only becomes a task if it actually suspends (a model call), because a task
+plus a timer per message costs several microseconds, which is most of a
+fast stage's budget. Per-message timeouts come from a sweeper, not timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import msgspec
+
+from mpipeline.codec import Codec
+from mpipeline.config import PipelineConfig
+from mpipeline.errors import DecodeError, ErrorCode, PeerGone, RingCorrupted, RingEmpty, RingFull
+from mpipeline.heartbeat import ControlBlock, RunState
+from mpipeline.messages import (
+    EDGE_TYPES,
+    Assembled,
+    Completed,
+    Failed,
+    Message,
+    PromptRequest,
+    Retrieved,
+    failed_from,
+)
+from mpipeline.ring import Ring
+from mpipeline.routing import message_key, shard_for
+from mpipeline.stages.base import AsyncStage, BaseStage, Stage
+from mpipeline.topology import ReplicaSpec
+
+log = logging.getLogger(__name__)
+
+# How long an idle pump sleeps on its doorbell before re-checking for a stop.
+_IDLE_WAIT_S = 0.25
+# Sweep for timed-out messages this often.
+_SWEEP_S = 0.05
+# A Failed that cannot reach its client within this is logged and dropped:
+# the client's own deadline answers the caller.
+_ERROR_PUT_TIMEOUT_S = 1.0
+
+
+class _Suspend:
+    """Re-yield a value an eagerly stepped coroutine yielded, from inside a task."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return (yield self.value)
+
+
+async def _drive(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Continue a coroutine that was started outside any task (an eager start)."""
+    while True:
+        try:
+            sent = await _Suspend(yielded)
+        except BaseException as exc:  # noqa: BLE001 - forwarded into the coroutine, not handled
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            yielded = coro.send(sent)
+        except StopIteration:
+            return
+
+
+def _request_of(msg: Message) -> PromptRequest | None:
+    if isinstance(msg, PromptRequest):
+        return msg
+    if isinstance(msg, Retrieved | Assembled):
+        return msg.request
+    return None
+
+
+class StageRunner:
+    def __init__(
+        self,
+        spec: ReplicaSpec,
+        cfg: PipelineConfig,
+        stage: BaseStage[Any, Any],
+        ctl: ControlBlock | None = None,
+    ) -> None:
+        self.spec = spec
+        self.stage = stage
+        self.name = spec.stage
+        self.ctl = ctl
+        stage_cfg = getattr(cfg.stages, spec.stage)
+        self.batch: int = stage_cfg.batch
+        self.timeout_ns = int(stage_cfg.timeout_s * 1e9)
+        self.is_last = spec.next_stage == "client"
+        next_cfg = None if self.is_last else getattr(cfg.stages, spec.next_stage)
+        # The edge's policy belongs to the consuming stage; return rings always block.
+        self.shed = next_cfg is not None and next_cfg.full_policy == "shed"
+        self.block_timeout_s = next_cfg.timeout_s if next_cfg is not None else 30.0
+        self.heartbeat_s = cfg.supervisor.heartbeat_interval_s
+        in_type: Any = EDGE_TYPES[spec.stage]
+        # The first stage reads requests from clients; assemble does when rag is off.
+        self.decoder: Codec[Message] = Codec(in_type | PromptRequest | Failed)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.inputs: list[Ring] = []
+        self.outputs: list[Ring] = []
+        self.errors: list[Ring] = []
+        self.pending: list[list[Message]] = []
+        self.err_pending: list[list[Message]] = []
+        self.processed = 0
+        self.inflight = 0
+        self.expired = 0
+        self.shed_count = 0
+        self.corrupt = 0
+        self._stopping = False
+        self._eager = False
+        self._tasks: dict[asyncio.Task[None], int] = {}
+        self._sessions: dict[str, asyncio.Task[None]] = {}
+        self._timed_out: set[asyncio.Task[None]] = set()
+        self._flush_task: asyncio.Task[None] | None = None
+        self._capacity_free = asyncio.Event()
+        self._capacity_free.set()
+        self._max_inflight = stage.max_concurrency if isinstance(stage, AsyncStage) else 0
+
+    # Lifecycle
+
+    def attach(self) -> None:
+        spec = self.spec
+        self.inputs = [Ring.attach(n) for n in spec.inputs]
+        self.outputs = [Ring.attach(n) for n in spec.outputs]
+        self.errors = self.outputs if spec.errors == spec.outputs else [Ring.attach(n) for n in spec.errors]
+        self.pending = [[] for _ in self.outputs]
+        self.err_pending = self.pending if self.errors is self.outputs else [[] for _ in self.errors]
+
+    def close(self) -> None:
+        rings = {id(r): r for r in (*self.inputs, *self.outputs, *self.errors)}
+        for ring in rings.values():
+            ring.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then finish what is in hand and flush."""
+        loop = asyncio.get_running_loop()
+        beat = loop.call_later(0, self._beat)
+        sweeper = asyncio.create_task(self._sweep()) if self._max_inflight else None
+        pumps = [asyncio.create_task(self._pump(r), name=f"pump-{r.name}") for r in self.inputs]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([*pumps, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            self._stopping = True
+            await asyncio.gather(*pumps)
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+            await self._flush()
+            if self._flush_task is not None:
+                await self._flush_task
+        finally:
+            self._stopping = True
+            stopper.cancel()
+            for t in pumps:
+                t.cancel()
+            if sweeper is not None:
+                sweeper.cancel()
+            beat.cancel()
+            self._beat_once()
+
+    def _beat_once(self) -> None:
+        if self.ctl is not None:
+            self.ctl.beat(self.spec.slot, self.processed, self.inflight)
+
+    def _beat(self) -> None:
+        self._beat_once()
+        if self._stopping:
+            return
+        # While the supervisor drains, report often so it can see us go idle.
+        draining = self.ctl is not None and self.ctl.state == RunState.DRAINING
+        asyncio.get_running_loop().call_later(0.02 if draining else self.heartbeat_s, self._beat)
+
+    # Input
+
+    async def _pump(self, ring: Ring) -> None:
+        decode = self.decoder.decode_many
+        get_many = ring.get_many
+        dispatch = self._dispatch_async if self._max_inflight else self._dispatch
+        batch = self.batch
+        while not self._stopping:
+            try:
+                views = get_many(batch)
+            except RingCorrupted as exc:
+                self.corrupt += 1
+                log.error("%s: %s", self.spec.name, exc)
+                if "poisoned" in str(exc) or "corrupted" in str(exc):
+                    raise
+                continue
+            if not views:
+                if self._has_pending():
+                    await self._flush()
+                try:
+                    views = [await ring.get(timeout=_IDLE_WAIT_S)]
+                except RingEmpty:
+                    continue
+            if self._max_inflight and self.inflight >= self._max_inflight:
+                self._capacity_free.clear()
+                await self._capacity_free.wait()
+            now = time.monotonic_ns()
+            for view in views:
+                try:
+                    msgs = decode(view)
+                except DecodeError as exc:
+                    self.corrupt += 1
+                    log.error("%s: undecodable record from %s: %s", self.spec.name, ring.name, exc)
+                    continue
+                for msg in msgs:
+                    dispatch(msg, now)
+            await self._flush()
+
+    def _admit(self, msg: Message, now: int) -> bool:
+        """Deadline check and stamping; False when the message was answered here."""
+        if type(msg) is Failed:
+            self._emit(msg)
+            return False
+        req = _request_of(msg)
+        if req is not None:
+            if req.deadline_ns and now > req.deadline_ns:
+                self.expired += 1
+                reason = f"deadline passed before stage {self.name}"
+                self._emit(failed_from(msg, ErrorCode.DEADLINE_EXCEEDED, reason, self.name))
+                return False
+            req.stamps[self.name] = now
+        elif type(msg) is Completed:
+            msg.stamps[self.name] = now
+        return True
+
+    def _dispatch(self, msg: Message, now: int) -> None:
+        if not self._admit(msg, now):
+            return
+        stage = self.stage
+        assert isinstance(stage, Stage)
+        try:
+            for out in stage.process(msg):
+                self._emit(out)
+        except Exception as exc:  # one bad message must not stop the stage
+            log.exception("%s: stage error", self.spec.name)
+            reason = f"{type(exc).__name__}: {exc}"
+            self._emit(failed_from(msg, ErrorCode.STAGE_ERROR, reason, self.name))
+        self.processed += 1
+
+    def _dispatch_async(self, msg: Message, now: int) -> None:
+        if not self._admit(msg, now):
+            return
+        req = _request_of(msg)
+        deadline = now + self.timeout_ns
+        if req is not None and req.deadline_ns:
+            deadline = min(deadline, req.deadline_ns)
+        prev = None
+        session = req.session_id if req is not None else None
+        if session:
+            prev = self._sessions.get(session)
+        self.inflight += 1
+        coro = self._run_one(msg, prev)
+        self._eager = True
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        finally:
+            self._eager = False
+        task = asyncio.get_running_loop().create_task(_drive(coro, yielded))
+        self._tasks[task] = deadline
+        task.add_done_callback(self._task_done)
+        if session:
+            self._sessions[session] = task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        del self._tasks[task]
+        self._timed_out.discard(task)
+        for key, t in list(self._sessions.items()):
+            if t is task:
+                del self._sessions[key]
+        self._schedule_flush()
+
+    async def _run_one(self, msg: Message, prev: asyncio.Task[None] | None) -> None:
+        stage = self.stage
+        assert isinstance(stage, AsyncStage)
+        try:
+            if prev is not None and not prev.done():
+                # Turns of one session run in order: wait for the previous one.
+                await asyncio.wait([prev])
+            async for out in stage.handle(msg):
+                self._emit(out)
+                self._schedule_flush()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task in self._timed_out:
+                reason = f"stage {self.name} timed out"
+                self._emit(failed_from(msg, ErrorCode.DEADLINE_EXCEEDED, reason, self.name))
+            else:
+                reason = f"stage {self.name} is shutting down"
+                self._emit(failed_from(msg, ErrorCode.SHUTTING_DOWN, reason, self.name))
+                raise
+        except Exception as exc:  # one bad message must not stop the stage
+            log.exception("%s: stage error", self.spec.name)
+            reason = f"{type(exc).__name__}: {exc}"
+            self._emit(failed_from(msg, ErrorCode.STAGE_ERROR, reason, self.name))
+        finally:
+            self.inflight -= 1
+            self.processed += 1
+            if self.inflight < self._max_inflight:
+                self._capacity_free.set()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            now = time.monotonic_ns()
+            for task, deadline in list(self._tasks.items()):
+                if now > deadline and task not in self._timed_out:
+                    self._timed_out.add(task)
+                    task.cancel()
+
+    # Output
+
+    def _emit(self, msg: Message) -> None:
+        if type(msg) is Failed:
+            if msg.reply_to < len(self.err_pending):
+                self.err_pending[msg.reply_to].append(msg)
+            else:
+                log.error("%s: Failed for unknown client %d dropped", self.spec.name, msg.reply_to)
+            return
+        if self.is_last:
+            reply_to = msg.reply_to  # type: ignore[attr-defined]
+            if reply_to < len(self.pending):
+                self.pending[reply_to].append(msg)
+            else:
+                log.error("%s: reply for unknown client %d dropped", self.spec.name, reply_to)
+            return
+        n = len(self.pending)
+        self.pending[0 if n == 1 else shard_for(message_key(msg), n)].append(msg)
+
+    def _has_pending(self) -> bool:
+        return any(self.pending) or (self.err_pending is not self.pending and any(self.err_pending))
+
+    def _schedule_flush(self) -> None:
+        if self._eager:
+            return  # the pump flushes after the batch it is dispatching
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        for i, msgs in enumerate(self.pending):
+            if msgs:
+                self.pending[i] = []
+                await self._write(self.outputs[i], msgs, shed=self.shed)
+        if self.err_pending is not self.pending:
+            for i, msgs in enumerate(self.err_pending):
+                if msgs:
+                    self.err_pending[i] = []
+                    await self._write(self.errors[i], msgs, shed=False, errors=True)
+
+    async def _write(
+        self, ring: Ring, msgs: list[Message], *, shed: bool, errors: bool = False
+    ) -> None:
+        record = self.encoder.encode(msgs)
+        if len(record) > ring.max_record:
+            if len(msgs) > 1:
+                half = len(msgs) // 2
+                await self._write(ring, msgs[:half], shed=shed, errors=errors)
+                await self._write(ring, msgs[half:], shed=shed, errors=errors)
+                return
+            reason = f"message of {len(record)} bytes exceeds ring {ring.name}'s max record"
+            self._emit(failed_from(msgs[0], ErrorCode.INVALID_REQUEST, reason, self.name))
+            return
+        if ring.try_put(record):
+            return
+        if shed:
+            self.shed_count += len(msgs)
+            edge = ring.name.split("-", 2)[-1]
+            for msg in msgs:
+                self._emit(failed_from(msg, ErrorCode.RING_FULL, f"ring_full:{edge}", self.name))
+            return
+        timeout = _ERROR_PUT_TIMEOUT_S if errors else self._block_timeout(msgs)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                await ring.put(record, timeout=max(remaining, 0.0))
+                return
+            except PeerGone:
+                # The supervisor restarts the consumer; wait for its successor.
+                if remaining <= 0:
+                    break
+                await asyncio.sleep(0.05)
+            except RingFull:
+                break
+        if errors:
+            log.error("%s: could not deliver %d errors on %s", self.spec.name, len(msgs), ring.name)
+            return
+        self.expired += len(msgs)
+        reason = f"ring {ring.name} stayed full past the deadline"
+        for msg in msgs:
+            self._emit(failed_from(msg, ErrorCode.DEADLINE_EXCEEDED, reason, self.name))
+
+    def _block_timeout(self, msgs: list[Message]) -> float:
+        now = time.monotonic_ns()
+        best = self.block_timeout_s
+        for msg in msgs:
+            req = _request_of(msg)
+            if req is not None and req.deadline_ns:
+                best = min(best, (req.deadline_ns - now) / 1e9)
+        return max(best, 0.0)

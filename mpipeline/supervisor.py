@@ -1,0 +1,484 @@
+"""Supervisor: creates every ring, spawns and pins every replica, keeps them alive.
+
+The only code that calls ``multiprocessing``, ``os.kill`` or reaps children.
+It blocks on process sentinels plus a signal pipe (no sleep-polling), restarts
+a crashed replica one-for-one with exponential backoff, gives up loudly
+(FATAL) after too many restarts in a window, halts when a replica fails to
+boot (gunicorn's exit 3), kills a replica whose heartbeat stalls while its
+input is waiting, and on SIGTERM/SIGINT stops intake, drains, stops the
+stages in flow order and removes every segment it made. A second signal
+skips the drain. A flock on the run directory keeps a second supervisor out.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import json
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import secrets
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from mpipeline import _shm, topology
+from mpipeline.config import PipelineConfig, resolve_run_dir
+from mpipeline.errors import ExitCode, MPipelineError
+from mpipeline.heartbeat import (
+    R_EXIT,
+    R_GENERATION,
+    R_HEARTBEAT,
+    R_INFLIGHT,
+    R_PID,
+    R_RESTARTS,
+    R_STATE,
+    ControlBlock,
+    ReplicaState,
+    RunState,
+)
+from mpipeline.ring import Ring
+
+log = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (
+    signal.SIGINT,  # Ctrl-C: drain, then exit 0
+    signal.SIGTERM,  # service manager stop: the same
+)
+STATE_FILE = "state.json"
+LOCK_FILE = "supervisor.lock"
+# How long a stopping replica gets between SIGTERM and SIGKILL.
+STOP_GRACE_S = 5.0
+
+
+class AlreadyRunning(MPipelineError):  # noqa: N818
+    pass
+
+
+@dataclass
+class _Replica:
+    spec: topology.ReplicaSpec
+    process: BaseProcess | None = None
+    restarts: collections.deque[float] = field(default_factory=collections.deque)
+    restart_at: float | None = None
+    ready: bool = False
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (killed: out of memory, or by hand?)" if code == -signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    with contextlib.suppress(ValueError):
+        return f"exit {code} ({ExitCode(code).name})"
+    return f"exit {code}"
+
+
+class Supervisor:
+    def __init__(
+        self, cfg: PipelineConfig, config_path: Path, run_dir: Path | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path.resolve()
+        self.run_dir = run_dir or resolve_run_dir(cfg)
+        self.sup = cfg.supervisor
+        self.run_id = secrets.token_hex(4)
+        self.topo = topology.build(cfg, self.run_id)
+        self.ctx = multiprocessing.get_context("spawn")
+        self.replicas = [_Replica(spec) for spec in self.topo.replicas]
+        self.rings: list[Ring] = []
+        self.ctl: ControlBlock | None = None
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock_fd = -1
+        self._stopping = False
+        self._force = False
+        self._exit_code = ExitCode.OK
+        self.log_level = logging.getLogger().getEffectiveLevel()
+
+    # Entry point
+
+    def run(self) -> int:
+        self._lock()
+        try:
+            removed = _shm.sweep_stale()
+            if removed:
+                log.info("removed %d stale segments", len(removed))
+            self._create_segments()
+            self._install_signals()
+            try:
+                if not self._boot():
+                    return int(self._exit_code)
+                self._write_state()
+                assert self.ctl is not None
+                self.ctl.state = RunState.RUNNING
+                log.info(
+                    "pipeline ready: %d replicas, run %s, %s",
+                    len(self.replicas),
+                    self.run_id,
+                    ", ".join(f"{r.spec.name}@{list(r.spec.cpus)}" for r in self.replicas),
+                )
+                self._serve()
+                if not self._force and self._exit_code == ExitCode.OK:
+                    self._drain()
+            finally:
+                self._stop_all()
+        finally:
+            self._cleanup()
+        return int(self._exit_code)
+
+    # Setup
+
+    def _lock(self) -> None:
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.run_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another supervisor is already running in {self.run_dir} (pid {other})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _create_segments(self) -> None:
+        self.ctl = ControlBlock.create(
+            f"mpl-{self.run_id}-control", len(self.replicas), len(self.topo.clients)
+        )
+        for edge in self.topo.edges:
+            self.rings.append(Ring.create(edge.capacity, edge.name))
+
+    def _write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "run_id": self.run_id,
+            "config": str(self.config_path),
+            "control": self.ctl.name if self.ctl else None,
+            "topology": asdict(self.topo),
+        }
+        tmp = self.run_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.chmod(0o600)
+        tmp.replace(self.run_dir / STATE_FILE)
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Only record: the main loop reacts (gunicorn's rule for handlers).
+        self._signals.put_nowait(signum)
+
+    # Processes
+
+    def _spawn(self, rep: _Replica) -> None:
+        assert self.ctl is not None
+        spec = rep.spec
+        self.ctl.put(spec.slot, R_STATE, ReplicaState.BOOTING)
+        self.ctl.put(spec.slot, R_HEARTBEAT, time.monotonic_ns())
+        from mpipeline import replica
+
+        proc = self.ctx.Process(
+            target=replica.main,
+            args=(spec, str(self.config_path), self.ctl.name, os.getpid(), self.log_level),
+            name=f"mpipeline-{spec.name}",
+            daemon=False,
+        )
+        # Children inherit the mask: a Ctrl-C during their start stays pending
+        # until they have set SIGINT to ignored, instead of a traceback.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED_SIGNALS))
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self.ctl.put(spec.slot, R_PID, proc.pid or 0)
+        rep.process = proc
+        rep.ready = False
+        rep.restart_at = None
+
+    def _boot(self) -> bool:
+        assert self.ctl is not None
+        for rep in self.replicas:
+            self._spawn(rep)
+        deadline = time.monotonic() + self.sup.boot_timeout_s
+        while True:
+            for rep in self.replicas:
+                if not rep.ready and self.ctl.get(rep.spec.slot, R_STATE) == ReplicaState.READY:
+                    rep.ready = True
+            if all(rep.ready for rep in self.replicas):
+                return True
+            for rep in self.replicas:
+                assert rep.process is not None
+                if rep.process.exitcode is not None:
+                    log.error(
+                        "replica %s failed to boot (%s); stopping",
+                        rep.spec.name,
+                        _describe_exit(rep.process.exitcode),
+                    )
+                    self._exit_code = ExitCode.BOOT_ERROR
+                    return False
+            if not self._signals.empty():
+                log.info("signal during boot; stopping")
+                self._force = True
+                return False
+            if time.monotonic() > deadline:
+                waiting = [r.spec.name for r in self.replicas if not r.ready]
+                log.error("replicas %s not ready within %.0fs", waiting, self.sup.boot_timeout_s)
+                self._exit_code = ExitCode.BOOT_ERROR
+                return False
+            self._wait(0.01)
+
+    def _wait(self, timeout: float) -> list[Any]:
+        objs: list[Any] = [self._wake_r]
+        objs += [r.process.sentinel for r in self.replicas if r.process is not None]
+        ready = multiprocessing.connection.wait(objs, timeout)
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 512)
+        return ready
+
+    def _serve(self) -> None:
+        interval = min(self.sup.heartbeat_interval_s, 0.5)
+        while not self._stopping:
+            timeout = interval
+            pending = [r.restart_at for r in self.replicas if r.restart_at is not None]
+            if pending:
+                timeout = max(0.0, min(timeout, min(pending) - time.monotonic()))
+            self._wait(timeout)
+            self._handle_signals()
+            if self._stopping:
+                return
+            self._reap()
+            if self._exit_code != ExitCode.OK:
+                return
+            self._restart_due()
+            self._check_liveness()
+
+    def _handle_signals(self) -> None:
+        while not self._signals.empty():
+            sig = self._signals.get_nowait()
+            getattr(self, f"handle_{signal.Signals(sig).name.lower()}")()
+
+    def handle_sigint(self) -> None:
+        self.handle_sigterm()
+
+    def handle_sigterm(self) -> None:
+        if self._stopping:
+            log.warning("second signal: stopping now")
+            self._force = True
+        else:
+            log.info("stopping: draining in-flight work (signal again to stop at once)")
+        self._stopping = True
+
+    def _reap(self) -> None:
+        assert self.ctl is not None
+        now = time.monotonic()
+        for rep in self.replicas:
+            proc = rep.process
+            if proc is None or proc.exitcode is None:
+                continue
+            code = proc.exitcode
+            proc.join(0)
+            proc.close()
+            rep.process = None
+            slot = rep.spec.slot
+            self.ctl.put(slot, R_STATE, ReplicaState.DOWN)
+            self.ctl.put(slot, R_EXIT, code & 0xFFFF if code >= 0 else 0x10000 | -code)
+            # Tell clients: the requests this replica held will not come back.
+            self.ctl.put(slot, R_GENERATION, self.ctl.get(slot, R_GENERATION) + 1)
+            if code == ExitCode.BOOT_ERROR:
+                log.error("replica %s failed to boot on restart; stopping", rep.spec.name)
+                self._exit_code = ExitCode.BOOT_ERROR
+                return
+            window = self.sup.restart_period_s
+            while rep.restarts and now - rep.restarts[0] > window:
+                rep.restarts.popleft()
+            rep.restarts.append(now)
+            self.ctl.put(slot, R_RESTARTS, self.ctl.get(slot, R_RESTARTS) + 1)
+            if len(rep.restarts) > self.sup.restart_intensity:
+                log.error(
+                    "replica %s died %d times within %.0fs (last: %s): FATAL",
+                    rep.spec.name,
+                    len(rep.restarts),
+                    window,
+                    _describe_exit(code),
+                )
+                self.ctl.state = RunState.FATAL
+                self._exit_code = ExitCode.FATAL
+                return
+            delay = min(
+                self.sup.backoff_initial_s * 2 ** (len(rep.restarts) - 1), self.sup.backoff_max_s
+            )
+            log.warning(
+                "replica %s died (%s); restarting in %.2fs", rep.spec.name, _describe_exit(code), delay
+            )
+            rep.restart_at = now + delay
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for rep in self.replicas:
+            if rep.restart_at is not None and now >= rep.restart_at:
+                self._spawn(rep)
+
+    def _check_liveness(self) -> None:
+        assert self.ctl is not None
+        limit_ns = int(self.sup.liveness_timeout_s * 1e9)
+        now = time.monotonic_ns()
+        for rep in self.replicas:
+            proc = rep.process
+            if proc is None or proc.exitcode is not None:
+                continue
+            slot = rep.spec.slot
+            state = self.ctl.get(slot, R_STATE)
+            if state == ReplicaState.READY:
+                rep.ready = True
+            age = now - self.ctl.get(slot, R_HEARTBEAT)
+            if age <= limit_ns:
+                continue
+            if state == ReplicaState.BOOTING:
+                if age > int(self.sup.boot_timeout_s * 1e9):
+                    log.error("replica %s stuck booting; killing it", rep.spec.name)
+                    self._kill(proc)
+                continue
+            busy = self.ctl.get(slot, R_INFLIGHT) > 0 or any(
+                self._ring(name).stats().used_bytes > 0 for name in rep.spec.inputs
+            )
+            if busy:
+                log.error(
+                    "replica %s is hung (no heartbeat for %.1fs with work waiting); killing it",
+                    rep.spec.name,
+                    age / 1e9,
+                )
+                self._kill(proc)
+
+    def _ring(self, name: str) -> Ring:
+        for ring in self.rings:
+            if ring.name == name:
+                return ring
+        raise KeyError(name)
+
+    @staticmethod
+    def _kill(proc: BaseProcess) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if proc.pid is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+
+    # Shutdown
+
+    def _drain(self) -> None:
+        """Stop intake, then wait for every ring to empty and every replica to go idle."""
+        assert self.ctl is not None
+        self.ctl.state = RunState.DRAINING
+        deadline = time.monotonic() + self.sup.drain_timeout_s
+        quiet = 0
+        while time.monotonic() < deadline:
+            self._wait(0.05)
+            self._handle_signals()
+            if self._force:
+                return
+            self._reap()
+            self._restart_due()
+            busy = any(r.stats().used_bytes for r in self.rings) or any(
+                self.ctl.get(r.spec.slot, R_INFLIGHT) for r in self.replicas
+            )
+            quiet = 0 if busy else quiet + 1
+            if quiet >= 3:
+                log.info("drained")
+                return
+        log.warning("drain timed out after %.0fs; stopping anyway", self.sup.drain_timeout_s)
+
+    def _stop_all(self) -> None:
+        """Stop replicas in flow order: each stage finishes before its consumer stops."""
+        for stage, _ in self.topo.stages:
+            procs = [r.process for r in self.replicas if r.spec.stage == stage and r.process]
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    if proc.pid is not None and proc.exitcode is None:
+                        os.kill(proc.pid, signal.SIGKILL if self._force else signal.SIGTERM)
+            deadline = time.monotonic() + (1.0 if self._force else STOP_GRACE_S)
+            for proc in procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
+                if proc.exitcode is None:
+                    log.warning("%s did not stop in time; killing it", proc.name)
+                    self._kill(proc)
+                    proc.join(1.0)
+        for rep in self.replicas:
+            if rep.process is not None:
+                rep.process.join(0)
+                rep.process.close()
+                rep.process = None
+        if self.ctl is not None and self.ctl.state != RunState.FATAL:
+            self.ctl.state = RunState.STOPPED
+
+    def _cleanup(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.run_dir / STATE_FILE).unlink()
+        for ring in self.rings:
+            ring.close()
+            ring.unlink()
+        self.rings.clear()
+        if self.ctl is not None:
+            # Give attached clients a moment to read the final state.
+            time.sleep(0.05)
+            self.ctl.close()
+            self.ctl.unlink()
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+
+
+def main(
+    config_path: Path,
+    run_dir: Path | None = None,
+    parent_pid: int | None = None,
+    log_level: int = logging.INFO,
+) -> int:
+    """``mpipeline run``: validate, then supervise in the foreground until stopped."""
+    from mpipeline import config as config_mod
+    from mpipeline.errors import ConfigError
+
+    logging.basicConfig(
+        level=log_level,
+        format="%(asctime)s %(levelname)s supervisor[%(process)d] %(name)s: %(message)s",
+    )
+    try:
+        cfg = config_mod.load(config_path)
+    except ConfigError as exc:
+        log.error("invalid configuration:\n%s", exc)
+        return int(ExitCode.USAGE)
+    for warning in config_mod.warnings(cfg):
+        log.warning("%s", warning)
+    if parent_pid is not None:
+        # Run on behalf of a Pipeline object: drain and exit when its process dies.
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            return int(ExitCode.FAILURE)
+    try:
+        sup = Supervisor(cfg, config_path, run_dir)
+        return sup.run()
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return int(ExitCode.ALREADY_RUNNING)
+    except MPipelineError as exc:
+        log.error("%s", exc)
+        return int(ExitCode.FAILURE)
