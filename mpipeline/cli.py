@@ -36,8 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the pipeline in the foreground")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, metavar="FILE")
-    run.add_argument("--run-dir", type=Path, default=None, metavar="DIR",
-                     help="lock, state and client slots (default: from the config)")
+    run.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="lock, state and client slots (default: from the config)",
+    )
     run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(handler=_run)

@@ -11,6 +11,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpipeline.messages import Failed
 
 
 class ExitCode(enum.IntEnum):
@@ -130,3 +134,14 @@ class UpstreamError(MPipelineError):
 
 class DecodeError(MPipelineError):
     """A ring record is not a valid batch of the messages its edge carries."""
+
+
+class RequestFailed(MPipelineError):  # noqa: N818 - reads as an outcome: "request failed"
+    """A request ended in an explicit error; ``code``/``stage`` say where and why."""
+
+    def __init__(self, failed: Failed) -> None:
+        super().__init__(f"{failed.code}: {failed.reason} (stage {failed.stage})")
+        self.failed = failed
+        self.code = failed.code
+        self.stage = failed.stage
+        self.request_id = failed.request_id

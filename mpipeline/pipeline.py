@@ -33,9 +33,9 @@ import msgspec
 
 from mpipeline.codec import Codec
 from mpipeline.config import PipelineConfig, dump_toml, load, resolve_run_dir
-from mpipeline.errors import ErrorCode, MPipelineError, RingEmpty, RingFull
+from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty, RingFull
 from mpipeline.heartbeat import ControlBlock, RunState
-from mpipeline.messages import Completed, Failed, Priority, PromptRequest, TokenChunk, ToGateway
+from mpipeline.messages import Completed, Failed, Priority, PromptRequest, ToGateway, TokenChunk
 from mpipeline.ring import Ring
 from mpipeline.routing import request_key, shard_for
 from mpipeline.supervisor import LOCK_FILE, STATE_FILE
@@ -51,17 +51,6 @@ _PER_RECORD = 64
 # Room left in a record for everything in a request but its input text.
 _ENVELOPE_BYTES = 4096
 _IDLE_WAIT_S = 0.25
-
-
-class RequestFailed(MPipelineError):
-    """A request ended in an explicit error; ``code``/``stage`` say where and why."""
-
-    def __init__(self, failed: Failed) -> None:
-        super().__init__(f"{failed.code}: {failed.reason} (stage {failed.stage})")
-        self.failed = failed
-        self.code = failed.code
-        self.stage = failed.stage
-        self.request_id = failed.request_id
 
 
 @dataclass(slots=True)
@@ -146,9 +135,20 @@ class Pipeline:
         else:
             path = Path(cfg_arg)
         self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "mpipeline", "run", "--config", str(path),
-             "--run-dir", str(run_dir), "--parent-pid", str(os.getpid())],
+        # Popen returns as soon as the child exists; readiness is awaited below.
+        self._proc = subprocess.Popen(  # noqa: ASYNC220
+            [
+                sys.executable,
+                "-m",
+                "mpipeline",
+                "run",
+                "--config",
+                str(path),
+                "--run-dir",
+                str(run_dir),
+                "--parent-pid",
+                str(os.getpid()),
+            ],
             stdin=subprocess.DEVNULL,
             stderr=self._stderr,
         )
@@ -158,8 +158,9 @@ class Pipeline:
         path = run_dir / STATE_FILE
         while True:
             if self._proc is not None and self._proc.poll() is not None:
+                code = self._proc.returncode
                 raise MPipelineError(
-                    f"the supervisor exited with code {self._proc.returncode}:\n{self._stderr_tail()}"
+                    f"the supervisor exited with code {code}:\n{self._stderr_tail()}"
                 )
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 state: dict[str, Any] = json.loads(path.read_text())
@@ -175,12 +176,20 @@ class Pipeline:
         if self._stderr is None:
             return ""
         self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")[-4000:]
+        data: bytes = self._stderr.read()
+        return data.decode(errors="replace")[-4000:]
 
     def _connect(self, state: dict[str, Any]) -> None:
         topo = state["topology"]
-        clients = [ClientSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
-                   for c in topo["clients"]]
+        clients = [
+            ClientSpec(
+                index=int(c["index"]),
+                ingress=tuple(c["ingress"]),
+                returns=tuple(c["returns"]),
+                errors=tuple(c["errors"]),
+            )
+            for c in topo["clients"]
+        ]
         assert self._run_dir_arg is not None
         spec = self._claim_slot(self._run_dir_arg, clients)
         self._client = spec
@@ -198,7 +207,9 @@ class Pipeline:
     def _claim_slot(self, run_dir: Path, clients: list[ClientSpec]) -> ClientSpec:
         # flock, not a pid in shared memory: the kernel frees it when we die.
         for spec in reversed(clients):
-            fd = os.open(run_dir / f"client-{spec.index}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                run_dir / f"client-{spec.index}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -252,13 +263,24 @@ class Pipeline:
         if self._closed or self._ctl is None:
             raise MPipelineError("the pipeline client is closed")
         if self._ctl.state != RunState.RUNNING:
-            raise RequestFailed(self._failed("", session_id, ErrorCode.SHUTTING_DOWN,
-                                             f"the pipeline is {self._ctl.state.name.lower()}"))
+            raise RequestFailed(
+                self._failed(
+                    "",
+                    session_id,
+                    ErrorCode.SHUTTING_DOWN,
+                    f"the pipeline is {self._ctl.state.name.lower()}",
+                )
+            )
         limit = self._ingress[0].max_record - _ENVELOPE_BYTES
         if len(text) * 4 > limit and len(text.encode()) > limit:
-            raise RequestFailed(self._failed("", session_id, ErrorCode.INVALID_REQUEST,
-                                             f"input of {len(text)} characters exceeds the "
-                                             f"limit of {limit}"))
+            raise RequestFailed(
+                self._failed(
+                    "",
+                    session_id,
+                    ErrorCode.INVALID_REQUEST,
+                    f"input of {len(text)} characters exceeds the limit of {limit}",
+                )
+            )
         now = time.monotonic_ns()
         timeout = self.timeout_s if deadline_ms is None else deadline_ms / 1000.0
         req = PromptRequest(
@@ -273,8 +295,9 @@ class Pipeline:
             max_tokens=max_tokens,
         )
         loop = asyncio.get_running_loop()
-        pending = _Pending(req, req.deadline_ns, loop.create_future(),
-                           asyncio.Queue() if stream else None)
+        pending = _Pending(
+            req, req.deadline_ns, loop.create_future(), asyncio.Queue() if stream else None
+        )
         self._inflight[req.request_id] = pending
         self.stats["submitted"] += 1
         n = len(self._outbox)
@@ -298,8 +321,9 @@ class Pipeline:
         :raises RequestFailed: when the request ended in an explicit error
             (shed, expired, stage error, replica restarted, shutting down).
         """
-        pending = self._new_request(text, session_id, metadata, priority, deadline_ms,
-                                    max_tokens, False)
+        pending = self._new_request(
+            text, session_id, metadata, priority, deadline_ms, max_tokens, False
+        )
         return await pending.future
 
     async def stream(
@@ -316,8 +340,9 @@ class Pipeline:
 
         :raises RequestFailed: as ``submit``, possibly after some chunks.
         """
-        pending = self._new_request(text, session_id, metadata, priority, deadline_ms,
-                                    max_tokens, True)
+        pending = self._new_request(
+            text, session_id, metadata, priority, deadline_ms, max_tokens, True
+        )
         queue = pending.chunks
         assert queue is not None
         future = pending.future
@@ -328,8 +353,9 @@ class Pipeline:
             if future.done():
                 future.result()  # raises RequestFailed
                 return
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait([getter, future], return_when=asyncio.FIRST_COMPLETED)
+            getter: asyncio.Future[TokenChunk] = asyncio.ensure_future(queue.get())
+            waiting: list[asyncio.Future[Any]] = [getter, future]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 yield getter.result()
             else:
@@ -382,9 +408,14 @@ class Pipeline:
                     except RingFull:
                         edge = ring.name.split("-", 2)[-1]
                         for req in part:
-                            self._resolve_failed(self._failed(
-                                req.request_id, req.session_id, ErrorCode.RING_FULL,
-                                f"ring_full:{edge}"))
+                            self._resolve_failed(
+                                self._failed(
+                                    req.request_id,
+                                    req.session_id,
+                                    ErrorCode.RING_FULL,
+                                    f"ring_full:{edge}",
+                                )
+                            )
 
     # Results
 
@@ -419,11 +450,22 @@ class Pipeline:
             self.stats["failed"] += 1
             pending.future.set_exception(RequestFailed(msg))
 
-    def _failed(self, request_id: str, session_id: str | None, code: ErrorCode, reason: str,
-                stage: str = "client") -> Failed:
-        return Failed(request_id=request_id, session_id=session_id,
-                      reply_to=self._client.index if self._ctl else 0,
-                      code=code, reason=reason, stage=stage)
+    def _failed(
+        self,
+        request_id: str,
+        session_id: str | None,
+        code: ErrorCode,
+        reason: str,
+        stage: str = "client",
+    ) -> Failed:
+        return Failed(
+            request_id=request_id,
+            session_id=session_id,
+            reply_to=self._client.index if self._ctl else 0,
+            code=code,
+            reason=reason,
+            stage=stage,
+        )
 
     def _resolve_failed(self, failed: Failed) -> None:
         pending = self._inflight.pop(failed.request_id, None)
@@ -445,9 +487,14 @@ class Pipeline:
             now = time.monotonic_ns()
             for rid, p in list(self._inflight.items()):
                 if now > p.deadline_ns + grace:
-                    self._resolve_failed(self._failed(
-                        rid, p.request.session_id, ErrorCode.DEADLINE_EXCEEDED,
-                        "no answer before the deadline"))
+                    self._resolve_failed(
+                        self._failed(
+                            rid,
+                            p.request.session_id,
+                            ErrorCode.DEADLINE_EXCEEDED,
+                            "no answer before the deadline",
+                        )
+                    )
             gens = ctl.generations()
             if gens != self._generations:
                 for (stage, index), slot in self._replica_slots.items():
@@ -464,5 +511,8 @@ class Pipeline:
         reason = f"replica {stage}-{index} was restarted while holding this request"
         for rid, p in list(self._inflight.items()):
             if shard_for(request_key(p.request, stage), n) == index:
-                self._resolve_failed(self._failed(rid, p.request.session_id,
-                                                  ErrorCode.STAGE_RESTARTED, reason, stage))
+                self._resolve_failed(
+                    self._failed(
+                        rid, p.request.session_id, ErrorCode.STAGE_RESTARTED, reason, stage
+                    )
+                )

@@ -23,8 +23,7 @@ import uvloop
 from mpipeline import faults as faults_mod
 from mpipeline.config import PipelineConfig, load
 from mpipeline.errors import ExitCode
-from mpipeline.heartbeat import ControlBlock, ReplicaState
-from mpipeline.heartbeat import R_PID, R_STATE
+from mpipeline.heartbeat import R_PID, R_STATE, ControlBlock, ReplicaState
 from mpipeline.runner import StageRunner
 from mpipeline.stages import STAGES, AsyncStage, Stage, StageContext
 from mpipeline.topology import ReplicaSpec

@@ -168,9 +168,7 @@ class Ring:
     supervisor can tell when it dies.
     """
 
-    def __init__(
-        self, name: str, fd: int, mem: mmap.mmap, *, creator: bool, spin_s: float
-    ) -> None:
+    def __init__(self, name: str, fd: int, mem: mmap.mmap, *, creator: bool, spin_s: float) -> None:
         # Private: use create() or attach(), which validate the segment first.
         self.name = name
         self.spin_s = spin_s
@@ -427,7 +425,7 @@ class Ring:
             self._rung_consumer = seq
             self._bell(_DATA_BELL).ring()
 
-    async def put(self, buf: Buffer, timeout: float | None = None) -> None:
+    async def put(self, buf: Buffer, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Append one record, sleeping on the doorbell while the ring is full.
 
         :raises RingFull: when ``timeout`` seconds pass without room.
@@ -598,7 +596,7 @@ class Ring:
             self._rung_producer = seq
             self._bell(_SPACE_BELL).ring()
 
-    async def get(self, timeout: float | None = None) -> memoryview:
+    async def get(self, timeout: float | None = None) -> memoryview:  # noqa: ASYNC109
         """Take the next record, sleeping on the doorbell while the ring is empty.
 
         The view follows the ``try_get`` lifetime rule.
@@ -754,7 +752,9 @@ class Ring:
             the others.
         """
         if not self._creator:
-            raise RingError(f"ring {self.name} was attached, not created, here; only its creator unlinks it")
+            raise RingError(
+                f"ring {self.name} was attached, not created, here; only its creator unlinks it"
+            )
         _shm.unlink_segment(self.name)
 
     def __enter__(self) -> Self:

@@ -72,7 +72,7 @@ async def _drive(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
     while True:
         try:
             sent = await _Suspend(yielded)
-        except BaseException as exc:  # noqa: BLE001 - forwarded into the coroutine, not handled
+        except BaseException as exc:
             try:
                 yielded = coro.throw(exc)
             except StopIteration:
@@ -143,9 +143,13 @@ class StageRunner:
         spec = self.spec
         self.inputs = [Ring.attach(n) for n in spec.inputs]
         self.outputs = [Ring.attach(n) for n in spec.outputs]
-        self.errors = self.outputs if spec.errors == spec.outputs else [Ring.attach(n) for n in spec.errors]
+        self.errors = (
+            self.outputs if spec.errors == spec.outputs else [Ring.attach(n) for n in spec.errors]
+        )
         self.pending = [[] for _ in self.outputs]
-        self.err_pending = self.pending if self.errors is self.outputs else [[] for _ in self.errors]
+        self.err_pending = (
+            self.pending if self.errors is self.outputs else [[] for _ in self.errors]
+        )
 
     def close(self) -> None:
         rings = {id(r): r for r in (*self.inputs, *self.outputs, *self.errors)}

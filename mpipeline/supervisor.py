@@ -84,9 +84,7 @@ def _describe_exit(code: int | None) -> str:
 
 
 class Supervisor:
-    def __init__(
-        self, cfg: PipelineConfig, config_path: Path, run_dir: Path | None = None
-    ) -> None:
+    def __init__(self, cfg: PipelineConfig, config_path: Path, run_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path.resolve()
         self.run_dir = run_dir or resolve_run_dir(cfg)
@@ -324,7 +322,10 @@ class Supervisor:
                 self.sup.backoff_initial_s * 2 ** (len(rep.restarts) - 1), self.sup.backoff_max_s
             )
             log.warning(
-                "replica %s died (%s); restarting in %.2fs", rep.spec.name, _describe_exit(code), delay
+                "replica %s died (%s); restarting in %.2fs",
+                rep.spec.name,
+                _describe_exit(code),
+                delay,
             )
             rep.restart_at = now + delay
 

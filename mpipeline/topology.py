@@ -95,8 +95,10 @@ def build(cfg: PipelineConfig, run_id: str, cpus: list[int] | None = None) -> To
         return name
 
     clients = [f"{CLIENT}{c}" for c in range(n_clients)]
-    ingress = {c: [edge(c, f"{stages[0][0]}{r}", stages[0][2]) for r in range(stages[0][1])]
-               for c in clients}
+    ingress = {
+        c: [edge(c, f"{stages[0][0]}{r}", stages[0][2]) for r in range(stages[0][1])]
+        for c in clients
+    }
     inputs: dict[str, list[str]] = {}
     outputs: dict[str, list[str]] = {}
     for r in range(stages[0][1]):
@@ -115,7 +117,9 @@ def build(cfg: PipelineConfig, run_id: str, cpus: list[int] | None = None) -> To
     errors: dict[str, list[str]] = {}
     for name, n, _ in stages[:-1]:
         for i in range(n):
-            errors[f"{name}-{i}"] = [edge(f"{name}{i}", f"{c}err", ERROR_RING_BYTES) for c in clients]
+            errors[f"{name}-{i}"] = [
+                edge(f"{name}{i}", f"{c}err", ERROR_RING_BYTES) for c in clients
+            ]
     replicas: list[ReplicaSpec] = []
     for pos, (name, n, _) in enumerate(stages):
         nxt = stages[pos + 1][0] if pos + 1 < len(stages) else CLIENT

@@ -53,9 +53,9 @@ class BM25Index:
         for path in sorted(folder.rglob("*")):
             if path.suffix in _SUFFIXES and path.is_file():
                 text = path.read_text(encoding="utf-8", errors="replace")
-                for para in re.split(r"\n\s*\n", text):
-                    if para.strip():
-                        passages.append((str(path.relative_to(folder)), para.strip()))
+                source = str(path.relative_to(folder))
+                paragraphs = (p.strip() for p in re.split(r"\n\s*\n", text))
+                passages.extend((source, p) for p in paragraphs if p)
         return cls(passages)
 
     def __len__(self) -> int:

@@ -27,7 +27,8 @@ class Stream(Stage[TokenChunk | Completed | Failed, Message]):
 
     async def start(self) -> None:
         if self._config.sink_jsonl:
-            self._sink = open(self._config.sink_jsonl, "ab")  # noqa: SIM115 - closed in stop()
+            # Opened once at start, closed in stop(); appends are small and buffered.
+            self._sink = open(self._config.sink_jsonl, "ab")  # noqa: ASYNC230
 
     async def stop(self) -> None:
         if self._sink is not None:
