@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from mpipeline.config import InferenceConfig
-from mpipeline.messages import Assembled, Completed, Message, TokenChunk, Usage
+from mpipeline.messages import Assembled, Completed, Message, PromptRequest, TokenChunk, Usage
 from mpipeline.stages.base import AsyncStage, StageContext
 from mpipeline.workers import WORKERS, Worker
 from mpipeline.workers.base import Generation
@@ -34,8 +34,12 @@ class Inference(AsyncStage[Assembled, Message]):
     async def handle(self, msg: Assembled) -> AsyncIterator[Message]:
         req = msg.request
         gen = Generation()
+        if not req.stream:
+            text = await self._worker.complete(msg.prompt, req, gen)
+            yield self._completed(req, text, gen)
+            return
         parts: list[str] = []
-        per_chunk = self._config.echo.chunk_tokens if req.stream else 0
+        per_chunk = self._config.echo.chunk_tokens
         pending: list[str] = []
         index = 0
         async for token in self._worker.generate(msg.prompt, req, gen):
@@ -60,11 +64,15 @@ class Inference(AsyncStage[Assembled, Message]):
                 index=index,
                 text="".join(pending),
             )
-        yield Completed(
+        yield self._completed(req, "".join(parts), gen)
+
+    @staticmethod
+    def _completed(req: PromptRequest, text: str, gen: Generation) -> Completed:
+        return Completed(
             request_id=req.request_id,
             session_id=req.session_id,
             reply_to=req.reply_to,
-            text="".join(parts),
+            text=text,
             usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
             finish_reason=gen.finish_reason,
             stamps=req.stamps,

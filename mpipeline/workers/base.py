@@ -29,6 +29,11 @@ class Worker(Protocol):
 
     async def stop(self) -> None: ...
 
-    def generate(
-        self, prompt: str, request: PromptRequest, gen: Generation
-    ) -> AsyncIterator[str]: ...
+    def generate(self, prompt: str, request: PromptRequest, gen: Generation) -> AsyncIterator[str]:
+        """Stream the reply token by token (requests with ``stream`` set)."""
+        ...
+
+    async def complete(self, prompt: str, request: PromptRequest, gen: Generation) -> str:
+        """The whole reply at once: the backend's non-streaming call, which skips
+        per-token work on both sides when nobody watches the tokens arrive."""
+        ...

@@ -8,6 +8,7 @@ pipeline's own cost can be measured in isolation.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import AsyncIterator
 
@@ -15,8 +16,9 @@ from mpipeline.config import EchoConfig
 from mpipeline.messages import PromptRequest
 from mpipeline.workers.base import Generation
 
-# A token is a word with its trailing whitespace, so joining tokens restores the text.
-_TOKEN = re.compile(r"\S+\s*|\s+")
+# A token is a word with its trailing whitespace (the first also takes any leading
+# whitespace), so joining the tokens restores a prefix of the text exactly.
+_TOKEN = re.compile(r"\s*\S+\s*")
 
 
 class EchoWorker:
@@ -29,16 +31,42 @@ class EchoWorker:
     async def stop(self) -> None:
         pass
 
+    def _limit(self, prompt: str, request: PromptRequest, gen: Generation) -> int:
+        # Whitespace-separated words stand in for model tokens in the usage count.
+        gen.prompt_tokens = prompt.count(" ") + prompt.count("\n") + 1
+        return request.max_tokens or self._config.max_tokens
+
+    def _tokens(self, prompt: str, request: PromptRequest, gen: Generation) -> list[str]:
+        limit = self._limit(prompt, request, gen)
+        # Scan only as far as needed: one token past the limit tells "length" from "stop".
+        found = [m.group() for m in itertools.islice(_TOKEN.finditer(request.input), limit + 1)]
+        gen.finish_reason = "length" if len(found) > limit else "stop"
+        return found[:limit]
+
     async def generate(
         self, prompt: str, request: PromptRequest, gen: Generation
     ) -> AsyncIterator[str]:
-        limit = request.max_tokens or self._config.max_tokens
-        tokens = _TOKEN.findall(request.input)
-        gen.prompt_tokens = len(_TOKEN.findall(prompt))
-        gen.finish_reason = "length" if len(tokens) > limit else "stop"
         delay = self._config.token_delay_ms / 1000.0
-        for token in tokens[:limit]:
+        for token in self._tokens(prompt, request, gen):
             if delay > 0:
                 await asyncio.sleep(delay)
             gen.completion_tokens += 1
             yield token
+
+    async def complete(self, prompt: str, request: PromptRequest, gen: Generation) -> str:
+        # The same tokens as generate(), found with str.split (C speed): the text
+        # up to where the remainder after ``limit`` words begins.
+        limit = self._limit(prompt, request, gen)
+        text = request.input
+        words = text.split(None, limit)
+        if len(words) > limit:
+            text = text[: len(text) - len(words[limit])]
+            gen.completion_tokens = limit
+            gen.finish_reason = "length"
+        else:
+            text = text if words else ""
+            gen.completion_tokens = len(words)
+            gen.finish_reason = "stop"
+        if self._config.token_delay_ms > 0 and gen.completion_tokens:
+            await asyncio.sleep(self._config.token_delay_ms / 1000.0 * gen.completion_tokens)
+        return text
