@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Make the development environment ready; cheap and quiet when it already is.
+#   - checks for Python >= 3.11 (set PYTHON to choose one),
+#   - installs the Debian packages in APT_PACKAGES that are missing,
+#   - creates .venv and installs -e .[dev,bench] whenever pyproject.toml changed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Debian packages the project needs beyond Python itself. None yet: the wheels
+# of every dependency are self-contained on x86-64 Linux.
+APT_PACKAGES=()
+
+VENV=.venv
+STAMP="$VENV/.mpipeline-install.sha256"
+
+find_python() {
+    local candidate
+    for candidate in "${PYTHON:-}" python3.11 python3.12 python3.13 python3; do
+        [[ -n "$candidate" ]] || continue
+        command -v "$candidate" >/dev/null 2>&1 || continue
+        if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+install_apt_packages() {
+    local missing=() pkg
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    if [[ $(id -u) -eq 0 ]]; then
+        echo "setup: installing Debian packages: ${missing[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    else
+        echo "setup: missing Debian packages: ${missing[*]}" >&2
+        echo "setup: run as root: apt-get install -y ${missing[*]}" >&2
+        exit 1
+    fi
+}
+
+if ((${#APT_PACKAGES[@]} > 0)); then
+    install_apt_packages
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    if ! python=$(find_python); then
+        echo "setup: Python 3.11 or newer is required; none found (set PYTHON=/path/to/python3.11)" >&2
+        exit 1
+    fi
+    echo "setup: creating $VENV with $python" >&2
+    "$python" -m venv "$VENV"
+    rm -f "$STAMP"
+fi
+
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
+    echo "setup: installing mpipeline and its dev/bench extras into $VENV" >&2
+    "$VENV/bin/python" -m pip install --quiet -e ".[dev,bench]"
+    echo "$want" >"$STAMP"
+fi
