@@ -101,6 +101,11 @@ class ControlBlock:
         self._q[H_STATE] = value
 
     @property
+    def raw_state(self) -> int:
+        """The state as a plain int: no enum construction on hot paths."""
+        return int(self._q[H_STATE])
+
+    @property
     def supervisor_pid(self) -> int:
         return int(self._q[H_PID])
 

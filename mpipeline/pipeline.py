@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import heapq
 import itertools
 import json
 import os
@@ -59,6 +60,8 @@ class _Pending:
     deadline_ns: int
     future: asyncio.Future[Completed]
     chunks: asyncio.Queue[TokenChunk] | None = None
+    # Set for requests with their own deadline_ms; the rest expire in submit order.
+    custom_deadline: bool = False
     route: dict[str, int] = field(default_factory=dict)
 
 
@@ -81,6 +84,7 @@ class Pipeline:
         self._rings: list[Ring] = []
         self._ingress: list[Ring] = []
         self._inflight: dict[str, _Pending] = {}
+        self._deadlines: list[tuple[int, str]] = []
         self._outbox: list[list[PromptRequest]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flushing: asyncio.Task[None] | None = None
@@ -262,7 +266,7 @@ class Pipeline:
     ) -> _Pending:
         if self._closed or self._ctl is None:
             raise MPipelineError("the pipeline client is closed")
-        if self._ctl.state != RunState.RUNNING:
+        if self._ctl.raw_state != RunState.RUNNING:
             raise RequestFailed(
                 self._failed(
                     "",
@@ -299,6 +303,9 @@ class Pipeline:
             req, req.deadline_ns, loop.create_future(), asyncio.Queue() if stream else None
         )
         self._inflight[req.request_id] = pending
+        if deadline_ms is not None:
+            pending.custom_deadline = True
+            heapq.heappush(self._deadlines, (req.deadline_ns, req.request_id))
         self.stats["submitted"] += 1
         n = len(self._outbox)
         self._outbox[0 if n == 1 else shard_for(request_key(req, self._first_stage), n)].append(req)
@@ -325,6 +332,32 @@ class Pipeline:
             text, session_id, metadata, priority, deadline_ms, max_tokens, False
         )
         return await pending.future
+
+    def submit_nowait(
+        self,
+        text: str,
+        *,
+        session_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        priority: Priority = Priority.NORMAL,
+        deadline_ms: float | None = None,
+        max_tokens: int | None = None,
+    ) -> asyncio.Future[Completed]:
+        """Send one request and return the future of its result, without awaiting it.
+
+        For load generators that keep thousands of requests in flight: a future
+        plus a done callback costs far less than a coroutine per request. The
+        future fails with ``RequestFailed`` as ``submit`` would raise it.
+        Must be called from the event loop that started the client.
+
+        :raises RequestFailed: at once, when the request cannot be accepted
+            (invalid, or the pipeline is not running).
+        :raises MPipelineError: if the client is closed.
+        """
+        pending = self._new_request(
+            text, session_id, metadata, priority, deadline_ms, max_tokens, False
+        )
+        return pending.future
 
     async def stream(
         self,
@@ -477,6 +510,27 @@ class Pipeline:
         for rid, p in list(self._inflight.items()):
             self._resolve_failed(self._failed(rid, p.request.session_id, code, reason))
 
+    def _expired(self, cutoff: int) -> list[str]:
+        """In-flight requests whose deadline is before ``cutoff``, without a full scan.
+
+        Requests on the default timeout expire in submit order, which is the
+        table's insertion order: scan from the front and stop at the first
+        live one. Requests with their own deadline sit in a heap.
+        """
+        out = []
+        for rid, p in self._inflight.items():
+            if p.custom_deadline:
+                continue
+            if p.deadline_ns > cutoff:
+                break
+            out.append(rid)
+        heap = self._deadlines
+        while heap and heap[0][0] <= cutoff:
+            _, rid = heapq.heappop(heap)
+            if rid in self._inflight:
+                out.append(rid)
+        return out
+
     async def _watch(self) -> None:
         """Deadlines, replaced replicas and a vanished supervisor, every 20 ms."""
         ctl = self._ctl
@@ -485,16 +539,11 @@ class Pipeline:
         while True:
             await asyncio.sleep(_WATCH_S)
             now = time.monotonic_ns()
-            for rid, p in list(self._inflight.items()):
-                if now > p.deadline_ns + grace:
-                    self._resolve_failed(
-                        self._failed(
-                            rid,
-                            p.request.session_id,
-                            ErrorCode.DEADLINE_EXCEEDED,
-                            "no answer before the deadline",
-                        )
-                    )
+            for rid in self._expired(now - grace):
+                session = self._inflight[rid].request.session_id
+                reason = "no answer before the deadline"
+                failed = self._failed(rid, session, ErrorCode.DEADLINE_EXCEEDED, reason)
+                self._resolve_failed(failed)
             gens = ctl.generations()
             if gens != self._generations:
                 for (stage, index), slot in self._replica_slots.items():

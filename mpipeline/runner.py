@@ -53,6 +53,9 @@ _SWEEP_S = 0.05
 # A Failed that cannot reach its client within this is logged and dropped:
 # the client's own deadline answers the caller.
 _ERROR_PUT_TIMEOUT_S = 1.0
+# Messages per ring record: enough to amortize ring and codec calls, small
+# enough that a record stays far below max_record and is encoded only once.
+_PER_RECORD = 64
 
 
 class _Suspend:
@@ -133,6 +136,7 @@ class StageRunner:
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[asyncio.Task[None]] = set()
         self._flush_task: asyncio.Task[None] | None = None
+        self._flush_lock = asyncio.Lock()
         self._capacity_free = asyncio.Event()
         self._capacity_free.set()
         self._max_inflight = stage.max_concurrency if isinstance(stage, AsyncStage) else 0
@@ -367,29 +371,55 @@ class StageRunner:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
-        for i, msgs in enumerate(self.pending):
-            if msgs:
-                self.pending[i] = []
-                await self._write(self.outputs[i], msgs, shed=self.shed)
+        # One writer per ring at a time: the pumps of several input rings and the
+        # flush task share these output rings, and two coroutines blocked in put()
+        # on one ring would break its single-producer protocol and reorder batches.
+        async with self._flush_lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        # Non-blocking writes to every destination first, so one full ring
+        # never holds up the others (head-of-line blocking); then wait.
+        waiting: list[tuple[Ring, list[tuple[bytes, list[Message]]], bool, bool]] = []
+        groups = [(self.outputs, self.pending, self.shed, False)]
         if self.err_pending is not self.pending:
-            for i, msgs in enumerate(self.err_pending):
-                if msgs:
-                    self.err_pending[i] = []
-                    await self._write(self.errors[i], msgs, shed=False, errors=True)
+            groups.append((self.errors, self.err_pending, False, True))
+        for rings, pending, shed, errors in groups:
+            for i, msgs in enumerate(pending):
+                if not msgs:
+                    continue
+                pending[i] = []
+                ring = rings[i]
+                records = self._records(ring, msgs)
+                written = ring.put_many([record for record, _ in records])
+                if written < len(records):
+                    waiting.append((ring, records[written:], shed, errors))
+        for ring, records, shed, errors in waiting:
+            for record, msgs in records:
+                await self._write(ring, record, msgs, shed=shed, errors=errors)
+
+    def _records(self, ring: Ring, msgs: list[Message]) -> list[tuple[bytes, list[Message]]]:
+        """Encode ``msgs`` once, at most ``_PER_RECORD`` to a record, each under max_record."""
+        encode = self.encoder.encode
+        out: list[tuple[bytes, list[Message]]] = []
+        for k in range(0, len(msgs), _PER_RECORD):
+            part = msgs[k : k + _PER_RECORD]
+            record = encode(part)
+            if len(record) <= ring.max_record:
+                out.append((record, part))
+                continue
+            for msg in part:  # rare: huge messages, one per record
+                one = encode([msg])
+                if len(one) <= ring.max_record:
+                    out.append((one, [msg]))
+                else:
+                    reason = f"message of {len(one)} bytes exceeds ring {ring.name}'s max record"
+                    self._emit(failed_from(msg, ErrorCode.INVALID_REQUEST, reason, self.name))
+        return out
 
     async def _write(
-        self, ring: Ring, msgs: list[Message], *, shed: bool, errors: bool = False
+        self, ring: Ring, record: bytes, msgs: list[Message], *, shed: bool, errors: bool
     ) -> None:
-        record = self.encoder.encode(msgs)
-        if len(record) > ring.max_record:
-            if len(msgs) > 1:
-                half = len(msgs) // 2
-                await self._write(ring, msgs[:half], shed=shed, errors=errors)
-                await self._write(ring, msgs[half:], shed=shed, errors=errors)
-                return
-            reason = f"message of {len(record)} bytes exceeds ring {ring.name}'s max record"
-            self._emit(failed_from(msgs[0], ErrorCode.INVALID_REQUEST, reason, self.name))
-            return
         if ring.try_put(record):
             return
         if shed:
