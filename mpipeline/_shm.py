@@ -185,14 +185,22 @@ def sweep_stale(
         entries = list(SHM_DIR.iterdir())
     except FileNotFoundError:
         return removed
-    segments = {p.name for p in entries if p.name.startswith(prefix) and "." not in p.name}
-    for entry in entries:
+
+    def bell_of(name: str) -> str | None:
+        """The segment a doorbell belongs to; None when ``name`` is not a doorbell."""
+        for suffix in BELL_SUFFIXES:
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return None
+
+    ours = [p for p in entries if p.name.startswith(prefix)]
+    segments = {p.name for p in ours if bell_of(p.name) is None}
+    for entry in ours:
         name = entry.name
-        if not name.startswith(prefix):
-            continue
-        if "." in name:
+        owner = bell_of(name)
+        if owner is not None:
             # A doorbell whose segment is gone is always stale.
-            if name.rsplit(".", 1)[0] not in segments:
+            if owner not in segments:
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
             continue

@@ -110,6 +110,10 @@ class RingCorrupted(RingError):  # noqa: N818
     """The segment's header or a record failed validation."""
 
 
+class RingPoisoned(RingCorrupted):
+    """The ring's framing is broken; every later get raises until it is recreated."""
+
+
 class RingNotFound(RingError, FileNotFoundError):  # noqa: N818
     """No segment of that name exists."""
 

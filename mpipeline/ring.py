@@ -79,6 +79,7 @@ from mpipeline.errors import (
     RingEmpty,
     RingError,
     RingFull,
+    RingPoisoned,
 )
 
 # What a record may be made of: anything with a flat byte buffer.
@@ -183,6 +184,8 @@ class Ring:
         self._max_record: int = q[S_MAX_RECORD]
         self._checksums = bool((q[S_VERSION] >> 32) & FLAG_CHECKSUM)
         self._data = self._mv[HEADER_SIZE : HEADER_SIZE + self._capacity]
+        # What consumers see: read-only, so nobody scribbles over a record in place.
+        self._rdata = self._data.toreadonly()
         self._data_bell: Doorbell | None = None
         self._space_bell: Doorbell | None = None
         self._poison: str | None = None
@@ -225,7 +228,7 @@ class Ring:
             )
         limit = min(capacity // 2 - _REC_HEADER, _MASK32 - 1)
         if max_record is None:
-            max_record = capacity // 4 - _REC_HEADER
+            max_record = min(capacity // 4 - _REC_HEADER, limit)
         if not 0 <= max_record <= limit:
             raise ValueError(f"max_record must be in [0, {limit}] for capacity {capacity}")
         if name is None:
@@ -340,7 +343,7 @@ class Ring:
         tail = cap - off
         need = rec if rec <= tail else rec + tail
         if w + need - self._rcache > cap:
-            self._rcache = self._q[S_READ]
+            self._rcache = self._load_read()
             if w + need - self._rcache > cap:
                 self._full += 1
                 self._q[S_FULL] = self._full
@@ -385,7 +388,7 @@ class Ring:
             tail = cap - off
             need = rec if rec <= tail else rec + tail
             if w + need > limit:
-                self._rcache = self._q[S_READ]
+                self._rcache = self._load_read()
                 limit = self._rcache + cap
                 if w + need > limit:
                     self._full += 1
@@ -414,7 +417,7 @@ class Ring:
         q[S_RECORDS_IN] = self._nin
         q[S_BYTES_IN] = self._bin
         if w - self._rcache > self._hwm:
-            self._rcache = q[S_READ]
+            self._rcache = self._load_read()
             used = w - self._rcache
             if used > self._hwm:
                 self._hwm = used
@@ -516,8 +519,10 @@ class Ring:
         r = self._rnext
         if r != self._rpos:
             self._publish_read(r)
+        if self._poison is None and self._q[S_POISONED]:
+            self._poison = "the supervisor marked this ring poisoned"
         if r == self._wcache:
-            self._wcache = self._q[S_WRITE]
+            self._wcache = self._load_write(r)
             if r == self._wcache:
                 return None
             if not _STRONG_ORDER:
@@ -537,9 +542,11 @@ class Ring:
         r = self._rnext
         if r != self._rpos:
             self._publish_read(r)
+        if self._poison is None and self._q[S_POISONED]:
+            self._poison = "the supervisor marked this ring poisoned"
         w = self._wcache
         if r == w:
-            w = self._wcache = self._q[S_WRITE]
+            w = self._wcache = self._load_write(r)
             if r == w:
                 return []
             if not _STRONG_ORDER:
@@ -550,17 +557,39 @@ class Ring:
             view, ok = read(r)
             if not ok:
                 if out:
-                    self._rnext = r  # report it on the next call, after these are used
+                    # Report it on the next call, after these are used; it is counted then.
+                    self._rnext = r
+                    self._nout -= 1
+                    self._bout -= len(view)
                     break
                 raise self._corrupt_record(r, view)
             out.append(view)
             r = self._rnext
         return out
 
+    def _load_write(self, r: int) -> int:
+        """Re-read the write position; poison the ring if it cannot be right."""
+        w: int = self._q[S_WRITE]
+        if w < r or w - r > self._capacity or w & 7:
+            self._poison_ring(f"write position {w} is inconsistent with read position {r}")
+        return w
+
+    def _load_read(self) -> int:
+        """Re-read the read position; raise if it cannot be right."""
+        r: int = self._q[S_READ]
+        w = self._wpos
+        if r > w or w - r > self._capacity or r & 7:
+            self._q[S_POISONED] = 1
+            raise RingPoisoned(
+                f"ring {self.name} is corrupted: read position {r} is inconsistent "
+                f"with write position {w}"
+            )
+        return r
+
     def _read_record(self, r: int) -> tuple[memoryview, bool]:
         """Parse the record at position ``r``; advance ``_rnext`` past it."""
         if self._poison is not None:
-            raise RingCorrupted(f"ring {self.name} is poisoned: {self._poison}")
+            raise RingPoisoned(f"ring {self.name} is poisoned: {self._poison}")
         cap = self._capacity
         data = self._data
         off = r % cap
@@ -574,7 +603,7 @@ class Ring:
         end = r + ((n + 15) & -8)
         if end > self._wcache:
             self._poison_ring(f"record at position {r} runs past the write position")
-        view = data[off + 8 : off + 8 + n]
+        view = self._rdata[off + 8 : off + 8 + n]
         self._rnext = end
         self._nout += 1
         self._bout += n
@@ -655,7 +684,7 @@ class Ring:
         self._corrupt += 1
         self._q[S_CORRUPT] = self._corrupt
         self._q[S_POISONED] = 1
-        raise RingCorrupted(f"ring {self.name} is corrupted: {why}")
+        raise RingPoisoned(f"ring {self.name} is corrupted: {why}")
 
     def _too_large(self, n: int) -> RecordTooLarge:
         return RecordTooLarge(
@@ -733,10 +762,13 @@ class Ring:
             q[S_BYTES_OUT] = self._bout
             q[S_CONSUMER_PID] = 0
         self._closed = True
+        # The next put/get goes through _claim_*, which raises RingClosed.
+        self._producing = self._consuming = False
         for bell in (self._data_bell, self._space_bell):
             if bell is not None:
                 bell.close()
         self._q.release()
+        self._rdata.release()
         self._data.release()
         self._mv.release()
         with contextlib.suppress(BufferError):

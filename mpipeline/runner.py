@@ -27,7 +27,15 @@ import msgspec
 
 from mpipeline.codec import Codec
 from mpipeline.config import PipelineConfig
-from mpipeline.errors import DecodeError, ErrorCode, PeerGone, RingCorrupted, RingEmpty, RingFull
+from mpipeline.errors import (
+    DecodeError,
+    ErrorCode,
+    PeerGone,
+    RingCorrupted,
+    RingEmpty,
+    RingFull,
+    RingPoisoned,
+)
 from mpipeline.heartbeat import ControlBlock, RunState
 from mpipeline.messages import (
     EDGE_TYPES,
@@ -211,11 +219,11 @@ class StageRunner:
         while not self._stopping:
             try:
                 views = get_many(batch)
+            except RingPoisoned:
+                raise  # framing is lost: crash, and let the supervisor decide
             except RingCorrupted as exc:
-                self.corrupt += 1
+                self.corrupt += 1  # one bad record, already skipped
                 log.error("%s: %s", self.spec.name, exc)
-                if "poisoned" in str(exc) or "corrupted" in str(exc):
-                    raise
                 continue
             if not views:
                 if self._has_pending():
