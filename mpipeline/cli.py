@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(handler=_run)
+    _add_bench(commands)
+    _add_status_profile(commands)
 
     config = commands.add_parser("config", help="check or print the configuration")
     config_commands = config.add_subparsers(
@@ -128,3 +130,186 @@ def _shm_sweep(args: argparse.Namespace) -> int:
         print(name)
     print(f"removed {len(removed)} stale segments")
     return ExitCode.OK
+
+
+# bench
+
+
+def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="throughput, latency and CPU per core count",
+        description="Drive the echo pipeline at full speed and at fixed rates for each core "
+        "count, beside a single-process asyncio pipeline running the same stage code.",
+    )
+    bench.add_argument(
+        "--cores",
+        type=_int_list,
+        default=(1, 2),
+        metavar="1,2,4",
+        help="core counts to measure; counts above the affinity are skipped",
+    )
+    amount = bench.add_mutually_exclusive_group()
+    amount.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        metavar="N",
+        help="full-speed phase: this many requests",
+    )
+    amount.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="full-speed phase: this many seconds (default 5)",
+    )
+    bench.add_argument(
+        "--rates",
+        type=_float_list,
+        default=None,
+        metavar="1000,5000",
+        help="fixed-rate phases for latency, req/s (default 1000,5000,20000)",
+    )
+    bench.add_argument(
+        "--rate-duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds per fixed-rate phase (default 4)",
+    )
+    bench.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests in flight at full speed (default 2048)",
+    )
+    bench.add_argument(
+        "--shared-cores",
+        action="store_true",
+        help="let every replica run on all c cores instead of one each",
+    )
+    bench.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the single-process asyncio pipeline (default on)",
+    )
+    bench.add_argument("--quick", action="store_true", help="short phases (a smoke test)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    bench.add_argument("--json", type=Path, default=None, metavar="FILE")
+    bench.add_argument("--plot", type=Path, default=None, metavar="FILE.png")
+    bench.set_defaults(handler=_bench)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"core counts must be >= 1: {text!r}")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"rates must be > 0: {text!r}")
+    return values
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mpipeline import benchmark
+
+    opts = benchmark.options(
+        quick=args.quick,
+        cores=args.cores,
+        requests=args.requests,
+        duration_s=args.duration,
+        rates=args.rates,
+        rate_duration_s=args.rate_duration,
+        window=args.window,
+        baseline=args.baseline,
+        progress=not args.no_progress,
+        json_path=args.json,
+        plot_path=args.plot,
+        shared=args.shared_cores,
+    )
+    return benchmark.main(opts)
+
+
+# status and profile
+
+
+def _add_status_profile(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser("status", help="replicas and rings of the running pipeline")
+    _add_where(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
+    profile = commands.add_parser(
+        "profile",
+        help="sample a running replica with py-spy",
+        description="Record a flamegraph of one replica with py-spy, or print its hottest "
+        "functions (--top). The pipeline is only read, never changed.",
+    )
+    profile.add_argument("replica", metavar="STAGE[-REPLICA]", help="e.g. assemble or inference-1")
+    _add_where(profile)
+    profile.add_argument("--duration", type=_positive_int, default=10, metavar="S")
+    profile.add_argument("--output", type=Path, default=None, metavar="FILE.svg")
+    profile.add_argument("--top", action="store_true", help="print the hottest functions")
+    profile.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="for --top")
+    profile.add_argument("--rate", type=_positive_int, default=100, metavar="HZ")
+    profile.add_argument("--idle", action="store_true", help="include waiting stacks")
+    profile.add_argument("--nonblocking", action="store_true", help="never pause the replica")
+    profile.set_defaults(handler=_profile)
+
+
+def _add_where(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--run-dir", type=Path, default=None, metavar="DIR")
+    where.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"find the run dir from this config (default {DEFAULT_CONFIG})",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _status(args: argparse.Namespace) -> int:
+    from mpipeline import status
+
+    return status.main(args.run_dir, args.config, as_json=args.json, out=sys.stdout, err=sys.stderr)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from mpipeline import profiling
+
+    how = profiling.Sampling(args.duration, args.rate, args.idle, args.nonblocking)
+    return profiling.main(
+        args.replica,
+        args.run_dir,
+        args.config,
+        how,
+        output=args.output,
+        top=args.top,
+        limit=args.limit,
+        out=sys.stdout,
+        err=sys.stderr,
+    )

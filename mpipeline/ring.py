@@ -830,7 +830,10 @@ def _validate_header(
         version = q[S_VERSION] & _MASK32
         if version != VERSION:
             raise RingCorrupted(f"ring {name} has layout version {version}, expected {VERSION}")
-        cap, maxrec, w, r = q[S_CAPACITY], q[S_MAX_RECORD], q[S_WRITE], q[S_READ]
+        cap, maxrec = q[S_CAPACITY], q[S_MAX_RECORD]
+        # The ring may be live: read the read position on both sides of the write
+        # position so that both checks hold at the instant w was read.
+        r, w, r_after = q[S_READ], q[S_WRITE], q[S_READ]
         problems = []
         if cap % 8 or cap < MIN_CAPACITY or HEADER_SIZE + cap != size:
             problems.append(f"capacity {cap} does not match segment size {size}")
@@ -838,7 +841,7 @@ def _validate_header(
             problems.append(f"data offset {q[S_DATA_OFFSET]} is not {HEADER_SIZE}")
         if maxrec > cap // 2 - _REC_HEADER:
             problems.append(f"max_record {maxrec} exceeds half the capacity {cap}")
-        if w % 8 or r % 8 or w < r or w - r > cap:
+        if w % 8 or r % 8 or w < r or w - r_after > cap:
             problems.append(f"positions write={w} read={r} are inconsistent")
         if expect_capacity is not None and cap != expect_capacity:
             problems.append(f"capacity {cap}, expected {expect_capacity}")

@@ -69,6 +69,9 @@ class _Replica:
     restarts: collections.deque[float] = field(default_factory=collections.deque)
     restart_at: float | None = None
     ready: bool = False
+    # SIGKILL sent for a missed heartbeat: its sentinel fires before it can be
+    # reaped, so the loop comes round again and must not kill (and log) twice.
+    killed: bool = False
 
 
 def _describe_exit(code: int | None) -> str:
@@ -116,9 +119,11 @@ class Supervisor:
             try:
                 if not self._boot():
                     return int(self._exit_code)
-                self._write_state()
                 assert self.ctl is not None
+                # RUNNING before the state file appears: a client that finds the
+                # file may submit at once, and is refused while STARTING.
                 self.ctl.state = RunState.RUNNING
+                self._write_state()
                 log.info(
                     "pipeline ready: %d replicas, run %s, %s",
                     len(self.replicas),
@@ -207,6 +212,7 @@ class Supervisor:
         rep.process = proc
         rep.ready = False
         rep.restart_at = None
+        rep.killed = False
 
     def _boot(self) -> bool:
         assert self.ctl is not None
@@ -341,7 +347,7 @@ class Supervisor:
         now = time.monotonic_ns()
         for rep in self.replicas:
             proc = rep.process
-            if proc is None or proc.exitcode is not None:
+            if proc is None or rep.killed or proc.exitcode is not None:
                 continue
             slot = rep.spec.slot
             state = self.ctl.get(slot, R_STATE)
@@ -353,6 +359,7 @@ class Supervisor:
             if state == ReplicaState.BOOTING:
                 if age > int(self.sup.boot_timeout_s * 1e9):
                     log.error("replica %s stuck booting; killing it", rep.spec.name)
+                    rep.killed = True
                     self._kill(proc)
                 continue
             busy = self.ctl.get(slot, R_INFLIGHT) > 0 or any(
@@ -364,6 +371,7 @@ class Supervisor:
                     rep.spec.name,
                     age / 1e9,
                 )
+                rep.killed = True
                 self._kill(proc)
 
     def _ring(self, name: str) -> Ring:
@@ -393,7 +401,9 @@ class Supervisor:
                 return
             self._reap()
             self._restart_due()
-            busy = any(r.stats().used_bytes for r in self.rings) or any(
+            # A ring whose consumer is gone (a client that exited with replies
+            # unread) will never drain: it must not hold the shutdown up.
+            busy = any(r.stats().used_bytes and r.consumer_alive() for r in self.rings) or any(
                 self.ctl.get(r.spec.slot, R_INFLIGHT) for r in self.replicas
             )
             quiet = 0 if busy else quiet + 1

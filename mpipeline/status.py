@@ -1,0 +1,399 @@
+"""``mpipeline status``: a one-shot, read-only view of a running pipeline.
+
+Everything comes from what the supervisor already publishes: ``state.json``
+in the run directory (pid, run id, control segment, topology), the control
+block (per-replica pid, state, heartbeat, counters) and each ring's header.
+Nothing here claims a ring side, takes a lock or writes a byte, so asking for
+status can never change what the pipeline does; ``profiling`` reuses
+``connect`` to find a replica's pid the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+from mpipeline.config import PipelineConfig, load, resolve_run_dir
+from mpipeline.errors import ConfigError, ExitCode, MPipelineError, RingCorrupted, RingNotFound
+from mpipeline.heartbeat import (
+    R_EXIT,
+    R_GENERATION,
+    R_HEARTBEAT,
+    R_INFLIGHT,
+    R_PID,
+    R_PROCESSED,
+    R_RESTARTS,
+    R_STATE,
+    ControlBlock,
+    ReplicaState,
+)
+from mpipeline.ring import Ring
+from mpipeline.supervisor import LOCK_FILE, STATE_FILE
+
+DEFAULT_CONFIG = Path("config/pipeline.toml")
+PROC_LOCKS = Path("/proc/locks")
+# Ring.attach validates positions it reads one after the other; on a busy ring
+# the consumer can pass the write position it saw, so a failed check is retried.
+ATTACH_ATTEMPTS = 3
+REPLICA_COLUMNS = (
+    *("REPLICA", "PID", "CPUS", "STATE", "PROCESSED", "IN FLIGHT", "HEARTBEAT", "RESTARTS"),
+    "LAST EXIT",
+)
+EDGE_COLUMNS = ("EDGE", "USED / CAPACITY", "RECORDS IN", "RECORDS OUT", "HIGH-WATER", "FULL")
+# The supervisor stores a signal death as 0x10000 | signo in the last-exit slot.
+_SIGNALLED = 0x10000
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    name: str
+    stage: str
+    index: int
+    slot: int
+    pid: int
+    cpus: list[int]
+    state: str
+    processed: int
+    in_flight: int
+    heartbeat_age_s: float | None
+    restarts: int
+    generation: int
+    last_exit: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RingCounters:
+    used_bytes: int
+    records_in: int
+    records_out: int
+    high_water: int
+    full_events: int
+    corrupt_records: int
+    poisoned: bool
+    producer_pid: int
+    consumer_pid: int
+
+
+_COUNTERS = {f.name for f in fields(RingCounters)}
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeStatus:
+    name: str
+    producer: str
+    consumer: str
+    capacity: int
+    # None when the header could not be read (the run is stopping); ``error`` says why.
+    ring: RingCounters | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    run_dir: str
+    run_id: str
+    config: str
+    state: str
+    supervisor_pid: int
+    uptime_s: float
+    replicas: list[ReplicaStatus]
+    edges: list[EdgeStatus]
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A live supervisor's published state plus an attached (read-only) control block."""
+
+    run_dir: Path
+    state: dict[str, Any]
+    control: ControlBlock
+
+
+# Finding the run
+
+
+def find_run_dir(run_dir: Path | None, config: Path | None) -> Path:
+    """``--run-dir`` if given, else the run dir of ``--config`` (or of the default config).
+
+    :raises ConfigError: when the config file named is invalid.
+    """
+    if run_dir is not None:
+        return run_dir
+    if config is None:
+        config = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+    return resolve_run_dir(load(config) if config is not None else PipelineConfig())
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """Pid holding the supervisor's flock on ``run_dir``, read from /proc/locks (no locking)."""
+    path = run_dir / LOCK_FILE
+    try:
+        inode = path.stat().st_ino
+        written = path.read_text().strip()
+        table = PROC_LOCKS.read_text()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        parts = line.split()
+        # "1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<inode> 0 EOF"; waiters have "->".
+        if len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        pid, where = parts[4], parts[5]
+        if where.rsplit(":", 1)[-1] == str(inode) and pid == written:
+            return int(pid)
+    return None
+
+
+@contextlib.contextmanager
+def connect(run_dir: Path) -> Iterator[Run]:
+    """Attach to the supervisor running in ``run_dir``.
+
+    :raises MPipelineError: naming the reason when none is running there (or
+        it is still starting), so the CLI can print it and exit 1.
+    """
+    where = f"in {run_dir}"
+    if not run_dir.is_dir():
+        raise MPipelineError(f"no supervisor is running {where}: the directory does not exist")
+    try:
+        state: dict[str, Any] = json.loads((run_dir / STATE_FILE).read_text())
+    except FileNotFoundError:
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise MPipelineError(
+                f"the supervisor {where} (pid {holder}) is still starting; try again shortly"
+            ) from None
+        raise MPipelineError(
+            f"no supervisor is running {where} (no {STATE_FILE}); start one with "
+            "`mpipeline run`, or point at another with --run-dir/--config"
+        ) from None
+    except PermissionError:
+        raise _other_user(where) from None
+    except (OSError, ValueError) as exc:
+        raise MPipelineError(f"cannot read {run_dir / STATE_FILE}: {exc}") from None
+    pid = state.get("pid")
+    stale = MPipelineError(
+        f"no supervisor is running {where}: {STATE_FILE} names pid {pid}, which is gone "
+        "(a killed supervisor leaves it; `mpipeline shm sweep` removes its segments)"
+    )
+    try:
+        control = ControlBlock.attach(state["control"])
+    except (RingNotFound, RingCorrupted):
+        raise stale from None
+    except PermissionError:
+        raise _other_user(where) from None
+    try:
+        if control.supervisor_pid != pid or not control.supervisor_alive():
+            raise stale
+        yield Run(run_dir, state, control)
+    finally:
+        control.close()
+
+
+def _other_user(where: str) -> MPipelineError:
+    return MPipelineError(f"the pipeline {where} belongs to another user; run this as that user")
+
+
+# Reading
+
+
+def snapshot(run: Run) -> Status:
+    """Read every replica slot and ring header once."""
+    ctl = run.control
+    now = time.monotonic_ns()
+    replicas = []
+    for spec in run.state["topology"]["replicas"]:
+        slot = spec["slot"]
+        beat = ctl.get(slot, R_HEARTBEAT)
+        replicas.append(
+            ReplicaStatus(
+                name=f"{spec['stage']}-{spec['index']}",
+                stage=spec["stage"],
+                index=spec["index"],
+                slot=slot,
+                pid=ctl.get(slot, R_PID),
+                cpus=list(spec["cpus"]),
+                state=_state_name(ctl.get(slot, R_STATE)),
+                processed=ctl.get(slot, R_PROCESSED),
+                in_flight=ctl.get(slot, R_INFLIGHT),
+                heartbeat_age_s=max(0, now - beat) / 1e9 if beat else None,
+                restarts=ctl.get(slot, R_RESTARTS),
+                generation=ctl.get(slot, R_GENERATION),
+                last_exit=describe_exit(ctl.get(slot, R_EXIT), ctl.get(slot, R_RESTARTS)),
+            )
+        )
+    edges = [_edge(e) for e in run.state["topology"]["edges"]]
+    return Status(
+        run_dir=str(run.run_dir),
+        run_id=run.state["run_id"],
+        config=run.state.get("config", ""),
+        state=ctl.state.name,
+        supervisor_pid=ctl.supervisor_pid,
+        uptime_s=max(0, now - ctl.started_ns) / 1e9,
+        replicas=replicas,
+        edges=edges,
+    )
+
+
+def _edge(spec: dict[str, Any]) -> EdgeStatus:
+    ring: RingCounters | None = None
+    error: str | None = None
+    for _ in range(ATTACH_ATTEMPTS):
+        try:
+            handle = Ring.attach(spec["name"])
+        except RingNotFound:
+            error = "gone (the run is stopping)"
+            break
+        except RingCorrupted as exc:
+            error = str(exc)
+            continue
+        try:
+            s = handle.stats()
+        finally:
+            handle.close()
+        # Positions are read one after the other: a busy consumer can pass the
+        # write position seen, so clamp instead of showing a negative fill.
+        counters = {k: v for k, v in s._asdict().items() if k in _COUNTERS}
+        ring = RingCounters(**{**counters, "used_bytes": max(0, s.used_bytes)})
+        error = None
+        break
+    return EdgeStatus(
+        spec["name"], spec["producer"], spec["consumer"], spec["capacity"], ring, error
+    )
+
+
+def _state_name(value: int) -> str:
+    try:
+        return ReplicaState(value).name
+    except ValueError:
+        return f"?{value}"
+
+
+def describe_exit(raw: int, restarts: int) -> str | None:
+    """The control block's last-exit slot in words; None when the replica never exited."""
+    if raw == 0 and restarts == 0:
+        return None
+    if raw & _SIGNALLED:
+        signo = raw & 0xFFFF
+        try:
+            return f"killed by {signal.Signals(signo).name}"
+        except ValueError:
+            return f"killed by signal {signo}"
+    try:
+        return f"exit {raw} ({ExitCode(raw).name})"
+    except ValueError:
+        return f"exit {raw}"
+
+
+# Output
+
+
+def to_json(status: Status) -> str:
+    return json.dumps(asdict(status), indent=2)
+
+
+def render(status: Status) -> str:
+    """The human table: a run line, one row per replica, one per ring edge."""
+    head = (
+        f"run {status.run_id}  {status.state}  supervisor pid {status.supervisor_pid}  "
+        f"up {_duration(status.uptime_s)}\n"
+        f"run dir {status.run_dir}  config {status.config}\n"
+    )
+    replicas = _table(REPLICA_COLUMNS, [_replica_row(r) for r in status.replicas], {1, 4, 5, 6, 7})
+    edges = _table(EDGE_COLUMNS, [_edge_row(e) for e in status.edges], {2, 3, 4, 5})
+    return f"{head}\n{replicas}\n\n{edges}"
+
+
+def _replica_row(r: ReplicaStatus) -> tuple[str, ...]:
+    beat = "-" if r.heartbeat_age_s is None else f"{_duration(r.heartbeat_age_s)} ago"
+    counts = (str(r.processed), str(r.in_flight), beat, str(r.restarts))
+    return (r.name, str(r.pid or "-"), _cpus(r.cpus), r.state, *counts, r.last_exit or "-")
+
+
+def _edge_row(e: EdgeStatus) -> tuple[str, ...]:
+    name = f"{e.producer} -> {e.consumer}"
+    r = e.ring
+    if r is None:
+        return (name, f"{e.error} / {_bytes(e.capacity)}", "-", "-", "-", "-")
+    used = f"{_bytes(r.used_bytes)} / {_bytes(e.capacity)} ({100 * r.used_bytes / e.capacity:.0f}%)"
+    if r.poisoned:
+        used += " POISONED"
+    full = str(r.full_events)
+    return (name, used, str(r.records_in), str(r.records_out), _bytes(r.high_water), full)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), *map(line, rows)])
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f}".removesuffix(".0") + f" {unit}"
+
+
+def _duration(s: float) -> str:
+    if s < 10:
+        return f"{s:.1f}s"
+    minutes, sec = divmod(int(s), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{sec:02d}s"
+    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
+def _cpus(cpus: list[int]) -> str:
+    if not cpus:
+        return "any"
+    cpus = sorted(cpus)
+    spans: list[str] = []
+    start = prev = cpus[0]
+    for c in [*cpus[1:], -2]:
+        if c != prev + 1:
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            start = c
+        prev = c
+    return ",".join(spans)
+
+
+def main(
+    run_dir: Path | None,
+    config: Path | None,
+    *,
+    as_json: bool = False,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """``mpipeline status``: 0 and the table (or JSON); 1 when none runs there; 2: bad config."""
+    try:
+        where = find_run_dir(run_dir, config)
+    except ConfigError as exc:
+        err.write(f"mpipeline status: invalid configuration:\n{exc}\n")
+        return int(ExitCode.USAGE)
+    try:
+        with connect(where) as run:
+            status = snapshot(run)
+    except MPipelineError as exc:
+        err.write(f"mpipeline status: {exc}\n")
+        return int(ExitCode.FAILURE)
+    out.write((to_json(status) if as_json else render(status)) + "\n")
+    return int(ExitCode.OK)
