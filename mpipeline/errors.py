@@ -37,6 +37,7 @@ class ErrorCode(enum.StrEnum):
     """Machine-readable reason carried by a ``Failed`` message and HTTP errors."""
 
     INVALID_REQUEST = "invalid_request"
+    TOO_LARGE = "too_large"
     RING_FULL = "ring_full"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     STAGE_ERROR = "stage_error"

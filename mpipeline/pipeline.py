@@ -35,7 +35,7 @@ import msgspec
 from mpipeline.codec import Codec
 from mpipeline.config import PipelineConfig, dump_toml, load, resolve_run_dir
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty, RingFull
-from mpipeline.heartbeat import ControlBlock, RunState
+from mpipeline.heartbeat import R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.messages import Completed, Failed, Priority, PromptRequest, ToGateway, TokenChunk
 from mpipeline.ring import Ring
 from mpipeline.routing import request_key, shard_for
@@ -281,7 +281,7 @@ class Pipeline:
                 self._failed(
                     "",
                     session_id,
-                    ErrorCode.INVALID_REQUEST,
+                    ErrorCode.TOO_LARGE,
                     f"input of {len(text)} characters exceeds the limit of {limit}",
                 )
             )
@@ -373,26 +373,70 @@ class Pipeline:
 
         :raises RequestFailed: as ``submit``, possibly after some chunks.
         """
+        async for event in self.stream_events(
+            text,
+            session_id=session_id,
+            metadata=metadata,
+            priority=priority,
+            deadline_ms=deadline_ms,
+            max_tokens=max_tokens,
+        ):
+            if type(event) is TokenChunk:
+                yield event
+
+    async def stream_events(
+        self,
+        text: str,
+        *,
+        session_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        priority: Priority = Priority.NORMAL,
+        deadline_ms: float | None = None,
+        max_tokens: int | None = None,
+    ) -> AsyncIterator[TokenChunk | Completed]:
+        """Like ``stream``, then the final ``Completed`` (usage, finish reason, timings).
+
+        An iterator abandoned early (a client that left) leaves the request to
+        finish in the pipeline; its outcome is still recorded, never raised.
+
+        :raises RequestFailed: as ``submit``, possibly after some chunks.
+        """
         pending = self._new_request(
             text, session_id, metadata, priority, deadline_ms, max_tokens, True
         )
         queue = pending.chunks
         assert queue is not None
         future = pending.future
-        while True:
-            if not queue.empty():
-                yield queue.get_nowait()
-                continue
-            if future.done():
-                future.result()  # raises RequestFailed
-                return
-            getter: asyncio.Future[TokenChunk] = asyncio.ensure_future(queue.get())
-            waiting: list[asyncio.Future[Any]] = [getter, future]
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield getter.result()
-            else:
-                getter.cancel()
+        try:
+            while True:
+                if not queue.empty():
+                    yield queue.get_nowait()
+                    continue
+                if future.done():
+                    yield future.result()  # raises RequestFailed
+                    return
+                getter: asyncio.Future[TokenChunk] = asyncio.ensure_future(queue.get())
+                waiting: list[asyncio.Future[Any]] = [getter, future]
+                try:
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()
+                if getter.done() and not getter.cancelled():
+                    yield getter.result()
+        finally:
+            if not future.done():
+                future.add_done_callback(_retrieve)
+
+    @property
+    def ready(self) -> bool:
+        """True while the supervisor runs and every replica is up (``/readyz``)."""
+        ctl = self._ctl
+        if ctl is None or self._closed or ctl.raw_state != RunState.RUNNING:
+            return False
+        return all(
+            ctl.get(slot, R_STATE) == ReplicaState.READY for slot in self._replica_slots.values()
+        )
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -475,13 +519,16 @@ class Pipeline:
                 pending.chunks.put_nowait(msg)
             return
         del self._inflight[msg.request_id]
+        future = pending.future
         if type(msg) is Completed:
             self.stats["completed"] += 1
-            pending.future.set_result(msg)
+            if not future.done():  # done: the caller cancelled its wait
+                future.set_result(msg)
         else:
             assert isinstance(msg, Failed)
             self.stats["failed"] += 1
-            pending.future.set_exception(RequestFailed(msg))
+            if not future.done():
+                future.set_exception(RequestFailed(msg))
 
     def _failed(
         self,
@@ -504,7 +551,8 @@ class Pipeline:
         pending = self._inflight.pop(failed.request_id, None)
         if pending is not None:
             self.stats["failed"] += 1
-            pending.future.set_exception(RequestFailed(failed))
+            if not pending.future.done():
+                pending.future.set_exception(RequestFailed(failed))
 
     def _fail_all(self, code: ErrorCode, reason: str) -> None:
         for rid, p in list(self._inflight.items()):
@@ -565,3 +613,9 @@ class Pipeline:
                         rid, p.request.session_id, ErrorCode.STAGE_RESTARTED, reason, stage
                     )
                 )
+
+
+def _retrieve(future: asyncio.Future[Completed]) -> None:
+    """Mark an abandoned request's outcome as seen, so asyncio logs nothing."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,357 @@
+"""The gateway: HTTP routes in front of a ``Pipeline`` client.
+
+For now it runs in-process on the Python client's slot (``serve``); the
+gateway stage will run the same ``Gateway`` on a gateway replica's slot. It
+owns admission: routing, the bearer token, body size and shape, all refused
+with a clear 4xx before anything reaches a ring. Once a request is in the
+pipeline, its one outcome comes back as a result or as a ``RequestFailed``,
+which becomes an HTTP status here (``schemas.STATUS_FOR_CODE``).
+
+Routes: ``POST /v1/prompt`` (JSON or SSE), ``POST /v1/chat/completions`` and
+``GET /v1/models`` (``openai.py``), ``GET /healthz`` (the process answers),
+``GET /readyz`` (every replica is ready and we are not draining) and
+``GET /v1/status``. Only the two health routes skip the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict
+from typing import Self
+
+import msgspec
+
+from mpipeline import status as status_mod
+from mpipeline.config import GatewayConfig, PipelineConfig
+from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
+from mpipeline.gateway import openai, schemas, sse
+from mpipeline.gateway.auth import BearerAuth, open_bind_warning
+from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.schemas import ChunkOut, ErrorBody, ErrorDetail, Problem, PromptBody
+from mpipeline.gateway.server import HttpServer, bind
+from mpipeline.heartbeat import R_STATE, ControlBlock, ReplicaState, RunState
+from mpipeline.messages import Completed, TokenChunk
+from mpipeline.pipeline import Pipeline
+from mpipeline.supervisor import STATE_FILE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "mpipeline-echo"
+# Seconds between SSE comments while a stream waits for its first token.
+SSE_KEEPALIVE_S = 15.0
+# How long requests in progress get to finish when the gateway closes.
+DRAIN_TIMEOUT_S = 10.0
+# Liveness and readiness probes come from the orchestrator, which has no token.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_OPENAI_PATHS = ("/v1/chat/", "/v1/models")
+_TYPE_FOR_STATUS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "invalid_request",
+    431: "invalid_request",
+}
+_PROMPT = msgspec.json.Decoder(PromptBody)
+_ENCODE = msgspec.json.Encoder().encode
+
+Handler = Callable[[Request, Response], Awaitable[None]]
+
+
+def model_name(cfg: PipelineConfig) -> str:
+    """The one model ``GET /v1/models`` lists: named for the inference worker."""
+    return f"mpipeline-{cfg.stages.inference.worker}"
+
+
+class Gateway:
+    """HTTP routes over ``pipeline``; ``start`` listens, ``close`` drains and stops.
+
+    :raises ConfigError: (from the constructor) when ``cfg.auth_token_env``
+        names a variable that is unset or empty
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        cfg: GatewayConfig,
+        *,
+        model: str = DEFAULT_MODEL,
+        keepalive_s: float = SSE_KEEPALIVE_S,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._pipeline = pipeline
+        self._cfg = cfg
+        self._auth = BearerAuth.from_env(cfg.auth_token_env, environ)
+        self._keepalive_s = keepalive_s
+        self._drain_timeout_s = drain_timeout_s
+        self._server = HttpServer(self, max_body=cfg.max_body_bytes)
+        self._ctl: ControlBlock | None = None
+        self._replicas: list[tuple[str, int]] = []
+        self._draining = False
+        chat = openai.ChatCompletions(pipeline, model, keepalive_s)
+        self._routes: dict[str, dict[str, Handler]] = {
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+            "/v1/status": {"GET": self._status},
+            "/v1/prompt": {"POST": self._prompt},
+            "/v1/chat/completions": {"POST": chat.create},
+            "/v1/models": {"GET": chat.models},
+        }
+
+    # Lifecycle
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``sock``, or bind ``cfg.host:cfg.port``.
+
+        :raises MPipelineError: when the address is in use, or the pipeline's
+            run directory has no state to read readiness from
+        """
+        warning = open_bind_warning(self._cfg.host, self._auth)
+        if warning:
+            log.warning("%s", warning)
+        self._attach_control()
+        if sock is None:
+            sock = bind(self._cfg.host, self._cfg.port)
+        await self._server.start(sock)
+        log.info("gateway listening on %s", self.url)
+
+    async def close(self) -> None:
+        """Fail readiness, stop accepting, let requests finish (bounded), close."""
+        self._draining = True
+        await self._server.stop(self._drain_timeout_s)
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.address
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def _attach_control(self) -> None:
+        run_dir = self._pipeline.run_dir
+        if run_dir is None:
+            raise MPipelineError("the pipeline client is not started")
+        try:
+            state = json.loads((run_dir / STATE_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise MPipelineError(f"cannot read {run_dir / STATE_FILE}: {exc}") from None
+        self._ctl = ControlBlock.attach(state["control"])
+        self._replicas = [
+            (f"{r['stage']}-{r['index']}", int(r["slot"])) for r in state["topology"]["replicas"]
+        ]
+
+    def not_ready(self) -> str | None:
+        """Why the gateway should get no traffic, or None when it should."""
+        ctl = self._ctl
+        if self._draining or ctl is None:
+            return "the gateway is shutting down"
+        if not ctl.supervisor_alive():
+            return "the supervisor is gone"
+        if ctl.state != RunState.RUNNING:
+            return f"the pipeline is {ctl.state.name.lower()}"
+        for name, slot in self._replicas:
+            state = ctl.get(slot, R_STATE)
+            if state != ReplicaState.READY:
+                return f"replica {name} is {_state_name(state)}"
+        return None
+
+    # server.App
+
+    def precheck(self, request: Request) -> Reply | None:
+        methods = self._routes.get(request.path)
+        if methods is None:
+            return self.error_reply(request.path, 404, f"no route {request.path}")
+        method = "GET" if request.method == "HEAD" else request.method
+        if method not in methods:
+            allow = ", ".join(methods)
+            message = f"{request.method} is not allowed on {request.path}; use {allow}"
+            return self.error_reply(request.path, 405, message, headers=(("allow", allow),))
+        token = request.header("authorization")
+        if request.path not in OPEN_PATHS and not self._auth.allows(token):
+            message = "missing or wrong bearer token"
+            headers = (("www-authenticate", "Bearer"),)
+            return self.error_reply(request.path, 401, message, headers=headers)
+        return None
+
+    async def handle(self, request: Request, response: Response) -> None:
+        methods = self._routes[request.path]
+        handler = methods.get(request.method) or methods["GET"]
+        try:
+            await handler(request, response)
+        except RequestFailed as exc:
+            if not response.started:
+                response.send_reply(self._failure_reply(request.path, exc))
+        except MPipelineError as exc:
+            # The client is closed or closing: the gateway is on its way down.
+            if not response.started:
+                reply = self.error_reply(
+                    request.path,
+                    503,
+                    str(exc),
+                    kind=ErrorCode.SHUTTING_DOWN,
+                    headers=schemas.failure_headers(503),
+                )
+                response.send_reply(reply)
+
+    def error_reply(
+        self,
+        path: str,
+        status: int,
+        message: str,
+        *,
+        field: str | None = None,
+        kind: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> Reply:
+        """Our error shape, or OpenAI's on its routes; ``kind`` overrides the type."""
+        if path.startswith(_OPENAI_PATHS):
+            return openai.error_reply(status, message, param=field, code=kind, headers=headers)
+        if kind is None:
+            kind = _TYPE_FOR_STATUS.get(status, "internal" if status >= 500 else "invalid_request")
+        body = ErrorBody(error=ErrorDetail(type=kind, message=message, field=field))
+        return Reply(status, _ENCODE(body), headers)
+
+    def _failure_reply(self, path: str, exc: RequestFailed) -> Reply:
+        if path.startswith(_OPENAI_PATHS):
+            return openai.failure_reply(exc)
+        status = schemas.failure_status(exc)
+        detail = ErrorDetail(
+            type=str(exc.code),
+            message=schemas.failure_message(exc),
+            request_id=exc.request_id or None,
+        )
+        return Reply(status, _ENCODE(ErrorBody(error=detail)), schemas.failure_headers(status))
+
+    # Routes
+
+    async def _healthz(self, request: Request, response: Response) -> None:
+        response.send(200, b'{"status":"ok"}')
+
+    async def _readyz(self, request: Request, response: Response) -> None:
+        reason = self.not_ready()
+        if reason is None:
+            response.send(200, b'{"status":"ready"}')
+        else:
+            response.send(503, _ENCODE({"status": "not_ready", "reason": reason}))
+
+    async def _status(self, request: Request, response: Response) -> None:
+        run_dir = self._pipeline.run_dir
+        assert run_dir is not None
+        gateway = {
+            "url": self.url,
+            "ready": self.not_ready() is None,
+            "not_ready": self.not_ready(),
+            "connections": len(self._server.connections),
+            "requests": dict(self._pipeline.stats),
+        }
+        try:
+            with status_mod.connect(run_dir) as run:
+                pipeline = asdict(status_mod.snapshot(run))
+        except MPipelineError as exc:
+            body = {"gateway": gateway, "pipeline": None, "error": str(exc)}
+            response.send(503, _ENCODE(body))
+            return
+        response.send(200, _ENCODE({"gateway": gateway, "pipeline": pipeline}))
+
+    async def _prompt(self, request: Request, response: Response) -> None:
+        body = schemas.decode(_PROMPT, request.body)
+        if isinstance(body, Problem):
+            response.send_reply(self._problem(request.path, body))
+            return
+        session = body.session_id or request.header("x-session-id")
+        if session is not None and len(session) > schemas.MAX_SESSION_ID:
+            limit = f"X-Session-Id is longer than {schemas.MAX_SESSION_ID} characters"
+            response.send_reply(self._problem(request.path, Problem(limit)))
+            return
+        options = sse.Options(
+            session_id=session,
+            metadata=body.metadata or None,
+            priority=schemas.PRIORITIES[body.priority],
+            deadline_ms=body.deadline_ms,
+            max_tokens=body.max_tokens,
+        )
+        if body.stream:
+            events = sse.pipeline_events(self._pipeline, body.input, **options)
+            await sse.respond(response, events, _PromptRenderer(), self._keepalive_s)
+            return
+        done = await sse.shielded(self._pipeline.submit_nowait(body.input, **options))
+        result = schemas.prompt_result(done, time.monotonic_ns())
+        response.send(200, _ENCODE(result), (("x-request-id", done.request_id),))
+
+    def _problem(self, path: str, problem: Problem) -> Reply:
+        return self.error_reply(path, problem.status, problem.message, field=problem.field)
+
+
+class _PromptRenderer:
+    """``/v1/prompt`` streams: ``chunk`` events, then ``done`` with the whole result."""
+
+    def opening(self) -> bytes:
+        return b""
+
+    def render(self, event: TokenChunk | Completed) -> bytes:
+        if isinstance(event, TokenChunk):
+            chunk = ChunkOut(request_id=event.request_id, index=event.index, text=event.text)
+            return sse.event(_ENCODE(chunk), "chunk")
+        return sse.event(_ENCODE(schemas.prompt_result(event, time.monotonic_ns())), "done")
+
+    def failure(self, exc: RequestFailed) -> bytes:
+        detail = ErrorDetail(
+            type=str(exc.code),
+            message=schemas.failure_message(exc),
+            request_id=exc.request_id or None,
+        )
+        return sse.event(_ENCODE(ErrorBody(error=detail)), "error")
+
+
+def _state_name(value: int) -> str:
+    try:
+        return ReplicaState(value).name.lower()
+    except ValueError:
+        return f"in state {value}"
+
+
+async def serve(
+    pipeline: Pipeline,
+    cfg: GatewayConfig,
+    *,
+    stop: Awaitable[object] | None = None,
+    sock: socket.socket | None = None,
+    model: str = DEFAULT_MODEL,
+    keepalive_s: float = SSE_KEEPALIVE_S,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+) -> None:
+    """Serve HTTP for ``pipeline`` until ``stop`` completes (or this task is cancelled).
+
+    :raises ConfigError: when the token variable is named but unset
+    :raises MPipelineError: when the address is in use
+    """
+    gateway = Gateway(
+        pipeline, cfg, model=model, keepalive_s=keepalive_s, drain_timeout_s=drain_timeout_s
+    )
+    await gateway.start(sock)
+    try:
+        if stop is None:
+            await asyncio.Event().wait()
+        else:
+            await stop
+    finally:
+        await gateway.close()

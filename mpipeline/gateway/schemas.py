@@ -1,0 +1,188 @@
+"""The gateway's wire shapes: request bodies, results, and errors as HTTP statuses.
+
+Bodies are decoded straight into msgspec Structs, so a wrong type, a missing
+field or a value out of range is found in the same pass that parses the
+JSON, and msgspec's error names the place (``$.messages[0].content``). That
+place becomes the error's ``field`` (or OpenAI's ``param``): a client is told
+what to fix, and a bad body can only ever be a 4xx. Decoding returns a
+``Problem`` instead of raising, so each route decides its own error shape.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from mpipeline.errors import ErrorCode, RequestFailed
+from mpipeline.messages import Completed, Priority
+
+T = TypeVar("T")
+
+# The longest deadline a client may ask for: 10 minutes. Longer waits are
+# almost always a unit mistake (seconds sent as ms) and would pin a slot.
+MAX_DEADLINE_MS = 600_000
+MAX_SESSION_ID = 256
+# Seconds a client should wait before retrying a shed (503) request.
+RETRY_AFTER_S = 1
+PRIORITIES = {
+    "critical": Priority.CRITICAL,
+    "high": Priority.HIGH,
+    "normal": Priority.NORMAL,
+    "low": Priority.LOW,
+}
+STATUS_FOR_CODE: dict[ErrorCode, int] = {
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.RING_FULL: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.STAGE_ERROR: 500,
+    ErrorCode.STAGE_RESTARTED: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.DECODE_ERROR: 500,
+    ErrorCode.RING_CORRUPTED: 503,
+    ErrorCode.UPSTREAM_ERROR: 502,
+    ErrorCode.CIRCUIT_OPEN: 503,
+    ErrorCode.CANCELLED: 503,
+    ErrorCode.INTERNAL: 500,
+}
+# "Expected `str`, got `int` - at `$.messages[0].content`"
+_AT = re.compile(r"(?P<message>.*) - at `\$(?P<path>[^`]*)`", re.DOTALL)
+# "Object missing required field `input`": the field belongs in the path too.
+_NAMED = re.compile(r"Object (?:missing required|contains unknown) field `(?P<name>[^`]*)`")
+
+SessionId = Annotated[str, Meta(min_length=1, max_length=MAX_SESSION_ID)]
+
+
+class PromptBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/prompt``. Unknown fields are refused: a typo must not pass silently."""
+
+    input: Annotated[str, Meta(min_length=1)]
+    session_id: SessionId | None = None
+    metadata: dict[str, str] = {}
+    priority: Literal["critical", "high", "normal", "low"] = "normal"
+    deadline_ms: Annotated[float, Meta(ge=1, le=MAX_DEADLINE_MS)] | None = None
+    stream: bool = False
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+
+
+class UsageOut(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class PromptResult(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    session_id: str | None
+    text: str
+    finish_reason: str
+    usage: UsageOut
+    # Milliseconds from a stage's receipt of the request to the next stage's.
+    timings: dict[str, float]
+
+
+class ChunkOut(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    index: int
+    text: str
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    type: str
+    message: str
+    field: str | None = None
+    request_id: str | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: ErrorDetail
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why a body was refused: a message, where (a JSON path without ``$.``), which status."""
+
+    message: str
+    field: str | None = None
+    status: int = 400
+
+
+def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T | Problem:
+    """Decode ``body`` with a typed decoder, or say what is wrong with it and where."""
+    if not body.strip():
+        return Problem("the request body is empty; send a JSON object")
+    try:
+        return decoder.decode(body)
+    except UnicodeDecodeError:
+        # msgspec counts from the start of the string; count from the body's.
+        try:
+            bytes(body).decode()
+        except UnicodeDecodeError as exc:
+            return Problem(f"the body is not valid UTF-8 (byte {exc.start})")
+        return Problem("the body is not valid UTF-8")
+    except msgspec.ValidationError as exc:
+        return validation_problem(str(exc))
+    except msgspec.DecodeError as exc:
+        return Problem(f"invalid JSON: {exc}")
+    except RecursionError:
+        return Problem("invalid JSON: nested too deeply")
+
+
+def validation_problem(text: str) -> Problem:
+    """Split msgspec's validation message into a message and a field path."""
+    at = _AT.fullmatch(text)
+    message, path = (at["message"], at["path"]) if at else (text, "")
+    named = _NAMED.match(message)
+    if named:
+        path = f"{path}.{named['name']}"
+    return Problem(message, path.removeprefix(".") or None)
+
+
+def failure_status(exc: RequestFailed) -> int:
+    """HTTP status for a request the pipeline refused or failed."""
+    return STATUS_FOR_CODE.get(exc.code, 500)
+
+
+def failure_headers(status: int) -> tuple[tuple[str, str], ...]:
+    return (("retry-after", str(RETRY_AFTER_S)),) if status == 503 else ()
+
+
+def failure_message(exc: RequestFailed) -> str:
+    """What went wrong, for the client: the reason and where, never internals."""
+    return f"{exc.failed.reason} (stage {exc.stage})" if exc.stage else exc.failed.reason
+
+
+def usage(done: Completed) -> UsageOut:
+    u = done.usage
+    return UsageOut(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.prompt_tokens + u.completion_tokens,
+    )
+
+
+def timings(stamps: dict[str, int], received_ns: int) -> dict[str, float]:
+    """Per-stage milliseconds from the receipt stamps; the last stage runs to ``received_ns``."""
+    if not stamps:
+        return {}
+    ordered = sorted(stamps.items(), key=lambda item: item[1])
+    ends = [t for _, t in ordered[1:]] + [received_ns]
+    return {
+        stage: round(max(0, end - start) / 1e6, 3)
+        for (stage, start), end in zip(ordered, ends, strict=True)
+    }
+
+
+def prompt_result(done: Completed, received_ns: int) -> PromptResult:
+    return PromptResult(
+        request_id=done.request_id,
+        session_id=done.session_id,
+        text=done.text,
+        finish_reason=done.finish_reason,
+        usage=usage(done),
+        timings=timings(done.stamps, received_ns),
+    )

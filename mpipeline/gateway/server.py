@@ -1,0 +1,428 @@
+"""HTTP/1.1 on a raw uvloop protocol with httptools: the gateway's socket layer.
+
+Why not a framework: on one pinned core this costs 7 us of CPU per request
+against 26 us for uvicorn with a bare ASGI app and 34-39 us for aiohttp,
+Starlette or granian (bench/http_server_choice.md); the gateway's core also
+runs the ring client, so that difference is its throughput. What a framework
+would give is kept small and explicit here: keep-alive and pipelining, a body
+limit enforced while reading (413 without buffering past it), a head size
+limit, read and idle timeouts (slowloris), ``Expect: 100-continue``, chunked
+streaming with write backpressure, and cancelling the handler when the
+client goes away.
+
+The application (``exchange.App``) sees a ``Request`` with the whole body and
+a ``Response`` to answer it; ``precheck`` runs on the head alone so that a
+request that will be refused (auth, unknown route) never gets its body read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import cast
+
+import httptools
+
+from mpipeline.errors import MPipelineError
+from mpipeline.gateway.exchange import App, Reply, Request, Response
+
+log = logging.getLogger(__name__)
+
+# Request line plus headers; more is answered 431.
+MAX_HEAD_BYTES = 64 * 1024
+# First byte of a request to its last: a client that trickles (slowloris) is cut off.
+REQUEST_TIMEOUT_S = 10.0
+# An idle keep-alive connection is closed after this long.
+KEEPALIVE_TIMEOUT_S = 5.0
+# After an early error reply, input is read and dropped this long before the
+# close, so the client reads the reply instead of a reset (nginx's lingering close).
+LINGER_S = 1.0
+# Requests parsed ahead of the one being served; beyond this, reading pauses.
+MAX_PIPELINED = 8
+BACKLOG = 1024
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``: bound before anything else starts.
+
+    :raises MPipelineError: naming the address when it is in use or not ours to bind
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise MPipelineError(f"cannot listen on {where}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        # Rebinding over TIME_WAIT only; never SO_REUSEPORT (RELIABILITY 2.8).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise MPipelineError(f"{where} already in use") from None
+        raise MPipelineError(f"cannot listen on {where}: {exc.strerror}") from None
+    return sock
+
+
+class HttpServer:
+    """Serves ``app`` on sockets handed to ``start``; ``stop`` drains, then closes."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        max_body: int,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+    ) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.request_timeout_s = request_timeout_s
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.Server | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._date = (0, b"")
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), sock=sock)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None and self._server.sockets
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, let requests in progress finish for ``grace_s``, close the rest."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            busy = len(self.connections)
+            log.warning("closing %d connections still busy after %.1fs", busy, grace_s)
+        tasks = [conn.abort() for conn in list(self.connections)]
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def _added(self, conn: _Connection) -> None:
+        self.connections.add(conn)
+        self._idle.clear()
+
+    def _removed(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._idle.set()
+
+    def date(self) -> bytes:
+        """The Date header's value, formatted once a second."""
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True).encode())
+        return self._date[1]
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses requests and serves them one at a time, in order."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.closing = False
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._queue: collections.deque[Request | Reply] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._discarding = False
+        self._upgrade = False
+        # The request being parsed.
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._in_head = False
+        self._head_bytes = 0
+        self._head_size = 0
+        self._abort: Reply | None = None
+        self._current: Request | None = None
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self.server._added(self)
+        self._arm(self.server.keepalive_timeout_s, self._idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._disarm()
+        self._writable.set()
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()  # the client left: stop working for it
+        self.server._removed(self)
+
+    def eof_received(self) -> bool:
+        # A client that half-closes is treated as gone (as uvicorn does): HTTP
+        # clients do not half-close to wait for an answer, and a stream whose
+        # reader left must stop rather than run on for nobody.
+        return False
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding or self._upgrade:
+            return
+        if self._current is None:  # between requests, or in a head
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # No protocol switch is served yet: answer the request, then close.
+            self._upgrade = True
+        except httptools.HttpParserError as exc:
+            self._reject(self._error(400, f"malformed HTTP request: {exc}"))
+            return
+        if self._abort is not None:
+            self._reject(self._abort)
+            return
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._reject(self._error(431, f"request head over {MAX_HEAD_BYTES} bytes"))
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+        self._in_head = True
+        self._head_size = 0
+        self._current = None
+        self._arm(self.server.request_timeout_s, self._request_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        old = self._headers.get(key)
+        self._headers[key] = text if old is None else f"{old}, {text}"
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        if self._head_size > MAX_HEAD_BYTES:
+            self._stop_parsing(self._error(431, f"request head over {MAX_HEAD_BYTES} bytes"))
+            return
+        url = httptools.parse_url(self._url)
+        request = Request(
+            method=self._parser.get_method().decode("latin-1"),
+            path=url.path.decode("latin-1"),
+            query=(url.query or b"").decode("latin-1"),
+            headers=self._headers,
+            keep_alive=bool(self._parser.should_keep_alive()),
+        )
+        self._current = request
+        length = request.header("content-length")
+        if length is not None and length.isdigit() and int(length) > self.server.max_body:
+            self._stop_parsing(self._too_large(request.path))
+            return
+        early = self.server.app.precheck(request)
+        if early is not None:
+            self._stop_parsing(early)
+            return
+        if (request.header("expect") or "").lower() == "100-continue":
+            self.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        if self._abort is not None:
+            return
+        self._body_size += len(body)
+        if self._body_size > self.server.max_body:
+            assert self._current is not None
+            self._stop_parsing(self._too_large(self._current.path))
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._abort is not None:
+            return
+        request = self._current
+        assert request is not None
+        self._current = None
+        request.body = b"".join(self._body)
+        self._body = []
+        self._disarm()
+        self._queue.append(request)
+        if self._task is None:
+            self._next()
+        elif len(self._queue) >= MAX_PIPELINED and not self._paused and self._transport:
+            self._paused = True
+            self._transport.pause_reading()
+
+    # Serving
+
+    def _next(self) -> None:
+        item = self._queue.popleft()
+        if isinstance(item, Reply):
+            self._reply_and_close(item)
+            return
+        self._task = self._loop.create_task(self._serve(item))
+
+    async def _serve(self, request: Request) -> None:
+        response = Response(self, request)
+        try:
+            await self.server.app.handle(request, response)
+        except asyncio.CancelledError:
+            raise
+        except ConnectionError:
+            response.keep_alive = False  # the client went away mid-stream
+        except Exception:
+            # A bug in one handler must not take the connection loop down with it.
+            log.exception("unhandled error answering %s %s", request.method, request.path)
+            if not response.started:
+                response.send_reply(self._error(500, "internal error", request.path))
+            else:
+                response.keep_alive = False
+        if not response.finished:
+            if response.started:
+                response.keep_alive = False  # a stream cut short: only a close tells the client
+            else:
+                response.send_reply(self._error(500, "no response", request.path))
+        self._task = None
+        self._served(response.keep_alive and not self._upgrade)
+
+    def _served(self, keep_alive: bool) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        if not keep_alive:
+            self.closing = True
+            self._transport.close()
+            return
+        if self._paused and len(self._queue) < MAX_PIPELINED:
+            self._paused = False
+            self._transport.resume_reading()
+        if self._queue:
+            self._next()
+        elif self.closing:
+            self._transport.close()
+        elif not self._reading():
+            self._arm(self.server.keepalive_timeout_s, self._idle_timeout)
+
+    def _stop_parsing(self, reply: Reply) -> None:
+        """Refuse the request being parsed; ``data_received`` answers once the feed returns."""
+        if self._abort is None:
+            self._abort = reply
+
+    def _reject(self, reply: Reply) -> None:
+        """Answer an unreadable or refused request early, then close after lingering."""
+        self._discarding = True
+        self._disarm()
+        if self._task is not None:
+            self._queue.append(reply)  # after the response in progress
+        else:
+            self._reply_and_close(reply)
+
+    def _reply_and_close(self, reply: Reply) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        self.closing = True
+        self._discarding = True
+        response = Response(self, Request("GET", "", "", {}, keep_alive=False))
+        response.send_reply(reply)
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(LINGER_S, transport.close)
+
+    def _error(self, status: int, message: str, path: str | None = None) -> Reply:
+        if path is None:
+            path = self._current.path if self._current is not None else ""
+        return self.server.app.error_reply(path, status, message)
+
+    def _too_large(self, path: str) -> Reply:
+        return self._error(413, f"request body over {self.server.max_body} bytes", path)
+
+    def _reading(self) -> bool:
+        """A request is partly read (its head, or its body)."""
+        return self._in_head or self._current is not None
+
+    # Transport helpers
+
+    # exchange.Wire
+
+    def date(self) -> bytes:
+        return self.server.date()
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        if not self._writable.is_set():
+            await self._writable.wait()
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self._loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_timeout(self) -> None:
+        if self._task is None and not self._queue and self._transport is not None:
+            self.closing = True
+            self._transport.close()
+
+    def _request_timeout(self) -> None:
+        limit = self.server.request_timeout_s
+        self._reject(self._error(408, f"request not received within {limit:g}s"))
+
+    def shutdown(self) -> None:
+        """Finish the response in progress, if any, then close."""
+        self.closing = True
+        if self._task is None and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> asyncio.Task[None] | None:
+        """Drop the connection now; returns the handler task it cancels, to await."""
+        if self._transport is not None:
+            self._transport.abort()
+        return self._task

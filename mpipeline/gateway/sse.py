@@ -1,0 +1,166 @@
+"""Server-sent events: a pipeline stream turned into ``text/event-stream`` over time.
+
+The status line is held back until the request's first event (or the first
+keep-alive interval) so that a request refused at once (shed, invalid,
+shutting down) still gets a real HTTP status; after that, errors travel as an
+event. While the model has not produced a token, a comment line is sent every
+``keepalive_s`` so proxies and clients do not time the connection out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Protocol, TypedDict, TypeVar
+
+from mpipeline.errors import RequestFailed
+from mpipeline.gateway.exchange import Response
+from mpipeline.messages import Completed, Priority, TokenChunk
+from mpipeline.pipeline import Pipeline
+
+T = TypeVar("T")
+
+CONTENT_TYPE = "text/event-stream; charset=utf-8"
+HEADERS = (
+    ("cache-control", "no-cache"),
+    # nginx buffers responses unless told not to; a buffered stream is no stream.
+    ("x-accel-buffering", "no"),
+)
+KEEPALIVE = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+
+Event = TokenChunk | Completed
+
+
+class Options(TypedDict):
+    """What a route passes to ``Pipeline.submit_nowait`` besides the input text."""
+
+    session_id: str | None
+    metadata: dict[str, str] | None
+    priority: Priority
+    deadline_ms: float | None
+    max_tokens: int | None
+
+
+class Renderer(Protocol):
+    """Turns pipeline events into SSE bytes for one route's format."""
+
+    def opening(self) -> bytes: ...
+
+    def render(self, event: Event) -> bytes: ...
+
+    def failure(self, exc: RequestFailed) -> bytes: ...
+
+
+def event(data: bytes, name: str | None = None) -> bytes:
+    """One SSE event; ``data`` is single-line JSON (msgspec never writes a newline)."""
+    head = b"event: %b\n" % name.encode() if name else b""
+    return head + b"data: " + data + b"\n\n"
+
+
+async def with_keepalive(
+    source: AsyncGenerator[T, None], interval: float
+) -> AsyncGenerator[T | None, None]:
+    """Items of ``source``, and None whenever ``interval`` passes without one.
+
+    The pending ``anext`` is awaited through ``asyncio.wait``, never cancelled by
+    a timeout: cancelling it would end ``source`` in the middle of a stream.
+    ``source`` is closed when this generator is.
+    """
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait((pending,), timeout=interval)
+            if not done:
+                yield None
+                continue
+            finished, pending = pending, None
+            try:
+                item = finished.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait((pending,))
+            if not pending.cancelled():
+                pending.exception()  # retrieved: a late failure is not "never retrieved"
+        await source.aclose()
+
+
+async def pipeline_events(
+    pipeline: Pipeline,
+    text: str,
+    *,
+    session_id: str | None,
+    metadata: dict[str, str] | None,
+    priority: Priority,
+    deadline_ms: float | None,
+    max_tokens: int | None,
+) -> AsyncGenerator[Event, None]:
+    """The request's chunks, then its ``Completed`` (``Pipeline.stream_events``).
+
+    :raises RequestFailed: as ``Pipeline.stream``, possibly after some chunks
+    """
+    async for event in pipeline.stream_events(
+        text,
+        session_id=session_id,
+        metadata=metadata,
+        priority=priority,
+        deadline_ms=deadline_ms,
+        max_tokens=max_tokens,
+    ):
+        yield event
+
+
+async def shielded(future: asyncio.Future[Completed]) -> Completed:
+    """Await a pipeline result without cancelling it if the client leaves.
+
+    Awaiting the future directly would cancel it with the handler, and the
+    client's receive loop cannot deliver into a cancelled future.
+    """
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_retrieve)
+        raise
+
+
+def _retrieve(future: asyncio.Future[Completed]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def respond(
+    response: Response,
+    events: AsyncGenerator[Event, None],
+    renderer: Renderer,
+    keepalive_s: float,
+) -> None:
+    """Send ``events`` as an SSE response.
+
+    :raises RequestFailed: if the request fails before its first event; nothing
+        has been sent then, so the caller answers with an HTTP error status
+    """
+    ticks = with_keepalive(events, keepalive_s)
+    try:
+        item = await anext(ticks)
+        response.start_stream(200, HEADERS, CONTENT_TYPE)
+        await response.write(renderer.opening())
+        while True:
+            await response.write(KEEPALIVE if item is None else renderer.render(item))
+            if isinstance(item, Completed):
+                break
+            try:
+                item = await anext(ticks)
+            except RequestFailed as exc:
+                await response.write(renderer.failure(exc))
+                break
+            except StopAsyncIteration:
+                break
+        await response.end()
+    finally:
+        await ticks.aclose()
