@@ -49,7 +49,8 @@ _WATCH_S = 0.02
 # Requests per ring record: amortizes the ring and codec per call while
 # keeping records far below max_record for ordinary prompts.
 _PER_RECORD = 64
-# Room left in a record for everything in a request but its input text.
+# Room left in a record for everything in a request but its input text (at
+# most a quarter of the record, so small rings still take short prompts).
 _ENVELOPE_BYTES = 4096
 _IDLE_WAIT_S = 0.25
 
@@ -275,7 +276,8 @@ class Pipeline:
                     f"the pipeline is {self._ctl.state.name.lower()}",
                 )
             )
-        limit = self._ingress[0].max_record - _ENVELOPE_BYTES
+        max_record = self._ingress[0].max_record
+        limit = max_record - min(_ENVELOPE_BYTES, max_record // 4)
         if len(text) * 4 > limit and len(text.encode()) > limit:
             raise RequestFailed(
                 self._failed(
