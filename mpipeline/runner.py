@@ -147,6 +147,7 @@ class StageRunner:
         self._timed_out: set[asyncio.Task[None]] = set()
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
+        self._idle: set[asyncio.Task[Any]] = set()
         self._capacity_free = asyncio.Event()
         self._capacity_free.set()
         self._max_inflight = stage.max_concurrency if isinstance(stage, AsyncStage) else 0
@@ -183,6 +184,9 @@ class StageRunner:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
             self._stopping = True
+            for pump in pumps:
+                if pump in self._idle:
+                    pump.cancel()  # parked on its doorbell: stop now, not at the next tick
             await asyncio.gather(*pumps)
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
@@ -232,10 +236,19 @@ class StageRunner:
             if not views:
                 if self._has_pending():
                     await self._flush()
+                task = asyncio.current_task()
+                assert task is not None
+                self._idle.add(task)
                 try:
                     views = [await ring.get(timeout=_IDLE_WAIT_S)]
                 except RingEmpty:
                     continue
+                except asyncio.CancelledError:
+                    if self._stopping:
+                        return  # stopped while idle: nothing was taken from the ring
+                    raise
+                finally:
+                    self._idle.discard(task)
             if self._max_inflight and self.inflight >= self._max_inflight:
                 self._capacity_free.clear()
                 await self._capacity_free.wait()

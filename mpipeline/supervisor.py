@@ -327,12 +327,8 @@ class Supervisor:
             delay = min(
                 self.sup.backoff_initial_s * 2 ** (len(rep.restarts) - 1), self.sup.backoff_max_s
             )
-            log.warning(
-                "replica %s died (%s); restarting in %.2fs",
-                rep.spec.name,
-                _describe_exit(code),
-                delay,
-            )
+            why = "killed for missing heartbeats" if rep.killed else _describe_exit(code)
+            log.warning("replica %s died (%s); restarting in %.2fs", rep.spec.name, why, delay)
             rep.restart_at = now + delay
 
     def _restart_due(self) -> None:
