@@ -183,7 +183,7 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=int,
         default=None,
         metavar="N",
-        help="requests in flight at full speed (default 2048)",
+        help="requests in flight at full speed (default 512 per rag replica)",
     )
     bench.add_argument(
         "--shared-cores",
