@@ -35,6 +35,9 @@ RING_MIN_BYTES = 4096
 RING_MAX_BYTES = GIB
 # Ring positions are 8-byte aligned single stores (RELIABILITY 2.5).
 RING_ALIGN = 8
+# Error rings (every replica but the last stage's, to every client) carry only
+# Failed messages: small and rarely busy.
+ERROR_RING_BYTES = 256 * 1024
 # /dev/shm must hold this multiple of the rings: headers, alignment, other tenants.
 SHM_HEADROOM = 1.2
 SHM_DIR = "/dev/shm"
@@ -206,7 +209,8 @@ def warnings(cfg: PipelineConfig) -> list[str]:
     shared = [f"{c} ({', '.join(n)})" for c, n in sorted(users.items()) if len(n) > 1]
     if wanted > len(available):
         out.append(
-            f"{len(plan)} replicas want {wanted} cores but only {len(available)} are "
+            f"{len(plan)} pinned processes (stage replicas and the gateway/client) want "
+            f"{wanted} cores but only {len(available)} are "
             f"available ({_ranges(available)}): they will share cores"
         )
     elif shared:
@@ -248,7 +252,8 @@ def active_stages(cfg: PipelineConfig) -> list[tuple[str, StageConfig]]:
 
 
 def ring_bytes(cfg: PipelineConfig) -> dict[str, int]:
-    """Bytes of ring memory per consuming stage ("gateway" for the return rings).
+    """Bytes of ring memory per consuming stage ("gateway" for the return rings,
+    "errors" for the error rings).
 
     One ring per (producer replica, consumer replica) pair, sized by the consumer.
     The gateway side counts one extra replica: the in-process Python API client.
@@ -260,6 +265,9 @@ def ring_bytes(cfg: PipelineConfig) -> dict[str, int]:
         out[name] = producers * stage.replicas * stage.ring_capacity
         producers = stage.replicas
     out["gateway"] = producers * gateway * cfg.gateway.ring_capacity
+    # Error rings: every replica but the last stage's has one to every client.
+    senders = sum(stage.replicas for _, stage in active_stages(cfg)[:-1])
+    out["errors"] = senders * gateway * ERROR_RING_BYTES
     return out
 
 

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpipeline.config import PipelineConfig, active_stages, pinning
+from mpipeline.config import ERROR_RING_BYTES, PipelineConfig, active_stages, pinning
 
-# Error rings carry only Failed messages: small and rarely busy.
-ERROR_RING_BYTES = 256 * 1024
 CLIENT = "client"
 
 

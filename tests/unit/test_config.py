@@ -453,7 +453,8 @@ def test_oversubscription_warns() -> None:
     cfg = PipelineConfig(stages=config.StagesConfig(inference=config.InferenceConfig(replicas=4)))
     [warning] = config.warnings(cfg)
     assert (
-        warning == "9 replicas want 9 cores but only 4 are available (0-3): they will share cores"
+        warning == "9 pinned processes (stage replicas and the gateway/client) want 9 cores "
+        "but only 4 are available (0-3): they will share cores"
     )
 
 
@@ -572,8 +573,10 @@ def test_ring_bytes_default() -> None:
         "post": 2 * MIB,
         "stream": 1 * MIB,
         "gateway": 8 * MIB,
+        # rag, assemble, 2 shards and post each have an error ring to both clients.
+        "errors": 5 * 2 * config.ERROR_RING_BYTES,
     }
-    assert config.ring_bytes_total(PipelineConfig()) == 16 * MIB
+    assert config.ring_bytes_total(PipelineConfig()) == 16 * MIB + 10 * config.ERROR_RING_BYTES
 
 
 def test_ring_bytes_use_the_consumers_capacity_and_skip_disabled_rag() -> None:
@@ -592,6 +595,7 @@ def test_ring_bytes_use_the_consumers_capacity_and_skip_disabled_rag() -> None:
         "post": 3 * 1 * MIB,
         "stream": 1 * 2 * MIB,
         "gateway": 2 * 3 * 8192,
+        "errors": (2 + 3 + 1) * 3 * config.ERROR_RING_BYTES,
     }
 
 
