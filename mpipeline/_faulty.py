@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from mpipeline.faults import Faults
-from mpipeline.messages import Message, PromptRequest
-from mpipeline.runner import _request_of
+from mpipeline.messages import Message, PromptRequest, request_of
 from mpipeline.stages.base import AsyncStage, Stage
 
 
@@ -18,7 +17,7 @@ def _check(faults: Faults, seen: int, msg: Message) -> None:
         os._exit(70)
     if faults.hang_after is not None and seen > faults.hang_after:
         time.sleep(3600)  # block the event loop: alive but hung
-    req = _request_of(msg)
+    req = request_of(msg)
     if faults.raise_on and isinstance(req, PromptRequest) and faults.raise_on in req.input:
         raise RuntimeError("injected raise_on fault")
 

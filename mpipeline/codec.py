@@ -23,7 +23,7 @@ msgspec's "2x", since most of a request's decode time goes into its strings and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Generic, TypeVar, get_args, overload
 
 import msgspec
@@ -122,6 +122,39 @@ class Codec(Generic[T]):
             head = octets[:ERROR_PREVIEW_BYTES].hex(" ")
         more = " ..." if size > ERROR_PREVIEW_BYTES else ""
         return DecodeError(f"bad {self._name} record of {size} bytes ({head}{more}): {why}")
+
+
+# Messages per ring record: enough to amortize ring and codec calls, few
+# enough that a record of ordinary prompts stays far below max_record.
+PER_RECORD = 64
+
+M = TypeVar("M")
+
+
+def pack_records(
+    encode: Callable[[list[M]], bytes], msgs: list[M], max_record: int
+) -> tuple[list[tuple[bytes, list[M]]], list[M]]:
+    """Encode ``msgs`` once into records of at most ``PER_RECORD`` messages.
+
+    A group that comes out over ``max_record`` is re-encoded one message per
+    record. Returns the records, each with the messages it holds, and the
+    messages too large for any record (the caller answers those).
+    """
+    records: list[tuple[bytes, list[M]]] = []
+    too_large: list[M] = []
+    for k in range(0, len(msgs), PER_RECORD):
+        part = msgs[k : k + PER_RECORD]
+        record = encode(part)
+        if len(record) <= max_record:
+            records.append((record, part))
+            continue
+        for msg in part:
+            one = encode([msg])
+            if len(one) <= max_record:
+                records.append((one, [msg]))
+            else:
+                too_large.append(msg)
+    return records, too_large
 
 
 def _nbytes(buf: bytes | bytearray | memoryview) -> int:

@@ -189,6 +189,15 @@ EDGE_TYPES: Final[Mapping[str, Any]] = MappingProxyType(
 )
 
 
+def request_of(msg: Message) -> PromptRequest | None:
+    """The request a message carries whole (request, retrieved, assembled), else None."""
+    if isinstance(msg, PromptRequest):
+        return msg
+    if isinstance(msg, Retrieved | Assembled):
+        return msg.request
+    return None
+
+
 def reply_info(msg: Message) -> tuple[str, str | None, int]:
     """Return ``(request_id, session_id, reply_to)`` of any message.
 
@@ -196,10 +205,9 @@ def reply_info(msg: Message) -> tuple[str, str | None, int]:
     """
     if isinstance(msg, Reply):
         return msg.request_id, msg.session_id, msg.reply_to
-    if isinstance(msg, Retrieved | Assembled):
-        msg = msg.request
-    if isinstance(msg, PromptRequest):
-        return msg.request_id, msg.session_id, msg.reply_to
+    req = request_of(msg)
+    if req is not None:
+        return req.request_id, req.session_id, req.reply_to
     raise TypeError(f"no reply info in {type(msg).__name__}")
 
 

@@ -32,7 +32,7 @@ from typing import Any, Self
 
 import msgspec
 
-from mpipeline.codec import Codec
+from mpipeline.codec import Codec, pack_records
 from mpipeline.config import PipelineConfig, dump_toml, load, resolve_run_dir
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty, RingFull
 from mpipeline.heartbeat import R_STATE, ControlBlock, ReplicaState, RunState
@@ -46,9 +46,6 @@ from mpipeline.topology import ClientSpec
 # pipeline's own, more specific, expiry error normally arrives first.
 DEADLINE_GRACE_S = 0.25
 _WATCH_S = 0.02
-# Requests per ring record: amortizes the ring and codec per call while
-# keeping records far below max_record for ordinary prompts.
-_PER_RECORD = 64
 # Room left in a record for everything in a request but its input text (at
 # most a quarter of the record, so small rings still take short prompts).
 _ENVELOPE_BYTES = 4096
@@ -459,17 +456,9 @@ class Pipeline:
     def _records_with_parts(
         self, batch: list[PromptRequest]
     ) -> list[tuple[bytes, list[PromptRequest]]]:
-        encode = self._encoder.encode
-        limit = self._ingress[0].max_record
-        out: list[tuple[bytes, list[PromptRequest]]] = []
-        for k in range(0, len(batch), _PER_RECORD):
-            part = batch[k : k + _PER_RECORD]
-            record = encode(part)
-            if len(record) <= limit:
-                out.append((record, part))
-            else:
-                out.extend((encode([req]), [req]) for req in part)
-        return out
+        # _new_request already refused inputs too large for a record.
+        records, _ = pack_records(self._encoder.encode, batch, self._ingress[0].max_record)
+        return records
 
     async def _flush_slow(self) -> None:
         """The first stage's ring is full: wait (block) up to each batch's deadline."""

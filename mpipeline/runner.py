@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from mpipeline.codec import Codec
+from mpipeline.codec import Codec, pack_records
 from mpipeline.config import PipelineConfig
 from mpipeline.errors import (
     DecodeError,
@@ -39,13 +39,12 @@ from mpipeline.errors import (
 from mpipeline.heartbeat import ControlBlock, RunState
 from mpipeline.messages import (
     EDGE_TYPES,
-    Assembled,
     Completed,
     Failed,
     Message,
     PromptRequest,
-    Retrieved,
     failed_from,
+    request_of,
 )
 from mpipeline.ring import Ring
 from mpipeline.routing import message_key, shard_for
@@ -61,9 +60,6 @@ _SWEEP_S = 0.05
 # A Failed that cannot reach its client within this is logged and dropped:
 # the client's own deadline answers the caller.
 _ERROR_PUT_TIMEOUT_S = 1.0
-# Messages per ring record: enough to amortize ring and codec calls, small
-# enough that a record stays far below max_record and is encoded only once.
-_PER_RECORD = 64
 
 
 class _Suspend:
@@ -93,14 +89,6 @@ async def _drive(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
             yielded = coro.send(sent)
         except StopIteration:
             return
-
-
-def _request_of(msg: Message) -> PromptRequest | None:
-    if isinstance(msg, PromptRequest):
-        return msg
-    if isinstance(msg, Retrieved | Assembled):
-        return msg.request
-    return None
 
 
 class StageRunner:
@@ -277,7 +265,7 @@ class StageRunner:
         if type(msg) is Failed:
             self._emit(msg)
             return False
-        req = _request_of(msg)
+        req = request_of(msg)
         if req is not None:
             if req.deadline_ns and now > req.deadline_ns:
                 self.expired += 1
@@ -306,7 +294,7 @@ class StageRunner:
     def _dispatch_async(self, msg: Message, now: int) -> None:
         if not self._admit(msg, now):
             return
-        req = _request_of(msg)
+        req = request_of(msg)
         deadline = now + self.timeout_ns
         if req is not None and req.deadline_ns:
             deadline = min(deadline, req.deadline_ns)
@@ -432,23 +420,11 @@ class StageRunner:
                 await self._write(ring, record, msgs, shed=shed, errors=errors)
 
     def _records(self, ring: Ring, msgs: list[Message]) -> list[tuple[bytes, list[Message]]]:
-        """Encode ``msgs`` once, at most ``_PER_RECORD`` to a record, each under max_record."""
-        encode = self.encoder.encode
-        out: list[tuple[bytes, list[Message]]] = []
-        for k in range(0, len(msgs), _PER_RECORD):
-            part = msgs[k : k + _PER_RECORD]
-            record = encode(part)
-            if len(record) <= ring.max_record:
-                out.append((record, part))
-                continue
-            for msg in part:  # rare: huge messages, one per record
-                one = encode([msg])
-                if len(one) <= ring.max_record:
-                    out.append((one, [msg]))
-                else:
-                    reason = f"message of {len(one)} bytes exceeds ring {ring.name}'s max record"
-                    self._emit(failed_from(msg, ErrorCode.INVALID_REQUEST, reason, self.name))
-        return out
+        records, too_large = pack_records(self.encoder.encode, msgs, ring.max_record)
+        for msg in too_large:
+            reason = f"message exceeds ring {ring.name}'s max record of {ring.max_record} bytes"
+            self._emit(failed_from(msg, ErrorCode.TOO_LARGE, reason, self.name))
+        return records
 
     async def _write(
         self, ring: Ring, record: bytes, msgs: list[Message], *, shed: bool, errors: bool
@@ -487,7 +463,7 @@ class StageRunner:
         now = time.monotonic_ns()
         best = self.block_timeout_s
         for msg in msgs:
-            req = _request_of(msg)
+            req = request_of(msg)
             if req is not None and req.deadline_ns:
                 best = min(best, (req.deadline_ns - now) / 1e9)
         return max(best, 0.0)

@@ -306,3 +306,21 @@ def test_view_can_be_released_after_decode_error() -> None:
     with pytest.raises(DecodeError):
         post_codec().decode_many(view)
     view.release()
+
+
+def test_pack_records_groups_splits_oversize_groups_and_reports_huge_messages() -> None:
+    from mpipeline.codec import PER_RECORD, pack_records
+
+    encoder = msgspec.msgpack.Encoder()
+    small = [f"m{i}" for i in range(PER_RECORD + 3)]
+    records, too_large = pack_records(encoder.encode, small, 1 << 20)
+    assert [len(part) for _, part in records] == [PER_RECORD, 3]
+    assert [msgspec.msgpack.decode(r) for r, _ in records] == [small[:PER_RECORD], small[-3:]]
+    assert too_large == []
+    # A group over the limit is re-encoded one message per record; a message that
+    # fits no record comes back to the caller instead of being dropped.
+    mixed = ["a" * 40, "b" * 40, "c" * 200]
+    records, too_large = pack_records(encoder.encode, mixed, 100)
+    assert [part for _, part in records] == [["a" * 40], ["b" * 40]]
+    assert all(len(r) <= 100 for r, _ in records)
+    assert too_large == ["c" * 200]
