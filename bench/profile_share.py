@@ -1,0 +1,118 @@
+"""Where a replica's CPU goes under full load: transport, codec, runner, stage work, loop.
+
+Starts the pipeline from ``config/pipeline.toml``, keeps requests in flight at
+full speed through the Python API, samples every replica with ``py-spy
+record --format raw`` at the same time, and files each sample under the
+innermost frame that belongs to one of the buckets below. Usage:
+``python -m bench.profile_share [--seconds S] [--window N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+from mpipeline.heartbeat import R_PID
+from mpipeline.pipeline import Pipeline
+
+BUCKETS = (
+    "transport (ring, doorbell)",
+    "codec (msgspec)",
+    "stage work",
+    "runner bookkeeping",
+    "event loop and the rest",
+)
+
+
+def bucket(stack: str) -> str:
+    """The bucket of a sample: its innermost frame that belongs to one."""
+    for frame in reversed(stack.split(";")):
+        if "ring.py" in frame or "_doorbell.py" in frame or "_shm.py" in frame:
+            return BUCKETS[0]
+        if "codec.py" in frame:
+            return BUCKETS[1]
+        if any(part in frame for part in ("/stages/", "/workers/", "routing.py", "retrieval")):
+            return BUCKETS[2]
+        if "runner.py" in frame:
+            return BUCKETS[3]
+    return BUCKETS[4]
+
+
+async def drive(seconds: float, window: int, out: Path) -> list[str]:
+    pyspy = str(Path(sys.executable).with_name("py-spy"))
+    async with Pipeline("config/pipeline.toml", run_dir=out / "run") as p:
+        ctl = p._ctl
+        assert ctl is not None
+        pids = {f"{st}-{i}": ctl.get(slot, R_PID) for (st, i), slot in p._replica_slots.items()}
+        loop = asyncio.get_running_loop()
+        stop = time.monotonic() + seconds + 2
+        finished: asyncio.Future[None] = loop.create_future()
+        sent = 0
+
+        def submit() -> None:
+            nonlocal sent
+            if time.monotonic() > stop:
+                if not finished.done():
+                    finished.set_result(None)
+                return
+            future = p.submit_nowait(f"req {sent} " + "x" * 500)
+            sent += 1
+            future.add_done_callback(lambda _: submit())
+
+        for _ in range(window):
+            submit()
+        await asyncio.sleep(1)  # warm up before sampling
+        # Popen returns once each sampler exists; they all sample the same window.
+        samplers = [
+            subprocess.Popen(  # noqa: ASYNC220
+                [pyspy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250"]
+                + ["-f", "raw", "--nonblocking", "-o", str(out / f"{name}.txt")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for name, pid in pids.items()
+        ]
+        await loop.run_in_executor(None, lambda: [s.wait() for s in samplers])
+        await finished
+    return list(pids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--window", type=int, default=512, help="requests in flight")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        names = uvloop.run(drive(args.seconds, args.window, out))
+        rows: dict[str, collections.Counter[str]] = {}
+        for name in names:
+            counts: collections.Counter[str] = collections.Counter()
+            path = out / f"{name}.txt"
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    stack, _, n = line.rpartition(" ")
+                    counts[bucket(stack)] += int(n)
+            rows[name] = counts
+    rows["all"] = sum(rows.values(), collections.Counter())
+    width = max(map(len, BUCKETS))
+    print(f"{'replica':12s}" + "".join(f"  {b:>{width}s}" for b in BUCKETS))
+    for name, counts in rows.items():
+        total = sum(counts.values()) or 1
+        cells = "".join(f"  {100 * counts[b] / total:>{width - 1}.0f}%" for b in BUCKETS)
+        print(f"{name:12s}{cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
