@@ -40,7 +40,7 @@ from mpipeline.messages import Completed, Failed, Priority, PromptRequest, ToGat
 from mpipeline.ring import Ring
 from mpipeline.routing import request_key, shard_for
 from mpipeline.supervisor import LOCK_FILE, STATE_FILE
-from mpipeline.topology import ClientSpec
+from mpipeline.topology import ClientSpec, edge_label
 
 # The client answers a request itself this long after its deadline, so the
 # pipeline's own, more specific, expiry error normally arrives first.
@@ -474,7 +474,7 @@ class Pipeline:
                     try:
                         await ring.put(record, timeout=timeout)
                     except RingFull:
-                        edge = ring.name.split("-", 2)[-1]
+                        edge = edge_label(ring.name)
                         for req in part:
                             self._resolve_failed(
                                 self._failed(

@@ -49,7 +49,7 @@ from mpipeline.messages import (
 from mpipeline.ring import Ring
 from mpipeline.routing import message_key, shard_for
 from mpipeline.stages.base import AsyncStage, BaseStage, Stage
-from mpipeline.topology import ReplicaSpec
+from mpipeline.topology import ReplicaSpec, edge_label
 
 log = logging.getLogger(__name__)
 
@@ -260,12 +260,15 @@ class StageRunner:
             # Let the other pumps, the beat timer and the flush task run between batches.
             await asyncio.sleep(0)
 
-    def _admit(self, msg: Message, now: int) -> bool:
-        """Deadline check and stamping; False when the message was answered here."""
+    def _admit(self, msg: Message, req: PromptRequest | None, now: int) -> bool:
+        """Deadline check and stamping; False when the message was answered here.
+
+        ``req`` is ``request_of(msg)``, passed in so that callers which need it too
+        unwrap it once.
+        """
         if type(msg) is Failed:
             self._emit(msg)
             return False
-        req = request_of(msg)
         if req is not None:
             if req.deadline_ns and now > req.deadline_ns:
                 self.expired += 1
@@ -278,7 +281,7 @@ class StageRunner:
         return True
 
     def _dispatch(self, msg: Message, now: int) -> None:
-        if not self._admit(msg, now):
+        if not self._admit(msg, request_of(msg), now):
             return
         stage = self.stage
         assert isinstance(stage, Stage)
@@ -292,12 +295,9 @@ class StageRunner:
         self.processed += 1
 
     def _dispatch_async(self, msg: Message, now: int) -> None:
-        if not self._admit(msg, now):
-            return
         req = request_of(msg)
-        deadline = now + self.timeout_ns
-        if req is not None and req.deadline_ns:
-            deadline = min(deadline, req.deadline_ns)
+        if not self._admit(msg, req, now):
+            return
         prev = None
         session = req.session_id if req is not None else None
         if session:
@@ -311,6 +311,10 @@ class StageRunner:
             return
         finally:
             self._eager = False
+        # It suspended: it becomes a task, with a deadline for the sweeper.
+        deadline = now + self.timeout_ns
+        if req is not None and req.deadline_ns:
+            deadline = min(deadline, req.deadline_ns)
         task = asyncio.get_running_loop().create_task(_drive(coro, yielded))
         self._tasks[task] = deadline
         task.add_done_callback(self._task_done)
@@ -433,7 +437,7 @@ class StageRunner:
             return
         if shed:
             self.shed_count += len(msgs)
-            edge = ring.name.split("-", 2)[-1]
+            edge = edge_label(ring.name)
             for msg in msgs:
                 self._emit(failed_from(msg, ErrorCode.RING_FULL, f"ring_full:{edge}", self.name))
             return

@@ -80,6 +80,11 @@ def ring_name(run_id: str, producer: str, consumer: str) -> str:
     return f"mpl-{run_id}-{producer}-{consumer}"
 
 
+def edge_label(name: str) -> str:
+    """``"producer-consumer"`` of a ring made by ``ring_name`` (run ids hold no '-')."""
+    return name.split("-", 2)[-1]
+
+
 def build(cfg: PipelineConfig, run_id: str, cpus: list[int] | None = None) -> Topology:
     """Lay out every edge and replica for ``cfg``; ``run_id`` namespaces the segments."""
     n_clients = cfg.gateway.replicas + 1

@@ -190,3 +190,9 @@ def test_run_id_namespaces_every_segment() -> None:
     b = {e.name for e in topology.build(cfg, "bbbb", CPUS).edges}
     assert not a & b
     assert {n.replace("aaaa", "bbbb", 1) for n in a} == b
+
+
+def test_edge_label_inverts_ring_name() -> None:
+    assert topology.edge_label(topology.ring_name("ab12cd34", "rag0", "assemble1")) == (
+        "rag0-assemble1"
+    )
