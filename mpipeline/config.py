@@ -88,8 +88,12 @@ class PinnedConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True
 class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """HTTP ingress and egress."""
 
+    replicas: Annotated[int, _GE0, _doc("Gateway processes; 0: no HTTP, library only.")] = 1
     host: Annotated[str, _doc("Listen address (IP or hostname).")] = "127.0.0.1"
-    port: Annotated[int, _PORT, _doc("Listen port.")] = 8080
+    port: Annotated[int, Meta(ge=0, le=65535), _doc("Listen port; 0: any free one.")] = 8080
+    api_clients: Annotated[
+        int, _GE1, _doc("Client slots beside the gateways (Pipeline.attach, dlq replay).")
+    ] = 2
     ring_capacity: Annotated[int, _RING, _doc("Bytes of each return ring.")] = 4 * MIB
     auth_token_env: Annotated[str | None, _doc("NAME of the bearer-token env var.")] = None
     max_body_bytes: Annotated[int, _GE1, _doc("Largest request body.")] = MIB
@@ -256,9 +260,10 @@ def ring_bytes(cfg: PipelineConfig) -> dict[str, int]:
     "errors" for the error rings).
 
     One ring per (producer replica, consumer replica) pair, sized by the consumer.
-    The gateway side counts one extra replica: the in-process Python API client.
+    The gateway side counts every client slot: the gateway replicas and the
+    ``api_clients`` slots for Python clients and the CLI.
     """
-    gateway = cfg.gateway.replicas + 1
+    gateway = cfg.gateway.replicas + cfg.gateway.api_clients
     out = {}
     producers = gateway
     for name, stage in active_stages(cfg):

@@ -48,6 +48,11 @@ class ErrorCode(enum.StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     CIRCUIT_OPEN = "circuit_open"
     CANCELLED = "cancelled"
+    # The client went away before its result: its request was cancelled.
+    CLIENT_CANCELLED = "client_cancelled"
+    # A result reached a gateway slot whose earlier process (and client) is gone.
+    CLIENT_GONE = "client_gone"
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 
 

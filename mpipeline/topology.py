@@ -87,7 +87,7 @@ def edge_label(name: str) -> str:
 
 def build(cfg: PipelineConfig, run_id: str, cpus: list[int] | None = None) -> Topology:
     """Lay out every edge and replica for ``cfg``; ``run_id`` namespaces the segments."""
-    n_clients = cfg.gateway.replicas + 1
+    n_clients = cfg.gateway.replicas + cfg.gateway.api_clients
     stages = [(name, sc.replicas, sc.ring_capacity) for name, sc in active_stages(cfg)]
     plan = pinning(cfg, cpus)
     edges: list[EdgeSpec] = []

@@ -403,7 +403,7 @@ def test_every_error_is_reported_in_line_order(tmp_path: Path) -> None:
     text = """
     bogus = 1
     [gateway]
-    port = 0
+    port = 70000
     host = "no spaces allowed"
     [stages.rag]
     replicas = 0
