@@ -47,6 +47,10 @@ STATUS_FOR_CODE: dict[ErrorCode, int] = {
     ErrorCode.UPSTREAM_ERROR: 502,
     ErrorCode.CIRCUIT_OPEN: 503,
     ErrorCode.CANCELLED: 503,
+    # Nginx's "client closed request": only ever logged, the client is gone.
+    ErrorCode.CLIENT_CANCELLED: 499,
+    ErrorCode.CLIENT_GONE: 499,
+    ErrorCode.RATE_LIMITED: 429,
     ErrorCode.INTERNAL: 500,
 }
 # "Expected `str`, got `int` - at `$.messages[0].content`"

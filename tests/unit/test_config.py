@@ -564,19 +564,20 @@ def test_resolve_run_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_ring_bytes_default() -> None:
-    # gateway (1 + API client) -> rag: 2 rings; rag -> assemble: 1; assemble -> 2 shards: 2;
-    # 2 shards -> post: 2; post -> stream: 1, all 1 MiB; stream -> 2 gateway ends: 2 x 4 MiB.
+    # 3 clients (1 gateway + 2 API slots) -> rag: 3 rings; rag -> assemble: 1;
+    # assemble -> 2 shards: 2; 2 shards -> post: 2; post -> stream: 1, all 1 MiB;
+    # stream -> 3 client ends: 3 x 4 MiB.
     assert config.ring_bytes(PipelineConfig()) == {
-        "rag": 2 * MIB,
+        "rag": 3 * MIB,
         "assemble": 1 * MIB,
         "inference": 2 * MIB,
         "post": 2 * MIB,
         "stream": 1 * MIB,
-        "gateway": 8 * MIB,
-        # rag, assemble, 2 shards and post each have an error ring to both clients.
-        "errors": 5 * 2 * config.ERROR_RING_BYTES,
+        "gateway": 12 * MIB,
+        # rag, assemble, 2 shards and post each have an error ring to every client.
+        "errors": 5 * 3 * config.ERROR_RING_BYTES,
     }
-    assert config.ring_bytes_total(PipelineConfig()) == 16 * MIB + 10 * config.ERROR_RING_BYTES
+    assert config.ring_bytes_total(PipelineConfig()) == 21 * MIB + 15 * config.ERROR_RING_BYTES
 
 
 def test_ring_bytes_use_the_consumers_capacity_and_skip_disabled_rag() -> None:
@@ -590,12 +591,12 @@ def test_ring_bytes_use_the_consumers_capacity_and_skip_disabled_rag() -> None:
         ),
     )
     assert config.ring_bytes(cfg) == {
-        "assemble": 3 * 2 * 4096,
+        "assemble": 4 * 2 * 4096,
         "inference": 2 * 3 * 16384,
         "post": 3 * 1 * MIB,
         "stream": 1 * 2 * MIB,
-        "gateway": 2 * 3 * 8192,
-        "errors": (2 + 3 + 1) * 3 * config.ERROR_RING_BYTES,
+        "gateway": 2 * 4 * 8192,
+        "errors": (2 + 3 + 1) * 4 * config.ERROR_RING_BYTES,
     }
 
 

@@ -60,7 +60,7 @@ SHAPES = [
 def test_edge_count_follows_the_replica_counts(shape: dict[str, int]) -> None:
     cfg = _config(shape)
     topo = _build(cfg)
-    clients = cfg.gateway.replicas + 1
+    clients = cfg.gateway.replicas + cfg.gateway.api_clients
     counts = [n for _, n in topo.stages]
     pairs = sum(a * b for a, b in zip(counts, counts[1:], strict=False))
     expected = clients * counts[0] + pairs + counts[-1] * clients + sum(counts[:-1]) * clients
