@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 JSON = "application/json"
+# Nginx's 499 "client closed request" is not in http.HTTPStatus.
+_PHRASES = {s.value: s.phrase for s in http.HTTPStatus} | {499: "Client Closed Request"}
 
 
 @dataclass(slots=True)
@@ -78,7 +80,7 @@ class Response:
         self._chunked = False
 
     def _head(self, status: int, headers: Iterable[tuple[str, str]], content_type: str) -> bytes:
-        phrase = http.HTTPStatus(status).phrase
+        phrase = _PHRASES.get(status, "Unknown")
         lines = [f"HTTP/1.1 {status} {phrase}", f"content-type: {content_type}"]
         lines += [f"{k}: {v}" for k, v in headers]
         if not self.keep_alive or self._conn.closing:
