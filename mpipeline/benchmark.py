@@ -153,6 +153,8 @@ def config_for_cores(
         cfg,
         stages=msgspec.structs.replace(stages, **updates),
         metrics=msgspec.structs.replace(cfg.metrics, enabled=False),
+        # The bench client plays the gateway; `bench --http` adds a real one.
+        gateway=msgspec.structs.replace(cfg.gateway, replicas=0),
     )
 
 

@@ -10,9 +10,20 @@ disk can never stall a heartbeat (gunicorn#1305).
 Layout: u64 slots. Header (0-7): magic, kind, replicas, clients, state,
 supervisor pid, supervisor start ticks, started ns. Then 8 slots per replica
 (pid, generation, heartbeat ns, processed, in flight, state, last exit,
-restarts) and 8 per client (pid, start ticks, spare). Each replica slot has
-one writer at a time: the replica, except generation/last exit/restarts and
-pid which the supervisor writes while the replica is down.
+restarts) and 8 per client (pid, start ticks, cancel count, spare), then a
+cancel board of ``CANCEL_SLOTS`` u64 per client. Each replica slot has one
+writer at a time: the replica, except generation/last exit/restarts and pid
+which the supervisor writes while the replica is down.
+
+The cancel board is how a client that lost its caller (an HTTP client that
+hung up) stops work already inside the pipeline without a message that would
+queue behind the very backlog it wants to skip: the client stores the
+64-bit hash of the request id at ``hash % CANCEL_SLOTS`` of its own board and
+bumps its cancel count; a stage compares before it starts a request and
+between streamed chunks. A newer cancel may overwrite an older one in the
+same slot: cancelling is best effort (the client has already answered the
+caller), and a full 64-bit hash never cancels the wrong request by accident
+in practice.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ import enum
 import mmap
 import os
 import time
+
+import xxhash
 
 from mpipeline import _shm
 from mpipeline.errors import RingCorrupted
@@ -31,6 +44,9 @@ HEADER_SLOTS = 8
 SLOT_WIDTH = 8
 H_MAGIC, H_KIND, H_REPLICAS, H_CLIENTS, H_STATE, H_PID, H_START, H_STARTED = range(8)
 R_PID, R_GENERATION, R_HEARTBEAT, R_PROCESSED, R_INFLIGHT, R_STATE, R_EXIT, R_RESTARTS = range(8)
+C_PID, C_START, C_CANCELS = range(3)
+# Recent cancellations remembered per client.
+CANCEL_SLOTS = 1024
 
 
 class RunState(enum.IntEnum):
@@ -61,10 +77,11 @@ class ControlBlock:
         self._q = self._mv.cast("Q")
         self.n_replicas: int = self._q[H_REPLICAS]
         self.n_clients: int = self._q[H_CLIENTS]
+        self._boards = HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + self.n_clients)
 
     @classmethod
     def create(cls, name: str, n_replicas: int, n_clients: int) -> ControlBlock:
-        size = 8 * (HEADER_SLOTS + SLOT_WIDTH * (n_replicas + n_clients))
+        size = 8 * (HEADER_SLOTS + SLOT_WIDTH * (n_replicas + n_clients) + CANCEL_SLOTS * n_clients)
         fd, mem = _shm.create_segment(name, size)
         with memoryview(mem) as mv, mv.cast("Q") as q:
             q[H_KIND] = KIND_CONTROL
@@ -144,6 +161,39 @@ class ControlBlock:
 
     def client_put(self, client: int, field: int, value: int) -> None:
         self._q[HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + client) + field] = value
+
+    def client_get(self, client: int, field: int) -> int:
+        return int(self._q[HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + client) + field])
+
+    # Cancel board
+
+    def cancel(self, client: int, request_id: str) -> None:
+        """Ask every stage to drop ``request_id`` of ``client`` (best effort)."""
+        if not 0 <= client < self.n_clients:
+            raise IndexError(f"client slot {client} out of range({self.n_clients})")
+        h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
+        self._q[self._boards + CANCEL_SLOTS * client + h % CANCEL_SLOTS] = h
+        count = HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + client) + C_CANCELS
+        self._q[count] += 1
+
+    def cancels(self, client: int) -> int:
+        """How many cancels ``client`` ever posted: 0 lets a stage skip hashing."""
+        if not 0 <= client < self.n_clients:
+            return 0
+        return int(self._q[HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + client) + C_CANCELS])
+
+    def cancelled(self, client: int, request_id: str) -> bool:
+        """True when ``client`` cancelled ``request_id``; one hash and one load."""
+        if not 0 <= client < self.n_clients:
+            return False
+        h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
+        return bool(self._q[self._boards + CANCEL_SLOTS * client + h % CANCEL_SLOTS] == h)
+
+    def clear_cancels(self, client: int) -> None:
+        """A new process took the slot: forget its predecessor's board."""
+        start = self._boards + CANCEL_SLOTS * client
+        for i in range(start, start + CANCEL_SLOTS):
+            self._q[i] = 0
 
     def close(self) -> None:
         self._q.release()

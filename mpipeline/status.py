@@ -104,6 +104,7 @@ class Status:
     uptime_s: float
     replicas: list[ReplicaStatus]
     edges: list[EdgeStatus]
+    gateway_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +208,9 @@ def snapshot(run: Run) -> Status:
     ctl = run.control
     now = time.monotonic_ns()
     replicas = []
-    for spec in run.state["topology"]["replicas"]:
+    topo = run.state["topology"]
+    gateways = [{**g, "stage": "gateway"} for g in topo.get("gateways", ())]
+    for spec in [*gateways, *topo["replicas"]]:
         slot = spec["slot"]
         beat = ctl.get(slot, R_HEARTBEAT)
         replicas.append(
@@ -232,6 +235,7 @@ def snapshot(run: Run) -> Status:
         run_dir=str(run.run_dir),
         run_id=run.state["run_id"],
         config=run.state.get("config", ""),
+        gateway_url=run.state.get("gateway_url"),
         state=ctl.state.name,
         supervisor_pid=ctl.supervisor_pid,
         uptime_s=max(0, now - ctl.started_ns) / 1e9,
@@ -304,6 +308,8 @@ def render(status: Status) -> str:
         f"up {_duration(status.uptime_s)}\n"
         f"run dir {status.run_dir}  config {status.config}\n"
     )
+    if status.gateway_url:
+        head += f"gateway {status.gateway_url}\n"
     replicas = _table(REPLICA_COLUMNS, [_replica_row(r) for r in status.replicas], {1, 4, 5, 6, 7})
     edges = _table(EDGE_COLUMNS, [_edge_row(e) for e in status.edges], {2, 3, 4, 5})
     return f"{head}\n{replicas}\n\n{edges}"

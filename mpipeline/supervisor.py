@@ -23,11 +23,12 @@ import os
 import queue
 import secrets
 import signal
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpipeline import _shm, topology
 from mpipeline.config import PipelineConfig, resolve_run_dir
@@ -45,6 +46,9 @@ from mpipeline.heartbeat import (
     RunState,
 )
 from mpipeline.ring import Ring
+
+if TYPE_CHECKING:
+    from mpipeline.gateway.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,7 @@ class AlreadyRunning(MPipelineError):  # noqa: N818
 
 @dataclass
 class _Replica:
-    spec: topology.ReplicaSpec
+    spec: topology.ReplicaSpec | topology.GatewaySpec
     process: BaseProcess | None = None
     restarts: collections.deque[float] = field(default_factory=collections.deque)
     restart_at: float | None = None
@@ -95,8 +99,17 @@ class Supervisor:
         self.run_id = secrets.token_hex(4)
         self.topo = topology.build(cfg, self.run_id)
         self.ctx = multiprocessing.get_context("spawn")
-        self.replicas = [_Replica(spec) for spec in self.topo.replicas]
+        specs: list[topology.ReplicaSpec | topology.GatewaySpec] = [
+            *self.topo.replicas,
+            *self.topo.gateways,
+        ]
+        self.replicas = [_Replica(spec) for spec in specs]
         self.rings: list[Ring] = []
+        # Bound here and handed to every gateway replica (no SO_REUSEPORT): a
+        # restarted gateway serves the same socket, so the port never closes.
+        self.listener: socket.socket | None = None
+        # Token buckets every gateway shares, so a limit holds across replicas.
+        self.limiter: RateLimiter | None = None
         self.ctl: ControlBlock | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -111,6 +124,11 @@ class Supervisor:
     def run(self) -> int:
         self._lock()
         try:
+            if self.topo.gateways:
+                from mpipeline.gateway.server import bind
+
+                # Before any segment or process: a busy port leaves nothing behind.
+                self.listener = bind(self.cfg.gateway.host, self.cfg.gateway.port)
             removed = _shm.sweep_stale()
             if removed:
                 log.info("removed %d stale segments", len(removed))
@@ -130,6 +148,8 @@ class Supervisor:
                     self.run_id,
                     ", ".join(f"{r.spec.name}@{list(r.spec.cpus)}" for r in self.replicas),
                 )
+                if self.listener is not None:
+                    log.info("gateway listening on %s", self.gateway_url)
                 self._serve()
                 if not self._force and self._exit_code == ExitCode.OK:
                     self._drain()
@@ -161,8 +181,21 @@ class Supervisor:
         self.ctl = ControlBlock.create(
             f"mpl-{self.run_id}-control", len(self.replicas), len(self.topo.clients)
         )
+        if self.topo.gateways and self.cfg.gateway.rate_limit.enabled:
+            from mpipeline.gateway.ratelimit import RateLimiter
+
+            self.limiter = RateLimiter.create(
+                f"mpl-{self.run_id}-ratelimit", self.cfg.gateway.rate_limit
+            )
         for edge in self.topo.edges:
             self.rings.append(Ring.create(edge.capacity, edge.name))
+
+    @property
+    def gateway_url(self) -> str | None:
+        if self.listener is None:
+            return None
+        host, port = self.listener.getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def _write_state(self) -> None:
         state = {
@@ -170,6 +203,7 @@ class Supervisor:
             "run_id": self.run_id,
             "config": str(self.config_path),
             "control": self.ctl.name if self.ctl else None,
+            "gateway_url": self.gateway_url,
             "topology": asdict(self.topo),
         }
         tmp = self.run_dir / (STATE_FILE + ".tmp")
@@ -193,14 +227,19 @@ class Supervisor:
         spec = rep.spec
         self.ctl.put(spec.slot, R_STATE, ReplicaState.BOOTING)
         self.ctl.put(spec.slot, R_HEARTBEAT, time.monotonic_ns())
-        from mpipeline import replica
+        common = (str(self.config_path), self.ctl.name, os.getpid(), self.log_level)
+        if isinstance(spec, topology.GatewaySpec):
+            from mpipeline.gateway import replica as gateway_replica
 
-        proc = self.ctx.Process(
-            target=replica.main,
-            args=(spec, str(self.config_path), self.ctl.name, os.getpid(), self.log_level),
-            name=f"mpipeline-{spec.name}",
-            daemon=False,
-        )
+            assert self.listener is not None
+            # spawn pickles the socket as a duplicated fd passed to the child.
+            target: Any = gateway_replica.main
+            args: tuple[Any, ...] = (spec, *common, self.listener, self._client_state())
+        else:
+            from mpipeline import replica
+
+            target, args = replica.main, (spec, *common)
+        proc = self.ctx.Process(target=target, args=args, name=f"mpipeline-{spec.name}")
         # Children inherit the mask: a Ctrl-C during their start stays pending
         # until they have set SIGINT to ignored, instead of a traceback.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED_SIGNALS))
@@ -213,6 +252,15 @@ class Supervisor:
         rep.ready = False
         rep.restart_at = None
         rep.killed = False
+
+    def _client_state(self) -> dict[str, Any]:
+        """What a gateway's pipeline client needs; state.json does not exist while it boots."""
+        return {
+            "run_dir": str(self.run_dir),
+            "control": self.ctl.name if self.ctl else None,
+            "ratelimit": self.limiter.name if self.limiter else None,
+            "topology": asdict(self.topo),
+        }
 
     def _boot(self) -> bool:
         assert self.ctl is not None
@@ -335,6 +383,9 @@ class Supervisor:
         now = time.monotonic()
         for rep in self.replicas:
             if rep.restart_at is not None and now >= rep.restart_at:
+                if self._stopping and isinstance(rep.spec, topology.GatewaySpec):
+                    rep.restart_at = None  # the listener is closed: intake has stopped
+                    continue
                 self._spawn(rep)
 
     def _check_liveness(self) -> None:
@@ -388,6 +439,9 @@ class Supervisor:
         """Stop intake, then wait for every ring to empty and every replica to go idle."""
         assert self.ctl is not None
         self.ctl.state = RunState.DRAINING
+        # Stop intake at the socket: the gateways close their copies when they
+        # see DRAINING, so new connections are refused instead of queueing.
+        self._close_listener()
         deadline = time.monotonic() + self.sup.drain_timeout_s
         quiet = 0
         while time.monotonic() < deadline:
@@ -408,9 +462,15 @@ class Supervisor:
                 return
         log.warning("drain timed out after %.0fs; stopping anyway", self.sup.drain_timeout_s)
 
+    def _close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
     def _stop_all(self) -> None:
         """Stop replicas in flow order: each stage finishes before its consumer stops."""
-        for stage, _ in self.topo.stages:
+        self._close_listener()
+        for stage in ("gateway", *(name for name, _ in self.topo.stages)):
             procs = [r.process for r in self.replicas if r.spec.stage == stage and r.process]
             for proc in procs:
                 with contextlib.suppress(ProcessLookupError):
@@ -432,12 +492,17 @@ class Supervisor:
             self.ctl.state = RunState.STOPPED
 
     def _cleanup(self) -> None:
+        self._close_listener()
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir / STATE_FILE).unlink()
         for ring in self.rings:
             ring.close()
             ring.unlink()
         self.rings.clear()
+        if self.limiter is not None:
+            self.limiter.close()
+            self.limiter.unlink()
+            self.limiter = None
         if self.ctl is not None:
             # Give attached clients a moment to read the final state.
             time.sleep(0.05)
@@ -471,6 +536,14 @@ def main(
     except ConfigError as exc:
         log.error("invalid configuration:\n%s", exc)
         return int(ExitCode.USAGE)
+    if cfg.gateway.replicas and cfg.gateway.auth_token_env:
+        from mpipeline.gateway.auth import BearerAuth
+
+        try:
+            BearerAuth.from_env(cfg.gateway.auth_token_env)  # refuse before anything starts
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return int(ExitCode.USAGE)
     for warning in config_mod.warnings(cfg):
         log.warning("%s", warning)
     if parent_pid is not None:

@@ -51,6 +51,28 @@ class ReplicaSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewaySpec:
+    """A gateway replica: an HTTP server on client slot ``client`` (== ``index``).
+
+    It has a control-block slot like a stage replica (heartbeat, state,
+    restarts) after theirs; ``inputs`` are its return and error rings, so the
+    supervisor can tell a hung gateway (results waiting, no beat) from an idle one.
+    """
+
+    index: int
+    cpus: tuple[int, ...]
+    slot: int
+    client: int
+    inputs: tuple[str, ...]
+
+    stage = "gateway"
+
+    @property
+    def name(self) -> str:
+        return f"gateway-{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
 class ClientSpec:
     index: int
     ingress: tuple[str, ...]
@@ -65,6 +87,8 @@ class Topology:
     edges: tuple[EdgeSpec, ...]
     replicas: tuple[ReplicaSpec, ...]
     clients: tuple[ClientSpec, ...]
+    # Client slots 0..len(gateways)-1 belong to the gateways; the rest to API clients.
+    gateways: tuple[GatewaySpec, ...] = ()
 
     def replica(self, name: str) -> ReplicaSpec:
         for spec in self.replicas:
@@ -150,10 +174,21 @@ def build(cfg: PipelineConfig, run_id: str, cpus: list[int] | None = None) -> To
         )
         for ci, c in enumerate(clients)
     )
+    gateways = tuple(
+        GatewaySpec(
+            index=g,
+            cpus=tuple(plan[f"gateway-{g}"]),
+            slot=len(replicas) + g,
+            client=g,
+            inputs=(*client_specs[g].returns, *client_specs[g].errors),
+        )
+        for g in range(cfg.gateway.replicas)
+    )
     return Topology(
         run_id=run_id,
         stages=tuple((name, n) for name, n, _ in stages),
         edges=tuple(edges),
         replicas=tuple(replicas),
         clients=client_specs,
+        gateways=gateways,
     )

@@ -41,6 +41,9 @@ SMALL_RING = 64 * 1024
 # replica per stage, no metrics port to collide with.
 BASE_OVERRIDES: dict[str, object] = {
     "metrics.enabled": False,
+    # No HTTP gateway process unless a test asks for one (then on port 0).
+    "gateway.replicas": 0,
+    "gateway.port": 0,
     "gateway.ring_capacity": SMALL_RING,
     "supervisor.heartbeat_interval_s": 0.1,
     # Loose: a loaded CI box must not get a healthy replica killed as hung.
@@ -224,7 +227,17 @@ class SupervisorProcess:
         for rep in self.state["topology"]["replicas"]:
             if f"{rep['stage']}-{rep['index']}" == replica:
                 return int(rep["slot"])
+        for gw in self.state["topology"].get("gateways", ()):
+            if f"gateway-{gw['index']}" == replica:
+                return int(gw["slot"])
         raise KeyError(replica)
+
+    @property
+    def url(self) -> str:
+        """The gateway's base URL (the supervisor bound it; port 0 means any)."""
+        url = self.state.get("gateway_url")
+        assert url, "this run has no gateway (gateway.replicas = 0)"
+        return str(url)
 
     def replica_pid(self, replica: str) -> int:
         with self.control() as ctl:

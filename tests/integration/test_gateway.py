@@ -475,7 +475,7 @@ def _free_port() -> int:
 
 def test_module_entry_serves_until_sigterm(configs: ConfigFactory) -> None:
     port = _free_port()
-    path = configs.write({"gateway.port": port})
+    path = configs.write({"gateway.port": port, "gateway.replicas": 1})
     log_path = configs.tmp_path / "gateway.log"
     cmd = [sys.executable, "-m", "mpipeline.gateway", "--config", str(path)]
     with open(log_path, "wb") as log:
@@ -510,7 +510,7 @@ def test_module_entry_fails_fast_on_a_busy_port(configs: ConfigFactory) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        path = configs.write({"gateway.port": port})
+        path = configs.write({"gateway.port": port, "gateway.replicas": 1})
         started = time.monotonic()
         done = subprocess.run(
             [sys.executable, "-m", "mpipeline.gateway", "--config", str(path)],
@@ -526,7 +526,9 @@ def test_module_entry_fails_fast_on_a_busy_port(configs: ConfigFactory) -> None:
 
 
 def test_token_env_named_but_unset_refuses_to_start(configs: ConfigFactory) -> None:
-    path = configs.write({"gateway.auth_token_env": "MPIPELINE_TEST_UNSET_TOKEN"})
+    path = configs.write(
+        {"gateway.auth_token_env": "MPIPELINE_TEST_UNSET_TOKEN", "gateway.replicas": 1}
+    )
     env = {k: v for k, v in os.environ.items() if k != "MPIPELINE_TEST_UNSET_TOKEN"}
     done = subprocess.run(
         [sys.executable, "-m", "mpipeline.gateway", "--config", str(path)],

@@ -1,0 +1,143 @@
+"""A gateway replica: the spawn target the supervisor runs for each ``[gateway]`` replica.
+
+It serves HTTP on the listening socket the supervisor bound and passed down
+(one socket for every replica, no SO_REUSEPORT: the kernel hands each new
+connection to whichever replica accepts first) and talks to the pipeline
+from its own client slot, so results come back on its own return rings.
+Like a stage replica it is pinned, runs uvloop, ignores SIGINT, dies with
+the supervisor, beats in the control block, and drains on SIGTERM. When the
+supervisor starts draining it closes its copy of the listening socket, so
+new connections are refused rather than left waiting in the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import uvloop
+
+from mpipeline.config import PipelineConfig, load
+from mpipeline.errors import ExitCode
+from mpipeline.gateway.app import Gateway, model_name
+from mpipeline.gateway.ratelimit import RateLimiter
+from mpipeline.heartbeat import R_PID, R_STATE, ControlBlock, ReplicaState, RunState
+from mpipeline.pipeline import Pipeline
+from mpipeline.replica import BootError, _die_with_parent
+from mpipeline.topology import GatewaySpec
+
+log = logging.getLogger(__name__)
+
+# Connections still busy this long after SIGTERM are closed: the supervisor
+# sends SIGTERM only after its own drain, and SIGKILLs 5 s later.
+STOP_GRACE_S = 3.0
+
+
+def main(
+    spec: GatewaySpec,
+    config_path: str,
+    ctl_name: str,
+    parent: int,
+    log_level: int,
+    sock: socket.socket,
+    state: dict[str, Any],
+) -> None:
+    """Entry point of a gateway process (the spawn target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    _die_with_parent(parent)
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s {spec.name}[%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # One INFO line per WebSocket connection otherwise.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        cfg = load(Path(config_path))
+        if spec.cpus:
+            psutil.Process().cpu_affinity(list(spec.cpus))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(spec, cfg, ctl_name, sock, state))
+    except BootError as exc:
+        log.error("failed to boot: %s", exc)
+        sys.exit(ExitCode.BOOT_ERROR)
+    except Exception:  # the top-level crash logger: anything else is a crash
+        log.exception("crashed")
+        sys.exit(ExitCode.FAILURE)
+    finally:
+        sock.close()
+    sys.exit(ExitCode.OK)
+
+
+async def _serve(
+    spec: GatewaySpec,
+    cfg: PipelineConfig,
+    ctl_name: str,
+    sock: socket.socket,
+    state: dict[str, Any],
+) -> None:
+    ctl = ControlBlock.attach(ctl_name)
+    ctl.put(spec.slot, R_PID, os.getpid())
+    ctl.put(spec.slot, R_STATE, ReplicaState.BOOTING)
+    pipeline = Pipeline.for_gateway(state, spec.client)
+    limiter: RateLimiter | None = None
+    try:
+        await pipeline.start()
+        if state.get("ratelimit"):
+            limiter = RateLimiter.attach(state["ratelimit"])
+        gateway = Gateway(
+            pipeline,
+            cfg.gateway,
+            model=model_name(cfg),
+            drain_timeout_s=STOP_GRACE_S,
+            limiter=limiter,
+        )
+        await gateway.start(sock)
+    except Exception as exc:
+        await pipeline.close()
+        if limiter is not None:
+            limiter.close()
+        ctl.close()
+        raise BootError(f"{type(exc).__name__}: {exc}") from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    ctl.put(spec.slot, R_STATE, ReplicaState.READY)
+    beat = loop.create_task(_beat(spec, cfg, ctl, pipeline, gateway))
+    try:
+        await stop.wait()
+    finally:
+        beat.cancel()
+        ctl.put(spec.slot, R_STATE, ReplicaState.EXITED)
+        await gateway.close()
+        await pipeline.close()
+        if limiter is not None:
+            limiter.close()
+        ctl.close()
+
+
+async def _beat(
+    spec: GatewaySpec, cfg: PipelineConfig, ctl: ControlBlock, pipeline: Pipeline, gateway: Gateway
+) -> None:
+    """Heartbeat with the request counts; close the listener once the run drains."""
+    interval = cfg.supervisor.heartbeat_interval_s
+    accepting = True
+    while True:
+        stats = pipeline.stats
+        ctl.beat(spec.slot, stats["completed"] + stats["failed"], pipeline.inflight)
+        draining = ctl.raw_state >= RunState.DRAINING
+        if accepting and draining:
+            accepting = False
+            log.info("the pipeline is draining: no new connections")
+            gateway.stop_accepting()
+        # While the supervisor drains it watches in-flight counts: report often.
+        await asyncio.sleep(0.02 if draining else interval)
