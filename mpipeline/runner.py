@@ -13,11 +13,19 @@ Async stages run each message *eagerly*: the handler is stepped inline and
 only becomes a task if it actually suspends (a model call), because a task
 plus a timer per message costs several microseconds, which is most of a
 fast stage's budget. Per-message timeouts come from a sweeper, not timers.
+
+An async stage runs at most ``concurrency`` messages at once; beyond that,
+messages wait in the replica in a heap ordered by priority (critical first),
+up to a read-ahead of ``max(batch, concurrency)``, after which the runner
+stops reading and the backlog stays in the ring (FIFO). The same sweeper
+stops work whose client cancelled it (the control block's cancel board).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Coroutine, Generator
@@ -114,6 +122,7 @@ class StageRunner:
         self.heartbeat_s = cfg.supervisor.heartbeat_interval_s
         self._beat_every_ns = int(self.heartbeat_s * 1e9)
         self._next_beat_ns = 0
+        self._beat_handle: asyncio.TimerHandle | None = None
         in_type: Any = EDGE_TYPES[spec.stage]
         # The first stage reads requests from clients; assemble does when rag is off.
         self.decoder: Codec[Message] = Codec(in_type | PromptRequest | Failed)
@@ -139,6 +148,18 @@ class StageRunner:
         self._capacity_free = asyncio.Event()
         self._capacity_free.set()
         self._max_inflight = stage.max_concurrency if isinstance(stage, AsyncStage) else 0
+        if self._max_inflight:
+            self._max_inflight = getattr(stage_cfg, "concurrency", self._max_inflight)
+        # Messages read but not started, as (priority, arrival, message).
+        self._backlog: list[tuple[int, int, Message]] = []
+        self._backlog_limit = max(self.batch, self._max_inflight)
+        self._arrivals = itertools.count()
+        self._backlog_handle: asyncio.Handle | None = None
+        # Task -> (client, request id), for the cancel sweep.
+        self._task_req: dict[asyncio.Task[None], tuple[int, str]] = {}
+        self._cancelled: set[asyncio.Task[None]] = set()
+        self._cancels_seen: list[int] = []
+        self.cancelled = 0
 
     # Lifecycle
 
@@ -162,7 +183,7 @@ class StageRunner:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then finish what is in hand and flush."""
         loop = asyncio.get_running_loop()
-        beat = loop.call_later(0, self._beat)
+        self._beat_handle = loop.call_later(0, self._beat)
         sweeper = asyncio.create_task(self._sweep()) if self._max_inflight else None
         pumps = [asyncio.create_task(self._pump(r), name=f"pump-{r.name}") for r in self.inputs]
         stopper = asyncio.create_task(stop.wait())
@@ -176,8 +197,12 @@ class StageRunner:
                 if pump in self._idle:
                     pump.cancel()  # parked on its doorbell: stop now, not at the next tick
             await asyncio.gather(*pumps)
-            if self._tasks:
-                await asyncio.wait(list(self._tasks))
+            while self._tasks or self._backlog:
+                if self._tasks:
+                    await asyncio.wait(list(self._tasks))
+                else:
+                    self._start_waiting()
+                await asyncio.sleep(0)
             await self._flush()
             if self._flush_task is not None:
                 await self._flush_task
@@ -188,7 +213,8 @@ class StageRunner:
                 t.cancel()
             if sweeper is not None:
                 sweeper.cancel()
-            beat.cancel()
+            if self._beat_handle is not None:
+                self._beat_handle.cancel()  # the live one: each beat schedules the next
             self._beat_once()
 
     def _beat_once(self) -> None:
@@ -202,7 +228,8 @@ class StageRunner:
             return
         # While the supervisor drains, report often so it can see us go idle.
         draining = self.ctl is not None and self.ctl.state == RunState.DRAINING
-        asyncio.get_running_loop().call_later(0.02 if draining else self.heartbeat_s, self._beat)
+        delay = 0.02 if draining else self.heartbeat_s
+        self._beat_handle = asyncio.get_running_loop().call_later(delay, self._beat)
 
     # Input
 
@@ -237,7 +264,7 @@ class StageRunner:
                     raise
                 finally:
                     self._idle.discard(task)
-            if self._max_inflight and self.inflight >= self._max_inflight:
+            if self._max_inflight and len(self._backlog) >= self._backlog_limit:
                 self._capacity_free.clear()
                 await self._capacity_free.wait()
             now = time.monotonic_ns()
@@ -298,6 +325,50 @@ class StageRunner:
         req = request_of(msg)
         if not self._admit(msg, req, now):
             return
+        if req is not None and self._is_cancelled(req):
+            return
+        if self.inflight >= self._max_inflight:
+            priority = int(req.priority) if req is not None else 0
+            heapq.heappush(self._backlog, (priority, next(self._arrivals), msg))
+            return
+        self._start(msg, req, now)
+
+    def _is_cancelled(self, req: PromptRequest) -> bool:
+        ctl = self.ctl
+        if ctl is None or not ctl.cancels(req.reply_to):  # no hash until a cancel exists
+            return False
+        if ctl.cancelled(req.reply_to, req.request_id):
+            self.cancelled += 1
+            self.processed += 1
+            return True
+        return False
+
+    def _start_waiting(self) -> None:
+        """Start backlog messages, best priority first, while there is capacity."""
+        self._backlog_handle = None
+        backlog = self._backlog
+        started = False
+        while backlog and self.inflight < self._max_inflight:
+            _, _, msg = heapq.heappop(backlog)
+            req = request_of(msg)
+            now = time.monotonic_ns()
+            if req is not None:
+                if req.deadline_ns and now > req.deadline_ns:
+                    self.expired += 1
+                    reason = f"deadline passed waiting in stage {self.name}"
+                    self._emit(failed_from(msg, ErrorCode.DEADLINE_EXCEEDED, reason, self.name))
+                    started = True
+                    continue
+                if self._is_cancelled(req):
+                    continue
+            self._start(msg, req, now)
+            started = True
+        if len(backlog) < self._backlog_limit:
+            self._capacity_free.set()
+        if started:
+            self._schedule_flush()
+
+    def _start(self, msg: Message, req: PromptRequest | None, now: int) -> None:
         prev = None
         session = req.session_id if req is not None else None
         if session:
@@ -317,13 +388,17 @@ class StageRunner:
             deadline = min(deadline, req.deadline_ns)
         task = asyncio.get_running_loop().create_task(_drive(coro, yielded))
         self._tasks[task] = deadline
+        if req is not None:
+            self._task_req[task] = (req.reply_to, req.request_id)
         task.add_done_callback(self._task_done)
         if session:
             self._sessions[session] = task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         del self._tasks[task]
+        self._task_req.pop(task, None)
         self._timed_out.discard(task)
+        self._cancelled.discard(task)
         for key, t in list(self._sessions.items()):
             if t is task:
                 del self._sessions[key]
@@ -341,6 +416,9 @@ class StageRunner:
                 self._schedule_flush()
         except asyncio.CancelledError:
             task = asyncio.current_task()
+            if task is not None and task in self._cancelled:
+                self.cancelled += 1  # its client has answered the caller already
+                return
             if task is not None and task in self._timed_out:
                 reason = f"stage {self.name} timed out"
                 self._emit(failed_from(msg, ErrorCode.DEADLINE_EXCEEDED, reason, self.name))
@@ -355,7 +433,11 @@ class StageRunner:
         finally:
             self.inflight -= 1
             self.processed += 1
-            if self.inflight < self._max_inflight:
+            if self._backlog:
+                if self._backlog_handle is None:
+                    loop = asyncio.get_running_loop()
+                    self._backlog_handle = loop.call_soon(self._start_waiting)
+            else:
                 self._capacity_free.set()
 
     async def _sweep(self) -> None:
@@ -366,6 +448,34 @@ class StageRunner:
                 if now > deadline and task not in self._timed_out:
                     self._timed_out.add(task)
                     task.cancel()
+            self._sweep_cancels()
+
+    def _sweep_cancels(self) -> None:
+        """Stop running and waiting work of clients that posted cancels since last time."""
+        ctl = self.ctl
+        if ctl is None:
+            return
+        counts = [ctl.cancels(c) for c in range(ctl.n_clients)]
+        if counts == self._cancels_seen:
+            return
+        changed = {c for c, n in enumerate(counts) if self._cancels_seen[c : c + 1] != [n]}
+        self._cancels_seen = counts
+        for task, (client, request_id) in list(self._task_req.items()):
+            if client in changed and task not in self._cancelled:
+                if ctl.cancelled(client, request_id):
+                    self._cancelled.add(task)
+                    task.cancel()
+        kept = []
+        for entry in self._backlog:
+            req = request_of(entry[2])
+            if req is not None and req.reply_to in changed and self._is_cancelled(req):
+                continue
+            kept.append(entry)
+        if len(kept) != len(self._backlog):
+            heapq.heapify(kept)
+            self._backlog = kept
+            if len(kept) < self._backlog_limit:
+                self._capacity_free.set()
 
     # Output
 
