@@ -17,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import heapq
 import itertools
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -34,6 +36,7 @@ import msgspec
 
 from mpipeline.codec import Codec, pack_records
 from mpipeline.config import PipelineConfig, dump_toml, load, resolve_run_dir
+from mpipeline.dlq import DLQ_FILE, DeadLetterQueue, gone_letter, letter_for
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty, RingFull
 from mpipeline.heartbeat import R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.messages import Completed, Failed, Priority, PromptRequest, ToGateway, TokenChunk
@@ -57,6 +60,7 @@ class _Pending:
     request: PromptRequest
     deadline_ns: int
     future: asyncio.Future[Completed]
+    accepted_ns: int
     chunks: asyncio.Queue[TokenChunk] | None = None
     # Set for requests with their own deadline_ms; the rest expire in submit order.
     custom_deadline: bool = False
@@ -89,18 +93,39 @@ class Pipeline:
         self._tasks: list[asyncio.Task[None]] = []
         self._ctl: ControlBlock | None = None
         self._slot_fd = -1
+        self._state: dict[str, Any] | None = None
+        self._slot: int | None = None
         self._ids = itertools.count()
         self._prefix = ""
         self._closed = False
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder: Codec[Any] = Codec(ToGateway)
-        self.stats = {"submitted": 0, "completed": 0, "failed": 0, "late": 0}
+        self.stats = {"submitted": 0, "completed": 0, "failed": 0, "late": 0, "gone": 0}
+        self._dlq: DeadLetterQueue | None = None
 
     @classmethod
     def attach(cls, run_dir: str | os.PathLike[str], *, timeout_s: float = 30.0) -> Pipeline:
-        """A Pipeline that joins the supervisor already running in ``run_dir``."""
+        """A Pipeline that joins the supervisor already running in ``run_dir``.
+
+        It takes a free API client slot (``gateway.api_clients`` of them).
+        """
         p = cls(None, run_dir=run_dir, timeout_s=timeout_s)
         p._owns_supervisor = False
+        return p
+
+    @classmethod
+    def for_gateway(
+        cls, state: dict[str, Any], client: int, *, timeout_s: float = 30.0
+    ) -> Pipeline:
+        """The client of gateway replica ``client``, from the supervisor's own state.
+
+        A gateway boots before ``state.json`` exists (it is written once every
+        replica is ready), so the supervisor hands it the same description.
+        """
+        p = cls(None, run_dir=state["run_dir"], timeout_s=timeout_s)
+        p._owns_supervisor = False
+        p._state = state
+        p._slot = client
         return p
 
     # Lifecycle
@@ -116,8 +141,9 @@ class Pipeline:
         if self._owns_supervisor:
             await self._start_supervisor()
         assert self._run_dir_arg is not None
-        state = await self._read_state(self._run_dir_arg)
+        state = self._state or await self._read_state(self._run_dir_arg)
         self._connect(state)
+        self._dlq = DeadLetterQueue(self._run_dir_arg / DLQ_FILE)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._receive(r)) for r in self._rings_in]
         self._tasks.append(loop.create_task(self._watch()))
@@ -193,7 +219,12 @@ class Pipeline:
             for c in topo["clients"]
         ]
         assert self._run_dir_arg is not None
-        spec = self._claim_slot(self._run_dir_arg, clients)
+        n_gateways = len(topo.get("gateways", ()))
+        if self._slot is not None:
+            candidates = [clients[self._slot]]
+        else:
+            candidates = clients[n_gateways:]  # the gateways' slots are theirs alone
+        spec = self._claim_slot(self._run_dir_arg, candidates)
         self._client = spec
         self._stages = [(s, n) for s, n in topo["stages"]]
         self._replica_slots = {(r["stage"], r["index"]): r["slot"] for r in topo["replicas"]}
@@ -204,11 +235,13 @@ class Pipeline:
         self._rings = [*self._ingress, *self._rings_in]
         self._outbox = [[] for _ in self._ingress]
         self._first_stage, _ = self._stages[0]
-        self._prefix = f"{os.getpid():x}{spec.index}-"
+        # pid, slot and a per-client nonce: a later client in the same process on
+        # the same slot must never take a late result for one of its own.
+        self._prefix = f"{os.getpid():x}{spec.index}{secrets.token_hex(2)}-"
 
     def _claim_slot(self, run_dir: Path, clients: list[ClientSpec]) -> ClientSpec:
         # flock, not a pid in shared memory: the kernel frees it when we die.
-        for spec in reversed(clients):
+        for spec in clients:
             fd = os.open(
                 run_dir / f"client-{spec.index}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
@@ -219,7 +252,12 @@ class Pipeline:
                 continue
             self._slot_fd = fd
             return spec
-        raise MPipelineError(f"all {len(clients)} client slots of {run_dir} are taken")
+        if self._slot is not None:
+            raise MPipelineError(f"client slot {self._slot} of {run_dir} is taken")
+        raise MPipelineError(
+            f"all {len(clients)} API client slots of {run_dir} are taken "
+            "(raise gateway.api_clients)"
+        )
 
     async def close(self) -> None:
         if self._closed:
@@ -229,6 +267,8 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._fail_all(ErrorCode.SHUTTING_DOWN, "the client closed")
+        if self._dlq is not None:
+            await self._dlq.aclose()  # those failures are recorded before we exit
         for ring in self._rings:
             ring.close()
         if self._ctl is not None:
@@ -299,7 +339,7 @@ class Pipeline:
         )
         loop = asyncio.get_running_loop()
         pending = _Pending(
-            req, req.deadline_ns, loop.create_future(), asyncio.Queue() if stream else None
+            req, req.deadline_ns, loop.create_future(), now, asyncio.Queue() if stream else None
         )
         self._inflight[req.request_id] = pending
         if deadline_ms is not None:
@@ -330,7 +370,12 @@ class Pipeline:
         pending = self._new_request(
             text, session_id, metadata, priority, deadline_ms, max_tokens, False
         )
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The caller gave up (an HTTP client hung up): stop the work too.
+            self.cancel(pending.request.request_id)
+            raise
 
     def submit_nowait(
         self,
@@ -392,11 +437,11 @@ class Pipeline:
         priority: Priority = Priority.NORMAL,
         deadline_ms: float | None = None,
         max_tokens: int | None = None,
-    ) -> AsyncIterator[TokenChunk | Completed]:
+    ) -> AsyncGenerator[TokenChunk | Completed, None]:
         """Like ``stream``, then the final ``Completed`` (usage, finish reason, timings).
 
-        An iterator abandoned early (a client that left) leaves the request to
-        finish in the pipeline; its outcome is still recorded, never raised.
+        An iterator closed early (a client that left) cancels the request:
+        see ``cancel``.
 
         :raises RequestFailed: as ``submit``, possibly after some chunks.
         """
@@ -425,17 +470,55 @@ class Pipeline:
                     yield getter.result()
         finally:
             if not future.done():
+                self.cancel(pending.request.request_id)
                 future.add_done_callback(_retrieve)
+
+    def cancel(self, request_id: str, reason: str = "the client went away") -> bool:
+        """Give up on a request in flight: answer it ``client_cancelled`` and stop its work.
+
+        Stages skip a cancelled request and an inference shard stops streaming
+        it at the next chunk (the control block's cancel board), so a client
+        that hangs up stops spending model time. False when the request has
+        already ended.
+        """
+        pending = self._inflight.get(request_id)
+        if pending is None:
+            return False
+        if self._ctl is not None:
+            self._ctl.cancel(self._client.index, request_id)
+        session = pending.request.session_id
+        self._resolve_failed(self._failed(request_id, session, ErrorCode.CLIENT_CANCELLED, reason))
+        return True
 
     @property
     def ready(self) -> bool:
         """True while the supervisor runs and every replica is up (``/readyz``)."""
+        return self.not_ready() is None
+
+    def not_ready(self) -> str | None:
+        """Why this client should get no traffic (``/readyz``), or None when it should."""
         ctl = self._ctl
-        if ctl is None or self._closed or ctl.raw_state != RunState.RUNNING:
-            return False
-        return all(
-            ctl.get(slot, R_STATE) == ReplicaState.READY for slot in self._replica_slots.values()
-        )
+        if ctl is None or self._closed:
+            return "the pipeline client is closed"
+        if not ctl.supervisor_alive():
+            return "the supervisor is gone"
+        if ctl.raw_state != RunState.RUNNING:
+            return f"the pipeline is {ctl.state.name.lower()}"
+        for (stage, index), slot in self._replica_slots.items():
+            state = ctl.get(slot, R_STATE)
+            if state != ReplicaState.READY:
+                return f"replica {stage}-{index} is {_state_name(state)}"
+        return None
+
+    @property
+    def inflight(self) -> int:
+        """Requests accepted and not yet answered."""
+        return len(self._inflight)
+
+    @property
+    def client_index(self) -> int:
+        """This client's slot: the ``reply_to`` of its requests."""
+        return self._client.index
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -503,23 +586,24 @@ class Pipeline:
     def _deliver(self, msg: TokenChunk | Completed | Failed) -> None:
         pending = self._inflight.get(msg.request_id)
         if pending is None:
-            self.stats["late"] += 1  # already answered (expired, restarted): never twice
+            if not isinstance(msg, TokenChunk) and not msg.request_id.startswith(self._prefix):
+                self._client_gone(msg)
+            else:
+                self.stats["late"] += 1  # already answered (expired, restarted): never twice
             return
         if type(msg) is TokenChunk:
             if pending.chunks is not None:
                 pending.chunks.put_nowait(msg)
             return
-        del self._inflight[msg.request_id]
-        future = pending.future
         if type(msg) is Completed:
+            del self._inflight[msg.request_id]
             self.stats["completed"] += 1
+            future = pending.future
             if not future.done():  # done: the caller cancelled its wait
                 future.set_result(msg)
         else:
             assert isinstance(msg, Failed)
-            self.stats["failed"] += 1
-            if not future.done():
-                future.set_exception(RequestFailed(msg))
+            self._dead_letter(pending, msg)
 
     def _failed(
         self,
@@ -539,11 +623,33 @@ class Pipeline:
         )
 
     def _resolve_failed(self, failed: Failed) -> None:
-        pending = self._inflight.pop(failed.request_id, None)
+        pending = self._inflight.get(failed.request_id)
         if pending is not None:
-            self.stats["failed"] += 1
-            if not pending.future.done():
-                pending.future.set_exception(RequestFailed(failed))
+            self._dead_letter(pending, failed)
+
+    def _dead_letter(self, pending: _Pending, failed: Failed) -> None:
+        """End an accepted request in ``failed``: its DLQ record first, then the error.
+
+        The entry leaves the in-flight table at once, so whatever arrives for
+        it while the record is written finds nothing to answer twice. The
+        caller hears of the error only once the record is fsynced: an error a
+        client saw always has its record, even if this process dies next.
+        """
+        del self._inflight[failed.request_id]
+        self.stats["failed"] += 1
+        answer = functools.partial(_answer_failed, pending.future, failed)
+        if self._dlq is None:  # never started: nothing was accepted through a ring
+            answer(None)
+            return
+        budget_ms = (pending.deadline_ns - pending.accepted_ns) / 1e6
+        letter = letter_for(pending.request, failed, budget_ms)
+        self._dlq.record((letter,)).add_done_callback(answer)
+
+    def _client_gone(self, msg: Completed | Failed) -> None:
+        """An outcome for a request of an earlier process on this slot (its client is gone)."""
+        self.stats["gone"] += 1
+        if self._dlq is not None:
+            self._dlq.record((gone_letter(msg),))
 
     def _fail_all(self, code: ErrorCode, reason: str) -> None:
         for rid, p in list(self._inflight.items()):
@@ -604,6 +710,18 @@ class Pipeline:
                         rid, p.request.session_id, ErrorCode.STAGE_RESTARTED, reason, stage
                     )
                 )
+
+
+def _state_name(value: int) -> str:
+    try:
+        return ReplicaState(value).name.lower()
+    except ValueError:
+        return f"in state {value}"
+
+
+def _answer_failed(future: asyncio.Future[Completed], failed: Failed, _recorded: object) -> None:
+    if not future.done():  # done: the caller cancelled its wait
+        future.set_exception(RequestFailed(failed))
 
 
 def _retrieve(future: asyncio.Future[Completed]) -> None:
