@@ -54,6 +54,7 @@ _GE0 = Meta(ge=0)
 _GE1 = Meta(ge=1)
 _SECONDS = Meta(gt=0)
 _PORT = Meta(ge=1, le=65535)
+_RATE = Meta(ge=0, le=1e9)
 _RING = Meta(ge=RING_MIN_BYTES, le=RING_MAX_BYTES, multiple_of=RING_ALIGN)
 Cpus = list[int] | Literal["auto"]
 _CPUS = _doc('Cores to pin to, or "auto": spread over the affinity mask.')
@@ -85,6 +86,22 @@ class PinnedConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True
     cores_per_replica: Annotated[int, _GE1, _doc("Cores each replica is pinned to.")] = 1
 
 
+class RateLimitConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Token buckets the gateway checks before a request enters the pipeline."""
+
+    requests_per_s: Annotated[float, _RATE, _doc("Across all gateway replicas; 0: off.")] = 0.0
+    burst: Annotated[int, _GE0, _doc("Bucket size; 0: one second's worth.")] = 0
+    session_requests_per_s: Annotated[float, _RATE, _doc("Per session; 0: off.")] = 0.0
+    session_burst: Annotated[int, _GE0, _doc("Session bucket size; 0: one second's worth.")] = 0
+    session_slots: Annotated[
+        int, Meta(ge=1, le=1 << 22), _doc("Session buckets kept (a power of two).")
+    ] = 65536
+
+    @property
+    def enabled(self) -> bool:
+        return self.requests_per_s > 0 or self.session_requests_per_s > 0
+
+
 class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """HTTP ingress and egress."""
 
@@ -97,6 +114,7 @@ class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fiel
     ring_capacity: Annotated[int, _RING, _doc("Bytes of each return ring.")] = 4 * MIB
     auth_token_env: Annotated[str | None, _doc("NAME of the bearer-token env var.")] = None
     max_body_bytes: Annotated[int, _GE1, _doc("Largest request body.")] = MIB
+    rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
 
 
 class MetricsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -144,6 +162,9 @@ class InferenceConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fie
     """Model shards, chosen per session by hash."""
 
     replicas: Annotated[int, _GE1, _doc("Shards.")] = 2
+    concurrency: Annotated[
+        int, _GE1, _doc("Requests a shard runs at once; more wait, critical first.")
+    ] = 256
     worker: Annotated[Literal["echo"], _doc("Model backend.")] = "echo"
     echo: EchoConfig = msgspec.field(default_factory=EchoConfig)
 
@@ -370,6 +391,9 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
     if env is not None and not _ENV_NAME.fullmatch(env):
         # Never echo it: someone may have pasted the token itself here.
         out.append(("gateway.auth_token_env", "must be the NAME of an environment variable"))
+    slots = cfg.gateway.rate_limit.session_slots
+    if slots & (slots - 1):
+        out.append(("gateway.rate_limit.session_slots", f"{slots} is not a power of two"))
     sup = cfg.supervisor
     if sup.backoff_initial_s > sup.backoff_max_s:
         out.append(("supervisor.backoff_max_s", "must be >= backoff_initial_s"))
