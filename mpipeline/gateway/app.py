@@ -2,12 +2,14 @@
 
 For now it runs in-process on the Python client's slot (``serve``); the
 gateway stage will run the same ``Gateway`` on a gateway replica's slot. It
-owns admission: routing, the bearer token, body size and shape, all refused
-with a clear 4xx before anything reaches a ring. Once a request is in the
+owns admission: routing, the bearer token, body size and shape, the rate
+limits (``ratelimit.py``), all refused with a clear 4xx before anything
+reaches a ring. Once a request is in the
 pipeline, its one outcome comes back as a result or as a ``RequestFailed``,
 which becomes an HTTP status here (``schemas.STATUS_FOR_CODE``).
 
-Routes: ``POST /v1/prompt`` (JSON or SSE), ``POST /v1/chat/completions`` and
+Routes: ``POST /v1/prompt`` (JSON or SSE), ``GET /v1/stream`` (a WebSocket
+of prompts, ``websocket.py``), ``POST /v1/chat/completions`` and
 ``GET /v1/models`` (``openai.py``), ``GET /healthz`` (the process answers),
 ``GET /readyz`` (every replica is ready and we are not draining) and
 ``GET /v1/status``. Only the two health routes skip the token.
@@ -16,7 +18,6 @@ Routes: ``POST /v1/prompt`` (JSON or SSE), ``POST /v1/chat/completions`` and
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import time
@@ -29,15 +30,14 @@ import msgspec
 from mpipeline import status as status_mod
 from mpipeline.config import GatewayConfig, PipelineConfig
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
-from mpipeline.gateway import openai, schemas, sse
+from mpipeline.gateway import openai, schemas, sse, websocket
 from mpipeline.gateway.auth import BearerAuth, open_bind_warning
-from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.exchange import Reply, Request, Response, Switch
+from mpipeline.gateway.ratelimit import RateLimiter, retry_after_s
 from mpipeline.gateway.schemas import ChunkOut, ErrorBody, ErrorDetail, Problem, PromptBody
 from mpipeline.gateway.server import HttpServer, bind
-from mpipeline.heartbeat import R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.messages import Completed, TokenChunk
 from mpipeline.pipeline import Pipeline
-from mpipeline.supervisor import STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ _TYPE_FOR_STATUS = {
     405: "method_not_allowed",
     408: "request_timeout",
     413: "invalid_request",
+    426: "upgrade_required",
     431: "invalid_request",
 }
 _PROMPT = msgspec.json.Decoder(PromptBody)
@@ -85,22 +86,28 @@ class Gateway:
         keepalive_s: float = SSE_KEEPALIVE_S,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         environ: Mapping[str, str] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._pipeline = pipeline
+        # A gateway replica gets the supervisor's shared buckets; on its own a
+        # gateway keeps private ones (closed with it), or none when limits are off.
+        self._own_limiter = limiter is None and cfg.rate_limit.enabled
+        self._limiter = RateLimiter.private(cfg.rate_limit) if self._own_limiter else limiter
         self._cfg = cfg
         self._auth = BearerAuth.from_env(cfg.auth_token_env, environ)
         self._keepalive_s = keepalive_s
         self._drain_timeout_s = drain_timeout_s
         self._server = HttpServer(self, max_body=cfg.max_body_bytes)
-        self._ctl: ControlBlock | None = None
-        self._replicas: list[tuple[str, int]] = []
         self._draining = False
-        chat = openai.ChatCompletions(pipeline, model, keepalive_s)
+        chat = openai.ChatCompletions(
+            pipeline, model, keepalive_s, admit=lambda s: self.admit("/v1/chat/completions", s)
+        )
         self._routes: dict[str, dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
             "/v1/status": {"GET": self._status},
             "/v1/prompt": {"POST": self._prompt},
+            websocket.PATH: {"GET": self._stream_without_upgrade},
             "/v1/chat/completions": {"POST": chat.create},
             "/v1/models": {"GET": chat.models},
         }
@@ -116,7 +123,8 @@ class Gateway:
         warning = open_bind_warning(self._cfg.host, self._auth)
         if warning:
             log.warning("%s", warning)
-        self._attach_control()
+        if self._pipeline.run_dir is None:
+            raise MPipelineError("the pipeline client is not started")
         if sock is None:
             sock = bind(self._cfg.host, self._cfg.port)
         await self._server.start(sock)
@@ -126,9 +134,14 @@ class Gateway:
         """Fail readiness, stop accepting, let requests finish (bounded), close."""
         self._draining = True
         await self._server.stop(self._drain_timeout_s)
-        if self._ctl is not None:
-            self._ctl.close()
-            self._ctl = None
+        if self._own_limiter and self._limiter is not None:
+            self._limiter.close()
+            self._limiter = None
+
+    def stop_accepting(self) -> None:
+        """Fail readiness and close the listening socket; connections carry on."""
+        self._draining = True
+        self._server.stop_accepting()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -146,33 +159,30 @@ class Gateway:
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def _attach_control(self) -> None:
-        run_dir = self._pipeline.run_dir
-        if run_dir is None:
-            raise MPipelineError("the pipeline client is not started")
-        try:
-            state = json.loads((run_dir / STATE_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            raise MPipelineError(f"cannot read {run_dir / STATE_FILE}: {exc}") from None
-        self._ctl = ControlBlock.attach(state["control"])
-        self._replicas = [
-            (f"{r['stage']}-{r['index']}", int(r["slot"])) for r in state["topology"]["replicas"]
-        ]
-
     def not_ready(self) -> str | None:
         """Why the gateway should get no traffic, or None when it should."""
-        ctl = self._ctl
-        if self._draining or ctl is None:
+        if self._draining:
             return "the gateway is shutting down"
-        if not ctl.supervisor_alive():
-            return "the supervisor is gone"
-        if ctl.state != RunState.RUNNING:
-            return f"the pipeline is {ctl.state.name.lower()}"
-        for name, slot in self._replicas:
-            state = ctl.get(slot, R_STATE)
-            if state != ReplicaState.READY:
-                return f"replica {name} is {_state_name(state)}"
-        return None
+        return self._pipeline.not_ready()
+
+    def admit(self, path: str, session: str | None) -> Reply | None:
+        """None when the rate limits let a request in, else the 429 to send.
+
+        Called once the body is decoded (the session is known) and before the
+        request reaches the pipeline, so a refusal costs no ring space and is
+        never dead-lettered.
+        """
+        limiter = self._limiter
+        if limiter is None:
+            return None
+        wait = limiter.acquire(session)
+        if not wait:
+            return None
+        seconds = retry_after_s(wait)
+        which = "this session's" if limiter.refused_by == "session" else "the gateway's"
+        message = f"{which} rate limit is exhausted; retry in {seconds} s"
+        headers = (("retry-after", str(seconds)),)
+        return self.error_reply(path, 429, message, kind=ErrorCode.RATE_LIMITED, headers=headers)
 
     # server.App
 
@@ -230,6 +240,21 @@ class Gateway:
         body = ErrorBody(error=ErrorDetail(type=kind, message=message, field=field))
         return Reply(status, _ENCODE(body), headers)
 
+    def upgrade(self, request: Request) -> Reply | Switch | None:
+        if request.path != websocket.PATH:
+            return None  # answered as plain HTTP, then the connection closes
+        opened = websocket.accept(
+            request,
+            self._pipeline,
+            max_message=self._cfg.max_body_bytes,
+            admit=lambda session: self.admit(request.path, session),
+        )
+        if isinstance(opened, websocket.Refusal):
+            return self.error_reply(
+                request.path, opened.status, opened.message, headers=opened.headers
+            )
+        return opened
+
     def _failure_reply(self, path: str, exc: RequestFailed) -> Reply:
         if path.startswith(_OPENAI_PATHS):
             return openai.failure_reply(exc)
@@ -282,6 +307,10 @@ class Gateway:
             limit = f"X-Session-Id is longer than {schemas.MAX_SESSION_ID} characters"
             response.send_reply(self._problem(request.path, Problem(limit)))
             return
+        refused = self.admit(request.path, session)
+        if refused is not None:
+            response.send_reply(refused)
+            return
         options = sse.Options(
             session_id=session,
             metadata=body.metadata or None,
@@ -293,9 +322,14 @@ class Gateway:
             events = sse.pipeline_events(self._pipeline, body.input, **options)
             await sse.respond(response, events, _PromptRenderer(), self._keepalive_s)
             return
-        done = await sse.shielded(self._pipeline.submit_nowait(body.input, **options))
+        done = await self._pipeline.submit(body.input, **options)
         result = schemas.prompt_result(done, time.monotonic_ns())
         response.send(200, _ENCODE(result), (("x-request-id", done.request_id),))
+
+    async def _stream_without_upgrade(self, request: Request, response: Response) -> None:
+        message = f"{request.path} is a WebSocket: send Upgrade: websocket"
+        headers = (("upgrade", "websocket"),)
+        response.send_reply(self.error_reply(request.path, 426, message, headers=headers))
 
     def _problem(self, path: str, problem: Problem) -> Reply:
         return self.error_reply(path, problem.status, problem.message, field=problem.field)
@@ -320,13 +354,6 @@ class _PromptRenderer:
             request_id=exc.request_id or None,
         )
         return sse.event(_ENCODE(ErrorBody(error=detail)), "error")
-
-
-def _state_name(value: int) -> str:
-    try:
-        return ReplicaState(value).name.lower()
-    except ValueError:
-        return f"in state {value}"
 
 
 async def serve(

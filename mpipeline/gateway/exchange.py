@@ -6,8 +6,9 @@ these few types only; a handler never sees a transport, a parser or a timer.
 
 from __future__ import annotations
 
+import asyncio
 import http
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +51,13 @@ class App(Protocol):
     def error_reply(self, path: str, status: int, message: str) -> Reply:
         """The error body the route at ``path`` uses (protocol errors, crashes)."""
 
+    def upgrade(self, request: Request) -> Reply | Switch | None:
+        """Where an ``Upgrade`` request that passed ``precheck`` goes.
+
+        A refusal, the protocol to switch the connection to, or None to answer
+        it as plain HTTP (the connection then closes).
+        """
+
 
 class Wire(Protocol):
     """What a ``Response`` needs from its connection."""
@@ -66,6 +74,29 @@ class Wire(Protocol):
         """
 
     def date(self) -> bytes: ...
+
+
+class Upgraded(Protocol):
+    """The protocol a connection switched to (a WebSocket): it gets every byte from then on.
+
+    The connection stays the transport's protocol and forwards to this one, so
+    the server still counts it, drains it and aborts it when it stops.
+    """
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def shutdown(self) -> None:
+        """The server is stopping: finish what is in progress, then close."""
+
+    def abort(self) -> asyncio.Task[None] | None:
+        """Drop the connection now; returns a task to await for the work it cancels."""
+
+
+# Starts the new protocol once the head is read: the transport, and the
+# connection as the ``Wire`` to write through (it tracks write backpressure).
+Switch = Callable[[asyncio.Transport, Wire], Upgraded]
 
 
 class Response:

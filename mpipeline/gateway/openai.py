@@ -16,7 +16,7 @@ on the text as it streams, until post grows stop rules of its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -161,10 +161,19 @@ def failure_reply(exc: RequestFailed) -> Reply:
 class ChatCompletions:
     """The two OpenAI routes over one pipeline client."""
 
-    def __init__(self, pipeline: Pipeline, model: str, keepalive_s: float) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        model: str,
+        keepalive_s: float,
+        *,
+        admit: Callable[[str | None], Reply | None] | None = None,
+    ) -> None:
         self._pipeline = pipeline
         self._model = model
         self._keepalive_s = keepalive_s
+        # The rate limits: given the session, a refusal to send or None.
+        self._admit = admit
 
     async def models(self, request: Request, response: Response) -> None:
         entry = {"id": self._model, "object": "model", "created": 0, "owned_by": OWNER}
@@ -180,6 +189,10 @@ class ChatCompletions:
             response.send_reply(problem_reply(text))
             return
         session = request.header("x-session-id") or body.user
+        refused = self._admit(session) if self._admit is not None else None
+        if refused is not None:
+            response.send_reply(refused)
+            return
         max_tokens = body.max_completion_tokens or body.max_tokens
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
         created = int(time.time())
@@ -191,7 +204,7 @@ class ChatCompletions:
             max_tokens=max_tokens,
         )
         if not body.stream:
-            done = await sse.shielded(self._pipeline.submit_nowait(text, **options))
+            done = await self._pipeline.submit(text, **options)
             response.send(200, self._completion(done, stops, created, body.model))
             return
         events = sse.pipeline_events(self._pipeline, text, **options)

@@ -13,6 +13,9 @@ client goes away.
 The application (``exchange.App``) sees a ``Request`` with the whole body and
 a ``Response`` to answer it; ``precheck`` runs on the head alone so that a
 request that will be refused (auth, unknown route) never gets its body read.
+An ``Upgrade`` request that passes it and that ``App.upgrade`` accepts (the
+WebSocket of ``websocket.py``) switches the connection: from then on its
+bytes go to the new protocol and no HTTP is parsed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import cast
 import httptools
 
 from mpipeline.errors import MPipelineError
-from mpipeline.gateway.exchange import App, Reply, Request, Response
+from mpipeline.gateway.exchange import App, Reply, Request, Response, Switch, Upgraded
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,11 @@ class HttpServer:
         host, port = self._server.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
+    def stop_accepting(self) -> None:
+        """Close the listening socket (this process's copy); connections carry on."""
+        if self._server is not None:
+            self._server.close()
+
     async def stop(self, grace_s: float) -> None:
         """Stop accepting, let requests in progress finish for ``grace_s``, close the rest."""
         if self._server is not None:
@@ -156,6 +164,8 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._discarding = False
         self._upgrade = False
+        self._switch: Switch | None = None
+        self._upgraded: Upgraded | None = None
         # The request being parsed.
         self._url = b""
         self._headers: dict[str, str] = {}
@@ -180,6 +190,8 @@ class _Connection(asyncio.Protocol):
         self._disarm()
         self._writable.set()
         self._queue.clear()
+        if self._upgraded is not None:
+            self._upgraded.connection_lost(exc)
         if self._task is not None:
             self._task.cancel()  # the client left: stop working for it
         self.server._removed(self)
@@ -197,14 +209,20 @@ class _Connection(asyncio.Protocol):
         self._writable.set()
 
     def data_received(self, data: bytes) -> None:
+        if self._upgraded is not None:
+            self._upgraded.data_received(data)
+            return
         if self._discarding or self._upgrade:
             return
         if self._current is None:  # between requests, or in a head
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No protocol switch is served yet: answer the request, then close.
+        except httptools.HttpParserUpgrade as exc:
+            if self._switch is not None and self._abort is None:
+                self._switch_to(self._switch, data[exc.args[0] :])
+                return
+            # A switch the app does not serve: answer the request, then close.
             self._upgrade = True
         except httptools.HttpParserError as exc:
             self._reject(self._error(400, f"malformed HTTP request: {exc}"))
@@ -261,6 +279,12 @@ class _Connection(asyncio.Protocol):
         if early is not None:
             self._stop_parsing(early)
             return
+        if self._parser.should_upgrade():
+            switch = self.server.app.upgrade(request)
+            if isinstance(switch, Reply):
+                self._stop_parsing(switch)
+                return
+            self._switch = switch
         if (request.header("expect") or "").lower() == "100-continue":
             self.write(_CONTINUE)
 
@@ -283,6 +307,8 @@ class _Connection(asyncio.Protocol):
         request.body = b"".join(self._body)
         self._body = []
         self._disarm()
+        if self._switch is not None:
+            return  # data_received switches once the parser stops at the upgrade
         self._queue.append(request)
         if self._task is None:
             self._next()
@@ -338,6 +364,19 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
         elif not self._reading():
             self._arm(self.server.keepalive_timeout_s, self._idle_timeout)
+
+    def _switch_to(self, switch: Switch, rest: bytes) -> None:
+        """Hand the connection, and ``rest`` (bytes after the head), to the new protocol."""
+        self._switch = None
+        if self._task is not None or self._queue or self._transport is None:
+            self._reject(self._error(400, "an Upgrade request must not be pipelined"))
+            return
+        self._disarm()
+        self._upgraded = switch(self._transport, self)
+        if self.closing:
+            self._upgraded.shutdown()  # switched while the server stops
+        if rest:
+            self._upgraded.data_received(rest)
 
     def _stop_parsing(self, reply: Reply) -> None:
         """Refuse the request being parsed; ``data_received`` answers once the feed returns."""
@@ -418,11 +457,16 @@ class _Connection(asyncio.Protocol):
     def shutdown(self) -> None:
         """Finish the response in progress, if any, then close."""
         self.closing = True
+        if self._upgraded is not None:
+            self._upgraded.shutdown()
+            return
         if self._task is None and self._transport is not None:
             self._transport.close()
 
     def abort(self) -> asyncio.Task[None] | None:
         """Drop the connection now; returns the handler task it cancels, to await."""
+        if self._upgraded is not None:
+            return self._upgraded.abort()
         if self._transport is not None:
             self._transport.abort()
         return self._task

@@ -91,7 +91,7 @@ async def with_keepalive(
         await source.aclose()
 
 
-async def pipeline_events(
+def pipeline_events(
     pipeline: Pipeline,
     text: str,
     *,
@@ -103,35 +103,20 @@ async def pipeline_events(
 ) -> AsyncGenerator[Event, None]:
     """The request's chunks, then its ``Completed`` (``Pipeline.stream_events``).
 
+    The pipeline's own generator, not a wrapper around it: closing it (a client
+    that hung up) cancels the request at once, not when the loop collects an
+    abandoned inner generator.
+
     :raises RequestFailed: as ``Pipeline.stream``, possibly after some chunks
     """
-    async for event in pipeline.stream_events(
+    return pipeline.stream_events(
         text,
         session_id=session_id,
         metadata=metadata,
         priority=priority,
         deadline_ms=deadline_ms,
         max_tokens=max_tokens,
-    ):
-        yield event
-
-
-async def shielded(future: asyncio.Future[Completed]) -> Completed:
-    """Await a pipeline result without cancelling it if the client leaves.
-
-    Awaiting the future directly would cancel it with the handler, and the
-    client's receive loop cannot deliver into a cancelled future.
-    """
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        future.add_done_callback(_retrieve)
-        raise
-
-
-def _retrieve(future: asyncio.Future[Completed]) -> None:
-    if not future.cancelled():
-        future.exception()
+    )
 
 
 async def respond(

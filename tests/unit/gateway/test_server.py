@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from mpipeline.errors import MPipelineError
-from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.exchange import Reply, Request, Response, Switch
 from mpipeline.gateway.server import MAX_PIPELINED, HttpServer, bind
 
 LIMIT = 1000
@@ -57,6 +57,9 @@ class ScriptedApp:
 
     def error_reply(self, path: str, status: int, message: str) -> Reply:
         return Reply(status, json.dumps({"status": status, "message": message}).encode())
+
+    def upgrade(self, request: Request) -> Reply | Switch | None:
+        return None  # no protocol switch: answered as plain HTTP, then closed
 
 
 @contextlib.asynccontextmanager
