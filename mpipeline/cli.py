@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(handler=_run)
     _add_bench(commands)
+    _add_dlq(commands)
     _add_status_profile(commands)
 
     config = commands.add_parser("config", help="check or print the configuration")
@@ -196,6 +197,26 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=True,
         help="also run the single-process asyncio pipeline (default on)",
     )
+    bench.add_argument(
+        "--http",
+        action="store_true",
+        help="drive the HTTP gateway with wrk beside a uvicorn+starlette peer instead "
+        "(--cores, --duration, --baseline, --quick, --json apply)",
+    )
+    bench.add_argument(
+        "--connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="--http: wrk's keep-alive connections (default 64)",
+    )
+    bench.add_argument(
+        "--wrk-cpus",
+        type=_cpu_list,
+        default=None,
+        metavar="0,1",
+        help="--http: cores for wrk and the probes (default: the cores under test)",
+    )
     bench.add_argument("--quick", action="store_true", help="short phases (a smoke test)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     bench.add_argument("--json", type=Path, default=None, metavar="FILE")
@@ -223,7 +244,22 @@ def _float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _cpu_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of core ids: {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"core ids must be >= 0: {text!r}")
+    return values
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.http:
+        return _bench_http(args)
+    if args.connections is not None or args.wrk_cpus is not None:
+        print("mpipeline bench: --connections and --wrk-cpus need --http", file=sys.stderr)
+        return ExitCode.USAGE
     from mpipeline import benchmark
 
     opts = benchmark.options(
@@ -241,6 +277,44 @@ def _bench(args: argparse.Namespace) -> int:
         shared=args.shared_cores,
     )
     return benchmark.main(opts)
+
+
+def _bench_http(args: argparse.Namespace) -> int:
+    from mpipeline import _bench_http
+
+    misfits = {
+        "--requests": args.requests is not None,
+        "--rates": args.rates is not None,
+        "--rate-duration": args.rate_duration is not None,
+        "--window": args.window is not None,
+        "--shared-cores": args.shared_cores,
+        "--plot": args.plot is not None,
+    }
+    unused = [flag for flag, given in misfits.items() if given]
+    if unused:
+        print(f"mpipeline bench: {', '.join(unused)} do not apply to --http", file=sys.stderr)
+        return ExitCode.USAGE
+    opts = _bench_http.options(
+        quick=args.quick,
+        cores=args.cores,
+        duration_s=args.duration,
+        connections=args.connections,
+        wrk_cpus=args.wrk_cpus,
+        peer=args.baseline,
+        progress=not args.no_progress,
+        json_path=args.json,
+    )
+    return _bench_http.main(opts)
+
+
+# dlq
+
+
+def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # _cli_dlq imports only argparse and the stdlib; its handlers load the runtime.
+    from mpipeline import _cli_dlq
+
+    _cli_dlq.add_parser(commands, _add_where)
 
 
 # status and profile

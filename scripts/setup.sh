@@ -7,9 +7,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Debian packages the project needs beyond Python itself. None yet: the wheels
-# of every dependency are self-contained on x86-64 Linux.
-APT_PACKAGES=()
+# Debian packages the project needs beyond Python itself (the wheels of every
+# Python dependency are self-contained on x86-64 Linux). wrk is the HTTP load
+# generator of `mpipeline bench --http`.
+APT_PACKAGES=(wrk)
 
 VENV=.venv
 STAMP="$VENV/.mpipeline-install.sha256"
