@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import uvloop
@@ -46,21 +47,44 @@ def _die_with_parent(parent: int) -> None:
 
 def main(spec: ReplicaSpec, config_path: str, ctl_name: str, parent: int, log_level: int) -> None:
     """Entry point of a replica process (the spawn target)."""
+    run_child(
+        spec.name,
+        spec.cpus,
+        config_path,
+        parent,
+        log_level,
+        lambda cfg: _serve(spec, cfg, ctl_name),
+    )
+
+
+def run_child(
+    name: str,
+    cpus: tuple[int, ...],
+    config_path: str,
+    parent: int,
+    log_level: int,
+    serve: Callable[[PipelineConfig], Coroutine[Any, Any, None]],
+) -> NoReturn:
+    """Boot any supervised child (stage or gateway) and run ``serve`` on uvloop; exits.
+
+    Exit codes tell the supervisor what happened: BOOT_ERROR (3) stops the run
+    instead of a restart loop, FAILURE (1) is a crash to restart.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The supervisor blocks signals while it spawns; unblock now that INT is ignored.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _die_with_parent(parent)
     logging.basicConfig(
         level=log_level,
-        format=f"%(asctime)s %(levelname)s {spec.name}[%(process)d] %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
         cfg = load(Path(config_path))
-        if spec.cpus:
-            psutil.Process().cpu_affinity(list(spec.cpus))
+        if cpus:
+            psutil.Process().cpu_affinity(list(cpus))
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(spec, cfg, ctl_name))
+            runner.run(serve(cfg))
     except BootError as exc:
         log.error("failed to boot: %s", exc)
         sys.exit(ExitCode.BOOT_ERROR)

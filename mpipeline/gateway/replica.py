@@ -17,20 +17,14 @@ import logging
 import os
 import signal
 import socket
-import sys
-from pathlib import Path
 from typing import Any
 
-import psutil
-import uvloop
-
-from mpipeline.config import PipelineConfig, load
-from mpipeline.errors import ExitCode
+from mpipeline.config import PipelineConfig
 from mpipeline.gateway.app import Gateway, model_name
 from mpipeline.gateway.ratelimit import RateLimiter
 from mpipeline.heartbeat import R_PID, R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.pipeline import Pipeline
-from mpipeline.replica import BootError, _die_with_parent
+from mpipeline.replica import BootError, run_child
 from mpipeline.topology import GatewaySpec
 
 log = logging.getLogger(__name__)
@@ -50,32 +44,17 @@ def main(
     state: dict[str, Any],
 ) -> None:
     """Entry point of a gateway process (the spawn target)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    _die_with_parent(parent)
-    logging.basicConfig(
-        level=log_level,
-        format=f"%(asctime)s %(levelname)s {spec.name}[%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # httpx logs URLs at INFO; websockets logs every connection at INFO.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    # One INFO line per WebSocket connection otherwise.
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    try:
-        cfg = load(Path(config_path))
-        if spec.cpus:
-            psutil.Process().cpu_affinity(list(spec.cpus))
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(spec, cfg, ctl_name, sock, state))
-    except BootError as exc:
-        log.error("failed to boot: %s", exc)
-        sys.exit(ExitCode.BOOT_ERROR)
-    except Exception:  # the top-level crash logger: anything else is a crash
-        log.exception("crashed")
-        sys.exit(ExitCode.FAILURE)
-    finally:
-        sock.close()
-    sys.exit(ExitCode.OK)
+    run_child(
+        spec.name,
+        spec.cpus,
+        config_path,
+        parent,
+        log_level,
+        lambda cfg: _serve(spec, cfg, ctl_name, sock, state),
+    )
 
 
 async def _serve(
