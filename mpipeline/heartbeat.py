@@ -162,9 +162,6 @@ class ControlBlock:
     def client_put(self, client: int, field: int, value: int) -> None:
         self._q[HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + client) + field] = value
 
-    def client_get(self, client: int, field: int) -> int:
-        return int(self._q[HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + client) + field])
-
     # Cancel board
 
     def cancel(self, client: int, request_id: str) -> None:
@@ -188,12 +185,6 @@ class ControlBlock:
             return False
         h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
         return bool(self._q[self._boards + CANCEL_SLOTS * client + h % CANCEL_SLOTS] == h)
-
-    def clear_cancels(self, client: int) -> None:
-        """A new process took the slot: forget its predecessor's board."""
-        start = self._boards + CANCEL_SLOTS * client
-        for i in range(start, start + CANCEL_SLOTS):
-            self._q[i] = 0
 
     def close(self) -> None:
         self._q.release()
