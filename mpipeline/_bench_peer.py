@@ -31,7 +31,7 @@ from starlette.routing import Route
 from mpipeline.config import EchoConfig, load
 from mpipeline.gateway import schemas, sse
 from mpipeline.gateway.schemas import ChunkOut, ErrorBody, ErrorDetail, Problem, PromptBody
-from mpipeline.messages import PromptRequest
+from mpipeline.messages import Assembled, PromptRequest
 from mpipeline.workers.base import Generation
 from mpipeline.workers.echo import EchoWorker
 
@@ -40,11 +40,10 @@ _PROMPT = msgspec.json.Decoder(PromptBody)
 _ENCODE = msgspec.json.Encoder().encode
 
 
-def build_app(echo: EchoConfig) -> Starlette:
+def build_app(echo: EchoConfig, per_chunk: int = 1) -> Starlette:
     """The peer's routes over one ``EchoWorker`` built from ``echo``."""
     worker = EchoWorker(echo)
     ids = itertools.count()
-    per_chunk = echo.chunk_tokens
 
     async def prompt(request: Request) -> Response:
         body = schemas.decode(_PROMPT, await request.body())
@@ -68,7 +67,7 @@ def build_app(echo: EchoConfig) -> Starlette:
                 headers=dict(sse.HEADERS),
             )
         gen = Generation()
-        text = await worker.complete(req.input, req, gen)
+        text = await worker.complete(_job(req), gen)
         return Response(
             _ENCODE(_result(req, text, gen)),
             media_type=JSON,
@@ -93,7 +92,7 @@ async def _events(worker: EchoWorker, req: PromptRequest, per_chunk: int) -> Asy
     parts: list[str] = []
     pending: list[str] = []
     index = 0
-    async for token in worker.generate(req.input, req, gen):
+    async for token in worker.generate(_job(req), gen):
         parts.append(token)
         pending.append(token)
         if len(pending) >= per_chunk:
@@ -105,6 +104,11 @@ async def _events(worker: EchoWorker, req: PromptRequest, per_chunk: int) -> Asy
         chunk = ChunkOut(request_id=req.request_id, index=index, text="".join(pending))
         yield sse.event(_ENCODE(chunk), "chunk")
     yield sse.event(_ENCODE(_result(req, "".join(parts), gen)), "done")
+
+
+def _job(req: PromptRequest) -> Assembled:
+    # The peer has no assemble stage: echo reads only the request's input.
+    return Assembled(request=req, prompt=req.input, dedup_key="")
 
 
 def _result(req: PromptRequest, text: str, gen: Generation) -> schemas.PromptResult:
@@ -128,9 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    echo = load(args.config).stages.inference.echo
+    inference = load(args.config).stages.inference
     uvicorn.run(
-        build_app(echo),
+        build_app(inference.echo, inference.chunk_tokens),
         host=args.host,
         port=args.port,
         loop="uvloop",

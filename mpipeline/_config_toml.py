@@ -204,6 +204,10 @@ def _scalar(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    if isinstance(value, dict):
+        # An inline table (a pool member inside its array): unset fields left out.
+        pairs = (f"{k} = {_scalar(v)}" for k, v in value.items() if v is not None)
+        return "{ " + ", ".join(pairs) + " }"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 

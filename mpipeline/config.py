@@ -155,7 +155,118 @@ class EchoConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
     token_delay_ms: Annotated[float, _GE0, _doc("Sleep before each token.")] = 0.0
     max_tokens: Annotated[int, _GE1, _doc("Tokens per reply.")] = 16
-    chunk_tokens: Annotated[int, _GE1, _doc("Tokens per streamed chunk.")] = 1
+
+
+class TimeoutsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How long an upstream may take, phase by phase; each failure counts for its circuit."""
+
+    connect_s: Annotated[float, _SECONDS, _doc("TCP and TLS connect.")] = 5.0
+    first_token_s: Annotated[float, _SECONDS, _doc("Request sent to first token.")] = 60.0
+    between_tokens_s: Annotated[float, _SECONDS, _doc("Longest gap inside a stream.")] = 30.0
+    total_s: Annotated[float, _SECONDS, _doc("Whole call, all tokens.")] = 600.0
+
+
+class UpstreamConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One remote model server; the key is read from the environment, never from here."""
+
+    base_url: Annotated[str, _doc("Root of the API, scheme included.")] = ""
+    model: Annotated[str, _doc("Model name sent upstream.")] = ""
+    api_key_env: Annotated[
+        str | None, _doc('NAME of the env var with the API key; "": no key.')
+    ] = None
+    max_tokens: Annotated[int, _GE1, _doc("Default when a request sets none.")] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2), _doc("Sampling temperature.")] | None = None
+    max_concurrency: Annotated[int, _GE1, _doc("Calls in flight per shard; more wait.")] = 64
+    timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
+
+
+class OpenAIConfig(UpstreamConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Any OpenAI-compatible server: OpenAI, vLLM, llama.cpp server, SGLang, Ollama."""
+
+    base_url: Annotated[str, _doc("Root of the API, /v1 included.")] = "https://api.openai.com/v1"
+    model: Annotated[str, _doc("Model name sent upstream.")] = "gpt-4o-mini"
+    api_key_env: Annotated[str | None, _doc("NAME of the API key env var.")] = "OPENAI_API_KEY"
+
+
+class AnthropicConfig(UpstreamConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The Anthropic Messages API."""
+
+    base_url: Annotated[str, _doc("Root of the API.")] = "https://api.anthropic.com"
+    model: Annotated[str, _doc("Model name sent upstream.")] = "claude-3-5-haiku-latest"
+    api_key_env: Annotated[str | None, _doc("NAME of the API key env var.")] = "ANTHROPIC_API_KEY"
+    max_tokens: Annotated[int, _GE1, _doc("Default when a request sets none.")] | None = 1024
+    version: Annotated[str, _doc("anthropic-version header.")] = "2023-06-01"
+
+
+class PoolUpstreamConfig(UpstreamConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One member of a pool: a named OpenAI-compatible or Anthropic upstream."""
+
+    name: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$"), _doc("Label.")]
+    kind: Annotated[Literal["openai", "anthropic"], _doc("API spoken.")] = "openai"
+    version: Annotated[str, _doc("anthropic-version header (kind anthropic).")] = "2023-06-01"
+
+
+class PoolConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Several upstreams behind one worker; an open circuit takes one out of rotation."""
+
+    strategy: Annotated[
+        Literal["round_robin", "least_outstanding", "session_hash"], _doc("How to pick.")
+    ] = "least_outstanding"
+    upstreams: Annotated[list[PoolUpstreamConfig], _doc("The members, by name.")] = []
+
+
+class LlamaCppConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A local GGUF model inside each shard process (llama-cpp-python)."""
+
+    model_path: Annotated[str, _doc('GGUF file; "": the packaged Gemma 3 270M.')] = ""
+    n_ctx: Annotated[int, Meta(ge=256, le=1 << 20), _doc("Context window in tokens.")] = 4096
+    n_threads: Annotated[int, _GE0, _doc("Threads; 0: the shard's pinned cores.")] = 0
+    n_batch: Annotated[int, _GE1, _doc("Prompt tokens evaluated per batch.")] = 512
+    max_tokens: Annotated[int, _GE1, _doc("Default when a request sets none.")] = 256
+    temperature: Annotated[float, Meta(ge=0, le=2), _doc("0: greedy.")] = 0.0
+    seed: Annotated[int, _GE0, _doc("Sampling seed.")] = 0
+    session_cache_mib: Annotated[int, _GE0, _doc("KV state kept for sessions; 0: none.")] = 256
+    chat_format: Annotated[
+        str | None,
+        _doc('"gemma", a llama-cpp-python format name, or none: the GGUF\'s own template.'),
+    ] = None
+
+
+class BreakerConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A circuit per upstream, shared by every shard through shared memory."""
+
+    enabled: Annotated[bool, _doc("false: never open.")] = True
+    consecutive_failures: Annotated[int, _GE1, _doc("Failures in a row that open it.")] = 5
+    failure_rate: Annotated[float, Meta(gt=0, le=1), _doc("Rate over the window that opens.")] = 0.5
+    window_s: Annotated[float, _SECONDS, _doc("Window of the failure rate.")] = 10.0
+    min_calls: Annotated[int, _GE1, _doc("Calls in the window before the rate counts.")] = 20
+    open_s: Annotated[float, _SECONDS, _doc("Open this long, then half-open.")] = 5.0
+    probes: Annotated[int, Meta(ge=1, le=64), _doc("Half-open probes, one at a time.")] = 3
+    probe_success_rate: Annotated[
+        float, Meta(gt=0, le=1), _doc("Share of probes that must succeed to close.")
+    ] = 1.0
+
+
+class RetryConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The shard's retry loop: the only one (SDK and transport retries are off)."""
+
+    max_retries: Annotated[int, Meta(ge=0, le=20), _doc("Retries per request.")] = 3
+    backoff_initial_s: Annotated[float, _SECONDS, _doc("First backoff cap.")] = 0.2
+    backoff_max_s: Annotated[float, _SECONDS, _doc("Cap of the doubling backoff.")] = 10.0
+    budget_ratio: Annotated[float, Meta(ge=0, le=10), _doc("Retries per request, on average.")] = (
+        0.2
+    )
+    budget_min_per_s: Annotated[float, _GE0, _doc("Retries always allowed per second.")] = 1.0
+    max_retry_after_s: Annotated[float, _GE0, _doc("Longest Retry-After honoured.")] = 60.0
+
+
+class DedupConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Identical requests in flight share one call; recent results are reused."""
+
+    coalesce: Annotated[bool, _doc("Identical in-flight requests share one call.")] = True
+    cache_entries: Annotated[int, _GE0, _doc("Results kept; 0: no cache.")] = 4096
+    cache_ttl_s: Annotated[float, _SECONDS, _doc("How long a result is reused.")] = 60.0
+    cache_max_chars: Annotated[int, _GE1, _doc("Longer results are not cached.")] = 65536
 
 
 class InferenceConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -165,8 +276,23 @@ class InferenceConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fie
     concurrency: Annotated[
         int, _GE1, _doc("Requests a shard runs at once; more wait, critical first.")
     ] = 256
-    worker: Annotated[Literal["echo"], _doc("Model backend.")] = "echo"
+    worker: Annotated[
+        Literal["echo", "openai", "anthropic", "llama_cpp", "pool"], _doc("Model backend.")
+    ] = "echo"
+    chunk_tokens: Annotated[int, _GE1, _doc("Tokens per streamed chunk.")] = 1
     echo: EchoConfig = msgspec.field(default_factory=EchoConfig)
+    openai: OpenAIConfig = msgspec.field(default_factory=OpenAIConfig)
+    anthropic: AnthropicConfig = msgspec.field(default_factory=AnthropicConfig)
+    llama_cpp: LlamaCppConfig = msgspec.field(default_factory=LlamaCppConfig)
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    dedup: DedupConfig = msgspec.field(default_factory=DedupConfig)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the worker calls servers over the network (and so needs circuits)."""
+        return self.worker in ("openai", "anthropic", "pool")
 
 
 class PostConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -391,6 +517,7 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
     if env is not None and not _ENV_NAME.fullmatch(env):
         # Never echo it: someone may have pasted the token itself here.
         out.append(("gateway.auth_token_env", "must be the NAME of an environment variable"))
+    out += _check_worker(cfg.stages.inference)
     slots = cfg.gateway.rate_limit.session_slots
     if slots & (slots - 1):
         out.append(("gateway.rate_limit.session_slots", f"{slots} is not a power of two"))
@@ -412,6 +539,32 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
             "(docker run --shm-size)"
         )
         out.append((field, message))
+    return out
+
+
+def _check_worker(inf: InferenceConfig) -> list[_toml.Problem]:
+    """The chosen worker's table: URLs, key variable names, pool members."""
+    out: list[_toml.Problem] = []
+    upstreams: list[tuple[str, UpstreamConfig]] = []
+    if inf.worker in ("openai", "anthropic"):
+        upstreams.append((f"stages.inference.{inf.worker}", getattr(inf, inf.worker)))
+    elif inf.worker == "pool":
+        members = inf.pool.upstreams
+        if not members:
+            out.append(("stages.inference.pool.upstreams", "worker is pool but none are listed"))
+        names = [m.name for m in members]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            out.append(("stages.inference.pool.upstreams", f"names used twice: {', '.join(twice)}"))
+        upstreams += [(f"stages.inference.pool.upstreams[{i}]", m) for i, m in enumerate(members)]
+    for path, up in upstreams:
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", up.base_url):
+            # No echo of the value: a URL may carry credentials.
+            out.append((f"{path}.base_url", "must be an http:// or https:// URL without a query"))
+        if up.api_key_env and not _ENV_NAME.fullmatch(up.api_key_env):
+            out.append((f"{path}.api_key_env", "must be the NAME of an environment variable"))
+        if not up.model:
+            out.append((f"{path}.model", "must name the model to call"))
     return out
 
 

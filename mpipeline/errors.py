@@ -46,6 +46,10 @@ class ErrorCode(enum.StrEnum):
     DECODE_ERROR = "decode_error"
     RING_CORRUPTED = "ring_corrupted"
     UPSTREAM_ERROR = "upstream_error"
+    # The upstream missed a phase timeout (connect, first token, between tokens, total).
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    # The upstream said 429 (or 503 with Retry-After) and retries ran out.
+    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
     CIRCUIT_OPEN = "circuit_open"
     CANCELLED = "cancelled"
     # The client went away before its result: its request was cancelled.
@@ -136,7 +140,14 @@ class StageError(MPipelineError):
 
 
 class UpstreamError(MPipelineError):
-    """A model backend failed (HTTP error, timeout, broken stream)."""
+    """A model backend failed (HTTP error, timeout, broken stream).
+
+    ``code`` is what the client sees; ``retry_after_s`` (0: none) becomes its
+    Retry-After, so a client backs off as long as the upstream asked us to.
+    """
+
+    code: ErrorCode = ErrorCode.UPSTREAM_ERROR
+    retry_after_s: float | None = None
 
 
 # Message errors

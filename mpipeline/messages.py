@@ -40,6 +40,7 @@ __all__ = [
     "ToRag",
     "ToStream",
     "TokenChunk",
+    "Turn",
     "Usage",
     "failed_from",
     "reply_info",
@@ -76,6 +77,13 @@ class Message(
     """Base of every tagged message; subclasses set a short explicit ``tag``."""
 
 
+class Turn(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
+    """One message of a conversation: ``role`` is system, user or assistant."""
+
+    role: str
+    content: str
+
+
 class PromptRequest(Message, tag="req", frozen=True, kw_only=True):
     """A client request as the gateway accepted it.
 
@@ -100,6 +108,9 @@ class PromptRequest(Message, tag="req", frozen=True, kw_only=True):
     stream: bool = False
     max_tokens: int | None = None
     stamps: dict[str, int] = {}
+    # The conversation before ``input`` (oldest first), as chat APIs take it;
+    # ``input`` is the newest user turn.
+    history: list[Turn] = []
 
 
 class Passage(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
@@ -118,11 +129,18 @@ class Retrieved(Message, tag="ret", frozen=True, kw_only=True):
 
 
 class Assembled(Message, tag="asm", frozen=True, kw_only=True):
-    """The exact prompt the model will see, and the key that dedups it."""
+    """The exact prompt the model will see, and the key that dedups it.
+
+    ``prompt`` is the rendered text (for completion-style backends and echo);
+    ``messages`` is the same conversation as chat turns (system with the
+    retrieved context first, then the history, then the user's input) for the
+    chat APIs and for local models that apply their own chat template.
+    """
 
     request: PromptRequest
     prompt: str
     dedup_key: str
+    messages: list[Turn] = []
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
@@ -130,6 +148,8 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False
 
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens the backend reused instead of evaluating (a session's KV cache).
+    cached_tokens: int = 0
 
 
 class Reply(Message, frozen=True, kw_only=True):
@@ -166,6 +186,8 @@ class Failed(Reply, tag="fail", frozen=True, kw_only=True):
     code: ErrorCode
     reason: str
     stage: str
+    # Seconds the client should wait before trying again (0: no advice).
+    retry_after_s: float = 0.0
 
 
 # One union per edge, named for the stage that consumes it. Failed rides every
@@ -211,7 +233,9 @@ def reply_info(msg: Message) -> tuple[str, str | None, int]:
     raise TypeError(f"no reply info in {type(msg).__name__}")
 
 
-def failed_from(msg: Message, code: ErrorCode, reason: str, stage: str) -> Failed:
+def failed_from(
+    msg: Message, code: ErrorCode, reason: str, stage: str, retry_after_s: float = 0.0
+) -> Failed:
     """Build the ``Failed`` that answers whatever request ``msg`` belongs to.
 
     :raises TypeError: if ``msg`` is not one of the messages defined here
@@ -224,4 +248,5 @@ def failed_from(msg: Message, code: ErrorCode, reason: str, stage: str) -> Faile
         code=code,
         reason=reason,
         stage=stage,
+        retry_after_s=retry_after_s,
     )

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -39,7 +39,15 @@ from mpipeline.config import PipelineConfig, dump_toml, load, resolve_run_dir
 from mpipeline.dlq import DLQ_FILE, DeadLetterQueue, gone_letter, letter_for
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty, RingFull
 from mpipeline.heartbeat import R_STATE, ControlBlock, ReplicaState, RunState
-from mpipeline.messages import Completed, Failed, Priority, PromptRequest, ToGateway, TokenChunk
+from mpipeline.messages import (
+    Completed,
+    Failed,
+    Priority,
+    PromptRequest,
+    ToGateway,
+    TokenChunk,
+    Turn,
+)
 from mpipeline.ring import Ring
 from mpipeline.routing import request_key, shard_for
 from mpipeline.supervisor import LOCK_FILE, STATE_FILE
@@ -301,6 +309,7 @@ class Pipeline:
         deadline_ms: float | None,
         max_tokens: int | None,
         stream: bool,
+        history: Sequence[Turn] | None = None,
     ) -> _Pending:
         if self._closed or self._ctl is None:
             raise MPipelineError("the pipeline client is closed")
@@ -315,13 +324,16 @@ class Pipeline:
             )
         max_record = self._ingress[0].max_record
         limit = max_record - min(_ENVELOPE_BYTES, max_record // 4)
-        if len(text) * 4 > limit and len(text.encode()) > limit:
+        turns = history or ()
+        size = len(text) + sum(len(t.content) + 16 for t in turns)
+        # Four bytes per character bound the UTF-8 size: encode only near the limit.
+        if size * 4 > limit and _utf8_size(text, turns) > limit:
             raise RequestFailed(
                 self._failed(
                     "",
                     session_id,
                     ErrorCode.TOO_LARGE,
-                    f"input of {len(text)} characters exceeds the limit of {limit}",
+                    f"input of {size} characters exceeds the limit of {limit}",
                 )
             )
         now = time.monotonic_ns()
@@ -336,6 +348,7 @@ class Pipeline:
             reply_to=self._client.index,
             stream=stream,
             max_tokens=max_tokens,
+            history=list(history) if history else [],
         )
         loop = asyncio.get_running_loop()
         pending = _Pending(
@@ -361,6 +374,7 @@ class Pipeline:
         priority: Priority = Priority.NORMAL,
         deadline_ms: float | None = None,
         max_tokens: int | None = None,
+        history: Sequence[Turn] | None = None,
     ) -> Completed:
         """Run one request through the pipeline and return its result.
 
@@ -368,7 +382,7 @@ class Pipeline:
             (shed, expired, stage error, replica restarted, shutting down).
         """
         pending = self._new_request(
-            text, session_id, metadata, priority, deadline_ms, max_tokens, False
+            text, session_id, metadata, priority, deadline_ms, max_tokens, False, history
         )
         try:
             return await pending.future
@@ -386,6 +400,7 @@ class Pipeline:
         priority: Priority = Priority.NORMAL,
         deadline_ms: float | None = None,
         max_tokens: int | None = None,
+        history: Sequence[Turn] | None = None,
     ) -> asyncio.Future[Completed]:
         """Send one request and return the future of its result, without awaiting it.
 
@@ -399,7 +414,7 @@ class Pipeline:
         :raises MPipelineError: if the client is closed.
         """
         pending = self._new_request(
-            text, session_id, metadata, priority, deadline_ms, max_tokens, False
+            text, session_id, metadata, priority, deadline_ms, max_tokens, False, history
         )
         return pending.future
 
@@ -412,6 +427,7 @@ class Pipeline:
         priority: Priority = Priority.NORMAL,
         deadline_ms: float | None = None,
         max_tokens: int | None = None,
+        history: Sequence[Turn] | None = None,
     ) -> AsyncIterator[TokenChunk]:
         """Yield token chunks as the model makes them; ends when the request completes.
 
@@ -424,6 +440,7 @@ class Pipeline:
             priority=priority,
             deadline_ms=deadline_ms,
             max_tokens=max_tokens,
+            history=history,
         ):
             if type(event) is TokenChunk:
                 yield event
@@ -437,6 +454,7 @@ class Pipeline:
         priority: Priority = Priority.NORMAL,
         deadline_ms: float | None = None,
         max_tokens: int | None = None,
+        history: Sequence[Turn] | None = None,
     ) -> AsyncGenerator[TokenChunk | Completed, None]:
         """Like ``stream``, then the final ``Completed`` (usage, finish reason, timings).
 
@@ -446,7 +464,7 @@ class Pipeline:
         :raises RequestFailed: as ``submit``, possibly after some chunks.
         """
         pending = self._new_request(
-            text, session_id, metadata, priority, deadline_ms, max_tokens, True
+            text, session_id, metadata, priority, deadline_ms, max_tokens, True, history
         )
         queue = pending.chunks
         assert queue is not None
@@ -728,3 +746,8 @@ def _retrieve(future: asyncio.Future[Completed]) -> None:
     """Mark an abandoned request's outcome as seen, so asyncio logs nothing."""
     if not future.cancelled():
         future.exception()
+
+
+def _utf8_size(text: str, history: Sequence[Turn]) -> int:
+    """Bytes of a request's text on the wire (16 bytes of framing per turn)."""
+    return len(text.encode()) + sum(len(t.content.encode()) + len(t.role) + 16 for t in history)

@@ -79,6 +79,10 @@ def run_child(
         format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx and httpcore log request URLs at INFO and DEBUG: an upstream URL
+    # may carry a key in its query (RELIABILITY 9).
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load(Path(config_path))
         if cpus:
@@ -94,8 +98,17 @@ def run_child(
     sys.exit(ExitCode.OK)
 
 
-def build_stage(spec: ReplicaSpec, cfg: PipelineConfig) -> Stage[Any, Any] | AsyncStage[Any, Any]:
-    ctx = StageContext(stage=spec.stage, replica=spec.index, replicas=spec.replicas, config=cfg)
+def build_stage(
+    spec: ReplicaSpec, cfg: PipelineConfig, segments: str = ""
+) -> Stage[Any, Any] | AsyncStage[Any, Any]:
+    ctx = StageContext(
+        stage=spec.stage,
+        replica=spec.index,
+        replicas=spec.replicas,
+        config=cfg,
+        segments=segments,
+        cpus=spec.cpus,
+    )
     cls = STAGES[spec.stage]
     stage = cls(getattr(cfg.stages, spec.stage), ctx)
     assert isinstance(stage, Stage | AsyncStage)
@@ -110,7 +123,7 @@ async def _serve(spec: ReplicaSpec, cfg: PipelineConfig, ctl_name: str) -> None:
     try:
         if faults.boot_error:
             raise BootError("injected boot_error fault")
-        stage = build_stage(spec, cfg)
+        stage = build_stage(spec, cfg, ctl_name.removesuffix("-control"))
         if faults.any:
             from mpipeline._faulty import wrap
 

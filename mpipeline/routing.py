@@ -33,9 +33,17 @@ def dedup_key(request: PromptRequest) -> str:
     """Identity of the work a request asks for, independent of who asked.
 
     Built from the request alone (not the assembled prompt) so that the
-    client can compute the inference shard without running assemble.
+    client can compute the inference shard without running assemble. The
+    conversation so far is part of the work: the same words after a different
+    history are a different request.
     """
-    return xxhash.xxh3_128_hexdigest(f"{request.max_tokens}\0{request.input}".encode())
+    if not request.history:
+        return xxhash.xxh3_128_hexdigest(f"{request.max_tokens}\0{request.input}".encode())
+    h = xxhash.xxh3_128(f"{request.max_tokens}\0".encode())
+    for turn in request.history:
+        h.update(f"{turn.role}\0{turn.content}\0".encode())
+    h.update(request.input.encode())
+    return h.hexdigest()
 
 
 def request_key(request: PromptRequest, stage: str) -> str:

@@ -43,6 +43,7 @@ from mpipeline.errors import (
     RingEmpty,
     RingFull,
     RingPoisoned,
+    UpstreamError,
 )
 from mpipeline.heartbeat import ControlBlock, RunState
 from mpipeline.messages import (
@@ -426,6 +427,10 @@ class StageRunner:
                 reason = f"stage {self.name} is shutting down"
                 self._emit(failed_from(msg, ErrorCode.SHUTTING_DOWN, reason, self.name))
                 raise
+        except UpstreamError as exc:  # classified already: no traceback, the code says it
+            log.warning("%s: %s: %s", self.spec.name, exc.code, exc)
+            wait = exc.retry_after_s or 0.0
+            self._emit(failed_from(msg, exc.code, str(exc), self.name, wait))
         except Exception as exc:  # one bad message must not stop the stage
             log.exception("%s: stage error", self.spec.name)
             reason = f"{type(exc).__name__}: {exc}"

@@ -15,9 +15,11 @@ import json
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
+
+import msgspec
 
 from mpipeline.config import PipelineConfig, load, resolve_run_dir
 from mpipeline.errors import ConfigError, ExitCode, MPipelineError, RingCorrupted, RingNotFound
@@ -46,6 +48,14 @@ REPLICA_COLUMNS = (
     "LAST EXIT",
 )
 EDGE_COLUMNS = ("EDGE", "USED / CAPACITY", "RECORDS IN", "RECORDS OUT", "HIGH-WATER", "FULL")
+CIRCUIT_COLUMNS = (
+    "UPSTREAM",
+    "CIRCUIT",
+    "FAILURES IN A ROW",
+    "WINDOW FAILED/CALLS",
+    "OPENED",
+    "NEXT",
+)
 # The supervisor stores a signal death as 0x10000 | signo in the last-exit slot.
 _SIGNALLED = 0x10000
 
@@ -95,6 +105,21 @@ class EdgeStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class CircuitStatus:
+    """One upstream's circuit breaker, shared by every inference shard."""
+
+    upstream: str
+    state: str
+    consecutive_failures: int
+    window_calls: int
+    window_failures: int
+    opens: int
+    # Seconds until an open circuit lets a probe through; until a Retry-After ends.
+    retry_in_s: float
+    held_for_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     run_dir: str
     run_id: str
@@ -105,6 +130,7 @@ class Status:
     replicas: list[ReplicaStatus]
     edges: list[EdgeStatus]
     gateway_url: str | None = None
+    circuits: list[CircuitStatus] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +267,40 @@ def snapshot(run: Run) -> Status:
         uptime_s=max(0, now - ctl.started_ns) / 1e9,
         replicas=replicas,
         edges=edges,
+        circuits=_circuits(run.state),
     )
+
+
+def _circuits(state: dict[str, Any]) -> list[CircuitStatus]:
+    """The run's circuit breakers (none unless the worker calls remote upstreams)."""
+    name = state.get("breakers")
+    if not name:
+        return []
+    from mpipeline.config import BreakerConfig
+    from mpipeline.resilience import BreakerBoard
+
+    try:
+        cfg = msgspec.convert(state.get("breaker_config") or {}, BreakerConfig)
+        board = BreakerBoard.attach(name, cfg)
+    except (RingNotFound, RingCorrupted, msgspec.ValidationError):
+        return []
+    try:
+        now = time.monotonic()
+        return [
+            CircuitStatus(
+                upstream=b.name,
+                state=b.state,
+                consecutive_failures=b.consecutive_failures,
+                window_calls=b.window_calls,
+                window_failures=b.window_failures,
+                opens=b.opens,
+                retry_in_s=max(0.0, b.retry_at - now) if b.retry_at else 0.0,
+                held_for_s=max(0.0, b.not_before - now),
+            )
+            for b in board.snapshot()
+        ]
+    finally:
+        board.close()
 
 
 def _edge(spec: dict[str, Any]) -> EdgeStatus:
@@ -312,6 +371,9 @@ def render(status: Status) -> str:
         head += f"gateway {status.gateway_url}\n"
     replicas = _table(REPLICA_COLUMNS, [_replica_row(r) for r in status.replicas], {1, 4, 5, 6, 7})
     edges = _table(EDGE_COLUMNS, [_edge_row(e) for e in status.edges], {2, 3, 4, 5})
+    if status.circuits:
+        rows = [_circuit_row(c) for c in status.circuits]
+        edges += "\n\n" + _table(CIRCUIT_COLUMNS, rows, {2, 3, 4})
     return f"{head}\n{replicas}\n\n{edges}"
 
 
@@ -319,6 +381,18 @@ def _replica_row(r: ReplicaStatus) -> tuple[str, ...]:
     beat = "-" if r.heartbeat_age_s is None else f"{_duration(r.heartbeat_age_s)} ago"
     counts = (str(r.processed), str(r.in_flight), beat, str(r.restarts))
     return (r.name, str(r.pid or "-"), _cpus(r.cpus), r.state, *counts, r.last_exit or "-")
+
+
+def _circuit_row(c: CircuitStatus) -> tuple[str, ...]:
+    if c.held_for_s:
+        after = f"Retry-After {_duration(c.held_for_s)}"
+    elif c.retry_in_s:
+        after = f"probe in {_duration(c.retry_in_s)}"
+    else:
+        after = "-"
+    window = f"{c.window_failures}/{c.window_calls}"
+    row = (c.upstream, c.state, str(c.consecutive_failures), window, f"{c.opens}x", after)
+    return row
 
 
 def _edge_row(e: EdgeStatus) -> tuple[str, ...]:

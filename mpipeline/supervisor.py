@@ -30,6 +30,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from mpipeline import _shm, topology
 from mpipeline.config import PipelineConfig, resolve_run_dir
 from mpipeline.errors import ExitCode, MPipelineError
@@ -49,6 +51,7 @@ from mpipeline.ring import Ring
 
 if TYPE_CHECKING:
     from mpipeline.gateway.ratelimit import RateLimiter
+    from mpipeline.resilience import BreakerBoard
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ class Supervisor:
         self.listener: socket.socket | None = None
         # Token buckets every gateway shares, so a limit holds across replicas.
         self.limiter: RateLimiter | None = None
+        self.breakers: BreakerBoard | None = None
         self.ctl: ControlBlock | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -187,6 +191,13 @@ class Supervisor:
             self.limiter = RateLimiter.create(
                 f"mpl-{self.run_id}-ratelimit", self.cfg.gateway.rate_limit
             )
+        inference = self.cfg.stages.inference
+        if inference.remote:
+            # One circuit per upstream for every shard: one shard's failures
+            # make them all fail fast.
+            from mpipeline.resilience import BreakerBoard
+
+            self.breakers = BreakerBoard.create(f"mpl-{self.run_id}-breakers", inference.breaker)
         for edge in self.topo.edges:
             self.rings.append(Ring.create(edge.capacity, edge.name))
 
@@ -203,6 +214,8 @@ class Supervisor:
             "run_id": self.run_id,
             "config": str(self.config_path),
             "control": self.ctl.name if self.ctl else None,
+            "breakers": self.breakers.name if self.breakers else None,
+            "breaker_config": msgspec.to_builtins(self.cfg.stages.inference.breaker),
             "gateway_url": self.gateway_url,
             "topology": asdict(self.topo),
         }
@@ -503,6 +516,10 @@ class Supervisor:
             self.limiter.close()
             self.limiter.unlink()
             self.limiter = None
+        if self.breakers is not None:
+            self.breakers.close()
+            self.breakers.unlink()
+            self.breakers = None
         if self.ctl is not None:
             # Give attached clients a moment to read the final state.
             time.sleep(0.05)

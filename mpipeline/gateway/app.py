@@ -36,7 +36,7 @@ from mpipeline.gateway.exchange import Reply, Request, Response, Switch
 from mpipeline.gateway.ratelimit import RateLimiter, retry_after_s
 from mpipeline.gateway.schemas import ChunkOut, ErrorBody, ErrorDetail, Problem, PromptBody
 from mpipeline.gateway.server import HttpServer, bind
-from mpipeline.messages import Completed, TokenChunk
+from mpipeline.messages import Completed, TokenChunk, Turn
 from mpipeline.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,8 @@ class Gateway:
             message=schemas.failure_message(exc),
             request_id=exc.request_id or None,
         )
-        return Reply(status, _ENCODE(ErrorBody(error=detail)), schemas.failure_headers(status))
+        headers = schemas.failure_headers(status, exc.failed.retry_after_s)
+        return Reply(status, _ENCODE(ErrorBody(error=detail)), headers)
 
     # Routes
 
@@ -317,6 +318,7 @@ class Gateway:
             priority=schemas.PRIORITIES[body.priority],
             deadline_ms=body.deadline_ms,
             max_tokens=body.max_tokens,
+            history=[Turn(role=t.role, content=t.content) for t in body.history] or None,
         )
         if body.stream:
             events = sse.pipeline_events(self._pipeline, body.input, **options)

@@ -6,8 +6,9 @@ messages (text content, as a string or text parts), ``max_tokens`` /
 ``stream_options.include_usage``, the chunk format ending in ``data: [DONE]``,
 and errors as ``{"error": {"message", "type", "param", "code"}}``.
 
-The pipeline takes one input string and the assemble stage applies the chat
-template, so messages become plain ``role: content`` lines here. ``user`` (or
+The last message (from the user) becomes the request's input and the ones
+before it its history; the assemble stage adds the system prompt and context
+and each worker sends the turns on in its own API's shape. ``user`` (or
 an ``X-Session-Id`` header, which wins) becomes the session, so a
 conversation keeps to one inference shard. Stop sequences are applied here,
 on the text as it streams, until post grows stop rules of its own.
@@ -26,7 +27,7 @@ from mpipeline.errors import RequestFailed
 from mpipeline.gateway import schemas, sse
 from mpipeline.gateway.exchange import Reply, Request, Response
 from mpipeline.gateway.schemas import Problem
-from mpipeline.messages import Completed, Priority, TokenChunk
+from mpipeline.messages import Completed, Priority, TokenChunk, Turn
 from mpipeline.pipeline import Pipeline
 
 # OpenAI accepts at most four stop sequences.
@@ -70,10 +71,14 @@ _DECODER = msgspec.json.Decoder(ChatBody)
 _ENCODE = msgspec.json.Encoder().encode
 
 
-def render_messages(messages: Sequence[ChatMessage]) -> str | Problem:
-    """The pipeline's input: one ``role: content`` line per message."""
-    lines = []
-    empty = True
+# Chat roles as the pipeline's turns: a developer message is OpenAI's newer
+# name for a system message; a tool result is input the model must read.
+_ROLES = {"system": "system", "developer": "system", "user": "user", "tool": "user"}
+
+
+def split_messages(messages: Sequence[ChatMessage]) -> tuple[str, list[Turn]] | Problem:
+    """The pipeline's input (the last message, from the user) and the history before it."""
+    turns = []
     for i, msg in enumerate(messages):
         content = msg.content
         if isinstance(content, list):
@@ -85,12 +90,13 @@ def render_messages(messages: Sequence[ChatMessage]) -> str | Problem:
                     return Problem(message, where)
                 texts.append(part.text)
             content = "".join(texts)
-        content = content or ""
-        empty = empty and not content.strip()
-        lines.append(f"{msg.role}: {content}")
-    if empty:
+        turns.append(Turn(role=_ROLES.get(msg.role, "assistant"), content=content or ""))
+    if turns[-1].role != "user":
+        where = f"messages[{len(turns) - 1}].role"
+        return Problem("the last message must be from the user (or a tool)", where)
+    if not any(t.content.strip() for t in turns):
         return Problem("the messages have no content", "messages")
-    return "\n".join(lines)
+    return turns[-1].content, turns[:-1]
 
 
 class StopScanner:
@@ -155,7 +161,12 @@ def failure_reply(exc: RequestFailed) -> Reply:
     message = schemas.failure_message(exc)
     if exc.request_id:
         message = f"{message}; request_id {exc.request_id}"
-    return error_reply(status, message, code=str(exc.code), headers=schemas.failure_headers(status))
+    return error_reply(
+        status,
+        message,
+        code=str(exc.code),
+        headers=schemas.failure_headers(status, exc.failed.retry_after_s),
+    )
 
 
 class ChatCompletions:
@@ -184,10 +195,11 @@ class ChatCompletions:
         if isinstance(body, Problem):
             response.send_reply(problem_reply(body))
             return
-        text = render_messages(body.messages)
-        if isinstance(text, Problem):
-            response.send_reply(problem_reply(text))
+        split = split_messages(body.messages)
+        if isinstance(split, Problem):
+            response.send_reply(problem_reply(split))
             return
+        text, history = split
         session = request.header("x-session-id") or body.user
         refused = self._admit(session) if self._admit is not None else None
         if refused is not None:
@@ -202,6 +214,7 @@ class ChatCompletions:
             priority=Priority.NORMAL,
             deadline_ms=None,
             max_tokens=max_tokens,
+            history=history,
         )
         if not body.stream:
             done = await self._pipeline.submit(text, **options)

@@ -44,8 +44,7 @@ def main(
     state: dict[str, Any],
 ) -> None:
     """Entry point of a gateway process (the spawn target)."""
-    # httpx logs URLs at INFO; websockets logs every connection at INFO.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # websockets logs every connection at INFO (run_child quiets httpx).
     logging.getLogger("websockets").setLevel(logging.WARNING)
     run_child(
         spec.name,

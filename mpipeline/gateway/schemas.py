@@ -10,6 +10,7 @@ what to fix, and a bad body can only ever be a 4xx. Decoding returns a
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
@@ -45,6 +46,8 @@ STATUS_FOR_CODE: dict[ErrorCode, int] = {
     ErrorCode.DECODE_ERROR: 500,
     ErrorCode.RING_CORRUPTED: 503,
     ErrorCode.UPSTREAM_ERROR: 502,
+    ErrorCode.UPSTREAM_TIMEOUT: 504,
+    ErrorCode.UPSTREAM_RATE_LIMITED: 429,
     ErrorCode.CIRCUIT_OPEN: 503,
     ErrorCode.CANCELLED: 503,
     # Nginx's "client closed request": only ever logged, the client is gone.
@@ -61,6 +64,13 @@ _NAMED = re.compile(r"Object (?:missing required|contains unknown) field `(?P<na
 SessionId = Annotated[str, Meta(min_length=1, max_length=MAX_SESSION_ID)]
 
 
+class TurnIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One earlier message of the conversation in ``POST /v1/prompt``."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class PromptBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/prompt``. Unknown fields are refused: a typo must not pass silently."""
 
@@ -71,12 +81,16 @@ class PromptBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     deadline_ms: Annotated[float, Meta(ge=1, le=MAX_DEADLINE_MS)] | None = None
     stream: bool = False
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    # The conversation before ``input``, oldest first, for multi-turn sessions.
+    history: list[TurnIn] = []
 
 
 class UsageOut(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Of prompt_tokens, those the model did not evaluate again (session cache).
+    cached_tokens: int = 0
 
 
 class PromptResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,8 +165,12 @@ def failure_status(exc: RequestFailed) -> int:
     return STATUS_FOR_CODE.get(exc.code, 500)
 
 
-def failure_headers(status: int) -> tuple[tuple[str, str], ...]:
-    return (("retry-after", str(RETRY_AFTER_S)),) if status == 503 else ()
+def failure_headers(status: int, retry_after_s: float = 0.0) -> tuple[tuple[str, str], ...]:
+    """Retry-After for refusals a client should retry: the upstream's own advice
+    when it gave one (an open circuit's time to half-open, a 429's Retry-After)."""
+    if retry_after_s > 0:
+        return (("retry-after", str(math.ceil(retry_after_s))),)
+    return (("retry-after", str(RETRY_AFTER_S)),) if status in (429, 503) else ()
 
 
 def failure_message(exc: RequestFailed) -> str:
@@ -166,6 +184,7 @@ def usage(done: Completed) -> UsageOut:
         prompt_tokens=u.prompt_tokens,
         completion_tokens=u.completion_tokens,
         total_tokens=u.prompt_tokens + u.completion_tokens,
+        cached_tokens=u.cached_tokens,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Protocol, TypedDict, TypeVar
 
 from mpipeline.errors import RequestFailed
 from mpipeline.gateway.exchange import Response
-from mpipeline.messages import Completed, Priority, TokenChunk
+from mpipeline.messages import Completed, Priority, TokenChunk, Turn
 from mpipeline.pipeline import Pipeline
 
 T = TypeVar("T")
@@ -40,6 +40,7 @@ class Options(TypedDict):
     priority: Priority
     deadline_ms: float | None
     max_tokens: int | None
+    history: list[Turn] | None
 
 
 class Renderer(Protocol):
@@ -100,6 +101,7 @@ def pipeline_events(
     priority: Priority,
     deadline_ms: float | None,
     max_tokens: int | None,
+    history: list[Turn] | None,
 ) -> AsyncGenerator[Event, None]:
     """The request's chunks, then its ``Completed`` (``Pipeline.stream_events``).
 
@@ -116,6 +118,7 @@ def pipeline_events(
         priority=priority,
         deadline_ms=deadline_ms,
         max_tokens=max_tokens,
+        history=history,
     )
 
 

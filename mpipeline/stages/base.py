@@ -31,6 +31,10 @@ class StageContext:
     replica: int
     replicas: int
     config: PipelineConfig
+    # "mpl-<run id>" under a supervisor, which owns the run's shared segments
+    # (the circuit breakers); "" for a stage built outside one (tests, library).
+    segments: str = ""
+    cpus: tuple[int, ...] = ()
     log: logging.LoggerAdapter[logging.Logger] = field(
         default_factory=lambda: logging.LoggerAdapter(logging.getLogger("mpipeline.stage"))
     )

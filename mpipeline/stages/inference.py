@@ -11,9 +11,16 @@ from collections.abc import AsyncIterator
 
 from mpipeline.config import InferenceConfig
 from mpipeline.messages import Assembled, Completed, Message, PromptRequest, TokenChunk, Usage
+from mpipeline.resilience import BreakerBoard
 from mpipeline.stages.base import AsyncStage, StageContext
-from mpipeline.workers import WORKERS, Worker
+from mpipeline.stages.calls import ShardCalls
+from mpipeline.workers import Upstream, WorkerContext, build_upstreams
 from mpipeline.workers.base import Generation
+
+
+def breakers_name(segments: str) -> str:
+    """The run's circuit-breaker segment, created by the supervisor."""
+    return f"{segments}-breakers"
 
 
 class Inference(AsyncStage[Assembled, Message]):
@@ -22,27 +29,44 @@ class Inference(AsyncStage[Assembled, Message]):
     def __init__(self, config: InferenceConfig, ctx: StageContext) -> None:
         super().__init__(config, ctx)
         self._config = config
-        worker_cls = WORKERS[config.worker]
-        self._worker: Worker = worker_cls(getattr(config, config.worker))
+        wctx = WorkerContext(shard=ctx.replica, shards=ctx.replicas, cpus=ctx.cpus)
+        self._upstreams: list[Upstream] = build_upstreams(config, wctx)
+        self._board: BreakerBoard | None = None
+        self.calls = ShardCalls(config, self._upstreams, None)
 
     async def start(self) -> None:
-        await self._worker.start()
+        cfg = self._config
+        if cfg.remote:
+            # Under a supervisor every shard shares its circuits; alone, a private board.
+            segments = self.ctx.segments
+            if segments:
+                self._board = BreakerBoard.attach(breakers_name(segments), cfg.breaker)
+            else:
+                self._board = BreakerBoard.private(cfg.breaker)
+            self.calls.use_breakers(self._board)
+        for upstream in self._upstreams:
+            await upstream.start()
 
     async def stop(self) -> None:
-        await self._worker.stop()
+        for upstream in self._upstreams:
+            await upstream.stop()
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     async def handle(self, msg: Assembled) -> AsyncIterator[Message]:
         req = msg.request
         gen = Generation()
+        calls = self.calls
         if not req.stream:
-            text = await self._worker.complete(msg.prompt, req, gen)
+            text = "".join([piece async for piece in calls.tokens(msg, gen, False)])
             yield self._completed(req, text, gen)
             return
         parts: list[str] = []
-        per_chunk = self._config.echo.chunk_tokens
+        per_chunk = self._config.chunk_tokens
         pending: list[str] = []
         index = 0
-        async for token in self._worker.generate(msg.prompt, req, gen):
+        async for token in calls.tokens(msg, gen, True):
             parts.append(token)
             if per_chunk:
                 pending.append(token)
@@ -73,7 +97,11 @@ class Inference(AsyncStage[Assembled, Message]):
             session_id=req.session_id,
             reply_to=req.reply_to,
             text=text,
-            usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens),
+            usage=Usage(
+                prompt_tokens=gen.prompt_tokens,
+                completion_tokens=gen.completion_tokens,
+                cached_tokens=gen.cached_tokens,
+            ),
             finish_reason=gen.finish_reason,
             stamps=req.stamps,
         )

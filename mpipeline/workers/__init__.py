@@ -1,10 +1,50 @@
-"""Model backends behind one ``Worker`` protocol; the registry is explicit."""
+"""Model backends behind one ``Upstream`` protocol, built from the inference config.
+
+The network and local-model backends are imported only when configured: a
+pipeline that runs echo never loads httpx clients or llama.cpp.
+"""
 
 from __future__ import annotations
 
-from mpipeline.workers.base import Worker
+from mpipeline.config import InferenceConfig, PoolUpstreamConfig
+from mpipeline.workers.base import Generation, Upstream, UpstreamFailure, WorkerContext
 from mpipeline.workers.echo import EchoWorker
 
-WORKERS: dict[str, type[Worker]] = {"echo": EchoWorker}
 
-__all__ = ["WORKERS", "EchoWorker", "Worker"]
+def build_upstreams(cfg: InferenceConfig, ctx: WorkerContext) -> list[Upstream]:
+    """The upstreams one shard calls: one, or a pool's members in config order."""
+    if cfg.worker == "echo":
+        return [EchoWorker(cfg.echo, ctx)]
+    if cfg.worker == "openai":
+        from mpipeline.workers.openai import OpenAIUpstream
+
+        return [OpenAIUpstream(cfg.openai, ctx, name="openai")]
+    if cfg.worker == "anthropic":
+        from mpipeline.workers.anthropic import AnthropicUpstream
+
+        return [AnthropicUpstream(cfg.anthropic, ctx, name="anthropic")]
+    if cfg.worker == "llama_cpp":
+        from mpipeline.workers.llama_cpp import LlamaCppUpstream
+
+        return [LlamaCppUpstream(cfg.llama_cpp, ctx)]
+    return [_member(m, ctx) for m in cfg.pool.upstreams]
+
+
+def _member(cfg: PoolUpstreamConfig, ctx: WorkerContext) -> Upstream:
+    if cfg.kind == "anthropic":
+        from mpipeline.workers.anthropic import AnthropicUpstream
+
+        return AnthropicUpstream(cfg, ctx, name=cfg.name)
+    from mpipeline.workers.openai import OpenAIUpstream
+
+    return OpenAIUpstream(cfg, ctx, name=cfg.name)
+
+
+__all__ = [
+    "EchoWorker",
+    "Generation",
+    "Upstream",
+    "UpstreamFailure",
+    "WorkerContext",
+    "build_upstreams",
+]

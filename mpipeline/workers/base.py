@@ -1,39 +1,116 @@
-"""The Worker protocol: a model backend that streams tokens for a prompt.
+"""What a model backend is: an ``Upstream`` that streams tokens for an assembled prompt.
 
-A worker is never a process (see the vocabulary in STYLE.md): it lives inside
-an inference shard, which owns its lifecycle through ``start``/``stop``.
+An upstream is never a process (see the vocabulary in STYLE.md): it lives
+inside an inference shard, which owns its lifecycle through ``start``/``stop``.
+A remote upstream (an OpenAI-compatible or Anthropic server) makes exactly one
+attempt per call and raises ``UpstreamFailure`` saying what went wrong; the
+shard's retry loop (``mpipeline.resilience``) decides whether to try again, and
+its circuit breaker and limits wrap every call. So nothing below the shard
+retries: SDK and transport retries are off (RELIABILITY 1.5).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from mpipeline.messages import PromptRequest
+from mpipeline.config import TimeoutsConfig
+from mpipeline.errors import ErrorCode, UpstreamError
+from mpipeline.messages import Assembled
 
 
 @dataclass(slots=True)
 class Generation:
-    """Running totals a worker fills in while it streams."""
+    """Running totals an upstream fills in while it streams.
+
+    ``cached_tokens`` counts prompt tokens the backend did not have to evaluate
+    again (a local model's session cache, a server's prompt cache).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
+    cached_tokens: int = 0
 
 
-class Worker(Protocol):
-    def __init__(self, config: Any) -> None: ...
+@dataclass(frozen=True, slots=True)
+class WorkerContext:
+    """Where the shard runs: local models size their threads by ``cpus``."""
+
+    shard: int = 0
+    shards: int = 1
+    cpus: tuple[int, ...] = ()
+
+
+class UpstreamFailure(UpstreamError):  # noqa: N818 - one failed attempt, not an error type family
+    """One failed attempt, classified for the retry loop and the circuit breaker.
+
+    ``retryable``: another attempt may succeed (5xx, 429, timeouts, a dropped
+    connection before the first token); 400/401/403/404 never do.
+    ``counts``: the failure says the upstream is unhealthy, so it counts toward
+    its circuit (timeouts and connection errors do; a client's bad request and a
+    cancelled call do not). ``retry_after_s`` is the server's Retry-After.
+    ``code`` is what the client finally sees if no retry succeeds.
+
+    The message must never contain an API key, a header or the request body:
+    it reaches logs, the DLQ and the client.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode = ErrorCode.UPSTREAM_ERROR,
+        status: int | None = None,
+        retryable: bool = False,
+        counts: bool = True,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.retryable = retryable
+        self.counts = counts
+        self.retry_after_s = retry_after_s
+
+
+class Upstream(Protocol):
+    """One model backend a shard can call.
+
+    ``name`` labels its circuit, metrics and status lines: the config's name for
+    it (``"openai"``, a pool member's name), never a URL. ``remote`` says whether
+    the shard's circuit breaker, retries and timeouts apply. ``timeouts`` and
+    ``max_concurrency`` are the per-upstream limits the shard enforces.
+    """
+
+    name: str
+    remote: bool
+    timeouts: TimeoutsConfig
+    max_concurrency: int
 
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
 
-    def generate(self, prompt: str, request: PromptRequest, gen: Generation) -> AsyncIterator[str]:
+    def generate(self, job: Assembled, gen: Generation) -> AsyncIterator[str]:
         """Stream the reply token by token (requests with ``stream`` set)."""
         ...
 
-    async def complete(self, prompt: str, request: PromptRequest, gen: Generation) -> str:
+    async def complete(self, job: Assembled, gen: Generation) -> str:
         """The whole reply at once: the backend's non-streaming call, which skips
         per-token work on both sides when nobody watches the tokens arrive."""
         ...
+
+
+# A local backend has no network phases; these bound nothing in practice.
+LOCAL_TIMEOUTS = TimeoutsConfig(connect_s=1e9, first_token_s=1e9, between_tokens_s=1e9, total_s=1e9)
+
+
+__all__ = [
+    "LOCAL_TIMEOUTS",
+    "Generation",
+    "Upstream",
+    "UpstreamFailure",
+    "WorkerContext",
+]

@@ -13,8 +13,8 @@ import re
 from collections.abc import AsyncIterator
 
 from mpipeline.config import EchoConfig
-from mpipeline.messages import PromptRequest
-from mpipeline.workers.base import Generation
+from mpipeline.messages import Assembled, PromptRequest
+from mpipeline.workers.base import LOCAL_TIMEOUTS, Generation, WorkerContext
 
 # A token is a word with its trailing whitespace (the first also takes any leading
 # whitespace), so joining the tokens restores a prefix of the text exactly.
@@ -22,8 +22,13 @@ _TOKEN = re.compile(r"\s*\S+\s*")
 
 
 class EchoWorker:
-    def __init__(self, config: EchoConfig) -> None:
+    name = "echo"
+    remote = False
+    timeouts = LOCAL_TIMEOUTS
+
+    def __init__(self, config: EchoConfig, ctx: WorkerContext | None = None) -> None:
         self._config = config
+        self.max_concurrency = 1 << 30
 
     async def start(self) -> None:
         pass
@@ -43,20 +48,19 @@ class EchoWorker:
         gen.finish_reason = "length" if len(found) > limit else "stop"
         return found[:limit]
 
-    async def generate(
-        self, prompt: str, request: PromptRequest, gen: Generation
-    ) -> AsyncIterator[str]:
+    async def generate(self, job: Assembled, gen: Generation) -> AsyncIterator[str]:
         delay = self._config.token_delay_ms / 1000.0
-        for token in self._tokens(prompt, request, gen):
+        for token in self._tokens(job.prompt, job.request, gen):
             if delay > 0:
                 await asyncio.sleep(delay)
             gen.completion_tokens += 1
             yield token
 
-    async def complete(self, prompt: str, request: PromptRequest, gen: Generation) -> str:
+    async def complete(self, job: Assembled, gen: Generation) -> str:
         # The same tokens as generate(), found with str.split (C speed): the text
         # up to where the remainder after ``limit`` words begins.
-        limit = self._limit(prompt, request, gen)
+        request = job.request
+        limit = self._limit(job.prompt, request, gen)
         text = request.input
         words = text.split(None, limit)
         if len(words) > limit:

@@ -63,6 +63,12 @@ def test_default_file_writes_out_every_field() -> None:
     written = set(_config_toml.key_lines(text))
     # Fields whose default is "unset" cannot be written in TOML; they are shown commented.
     written |= {"gateway.auth_token_env", "stages.rag.documents", "stages.stream.sink_jsonl"}
+    written |= {
+        f"stages.inference.{table}.{name}"
+        for table in ("openai", "anthropic")
+        for name in ("max_tokens", "temperature")
+    }
+    written.add("stages.inference.llama_cpp.chat_format")
     assert "# auth_token_env =" in text and "# documents =" in text and "# sink_jsonl =" in text
     assert set(field_paths(PipelineConfig)) <= written
 

@@ -13,30 +13,42 @@ from mpipeline.gateway.openai import (
     TextPart,
     error_reply,
     failure_reply,
-    render_messages,
+    split_messages,
 )
 from mpipeline.gateway.schemas import Problem
-from mpipeline.messages import Failed
+from mpipeline.messages import Failed, Turn
 
 
-def test_messages_become_role_lines() -> None:
+def test_the_last_message_is_the_input_and_the_rest_its_history() -> None:
     messages = [
-        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="developer", content="Be brief."),
+        ChatMessage(role="user", content="hi"),
+        ChatMessage(role="assistant", content=None),
         ChatMessage(
             role="user",
             content=[TextPart(type="text", text="hi "), TextPart(type="text", text="there")],
         ),
-        ChatMessage(role="assistant", content=None),
     ]
-    assert render_messages(messages) == "system: Be brief.\nuser: hi there\nassistant: "
+    assert split_messages(messages) == (
+        "hi there",
+        [
+            Turn(role="system", content="Be brief."),
+            Turn(role="user", content="hi"),
+            Turn(role="assistant", content=""),
+        ],
+    )
 
 
-def test_non_text_parts_and_empty_conversations_are_refused() -> None:
+def test_non_text_parts_empty_conversations_and_a_trailing_reply_are_refused() -> None:
     image = [ChatMessage(role="user", content=[TextPart(type="image_url")])]
-    problem = render_messages(image)
+    problem = split_messages(image)
     assert isinstance(problem, Problem) and problem.field == "messages[0].content[0]"
-    empty = render_messages([ChatMessage(role="user", content="  ")])
+    empty = split_messages([ChatMessage(role="user", content="  ")])
     assert isinstance(empty, Problem) and empty.field == "messages"
+    reply = split_messages(
+        [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="x")]
+    )
+    assert isinstance(reply, Problem) and reply.field == "messages[1].role"
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from mpipeline.config import AssembleConfig, PipelineConfig
-from mpipeline.messages import Assembled, Passage, PromptRequest, Retrieved
+from mpipeline.messages import Assembled, Passage, PromptRequest, Retrieved, Turn
 from mpipeline.routing import dedup_key
 from mpipeline.stages import StageContext
-from mpipeline.stages.assemble import Assemble, render
+from mpipeline.stages.assemble import Assemble, conversation, render
 
 CUE = "<|im_start|>assistant\n"
 CTX = [
@@ -51,8 +51,10 @@ def test_chatml_puts_context_in_the_system_message_most_relevant_first() -> None
 
 
 def test_chatml_with_no_system_prompt_has_no_system_turn() -> None:
-    assert render("chatml", "", "hi", []) == "<|im_start|>user\nhi<|im_end|>\n" + CUE
-    with_ctx = render("chatml", "", "hi", CTX[:1])
+    assert render("chatml", conversation("", _req("hi"), [])) == (
+        "<|im_start|>user\nhi<|im_end|>\n" + CUE
+    )
+    with_ctx = render("chatml", conversation("", _req("hi"), CTX[:1]))
     assert with_ctx.startswith("<|im_start|>system\nContext:\n[a.md] Paris is in France.")
 
 
@@ -65,7 +67,7 @@ def test_chatml_with_no_system_prompt_has_no_system_turn() -> None:
     ],
 )
 def test_plain_template(system: str, context: list[Passage], expected: str) -> None:
-    assert render("plain", system, "q", context) == expected
+    assert render("plain", conversation(system, _req("q"), context)) == expected
 
 
 def test_a_prompt_request_is_accepted_directly_when_rag_is_off() -> None:
@@ -94,3 +96,41 @@ def test_dedup_key_is_the_routing_key_of_the_request_whatever_the_context() -> N
     with_ctx = _one(stage, Retrieved(request=req, context=CTX))
     assert plain.dedup_key == with_ctx.dedup_key == dedup_key(req)
     assert _one(stage, _req("different")).dedup_key != plain.dedup_key
+
+
+def test_history_goes_between_the_system_turn_and_the_input() -> None:
+    history = [Turn(role="user", content="Hi"), Turn(role="assistant", content="Hello!")]
+    out = _one(_stage(system_prompt="Be brief."), Retrieved(request=_req(history=history)))
+    assert out.messages == [
+        Turn(role="system", content="Be brief."),
+        *history,
+        Turn(role="user", content="Where is Paris?"),
+    ]
+    assert out.prompt.index("Hello!") < out.prompt.index("Where is Paris?")
+
+
+def test_a_clients_system_turn_replaces_the_configured_one_and_keeps_the_context() -> None:
+    history = [Turn(role="system", content="Answer in French.")]
+    out = _one(
+        _stage(system_prompt="Be brief."), Retrieved(request=_req(history=history), context=CTX[1:])
+    )
+    assert out.messages[0] == Turn(
+        role="system", content="Answer in French.\n\nContext:\n[b.txt] Lyon too."
+    )
+    assert [t.role for t in out.messages] == ["system", "user"]
+
+
+def test_the_dedup_key_depends_on_the_history() -> None:
+    plain = _one(_stage(), Retrieved(request=_req()))
+    after = _one(_stage(), Retrieved(request=_req(history=[Turn(role="user", content="x")])))
+    assert plain.dedup_key != after.dedup_key
+
+
+def test_long_histories_lose_their_oldest_turns_first() -> None:
+    history = [Turn(role="user", content="a" * 100), Turn(role="assistant", content="b" * 100)]
+    out = _one(
+        _stage(max_prompt_chars=150, system_prompt="S"), Retrieved(request=_req(history=history))
+    )
+    assert out.messages[0].role == "system"
+    assert out.messages[-1].content == "Where is Paris?"
+    assert all(t.content != "a" * 100 for t in out.messages)

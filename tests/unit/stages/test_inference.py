@@ -20,8 +20,8 @@ from mpipeline.stages.inference import Inference
 PROMPT = "<|im_start|>user\nsay the thing please<|im_end|>\n"
 
 
-def _stage(**echo: object) -> Inference:
-    cfg = InferenceConfig(echo=EchoConfig(**echo))  # type: ignore[arg-type]
+def _stage(chunk_tokens: int = 1, **echo: object) -> Inference:
+    cfg = InferenceConfig(echo=EchoConfig(**echo), chunk_tokens=chunk_tokens)  # type: ignore[arg-type]
     return Inference(cfg, StageContext("inference", 0, 1, PipelineConfig()))
 
 
@@ -99,9 +99,8 @@ def test_streaming_respects_max_tokens() -> None:
 
 
 def test_token_delay_is_awaited_not_blocking() -> None:
-    stage = _stage(token_delay_ms=5)
-
     async def go(stream: bool) -> tuple[list[Message], int]:
+        stage = _stage(token_delay_ms=5)  # each its own: no result cached from the other
         ticks = 0
 
         async def ticker() -> None:

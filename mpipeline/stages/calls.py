@@ -1,0 +1,328 @@
+"""One shard's path from an assembled prompt to tokens: cache, coalescing, circuit,
+limits, timeouts and the retry loop, in that order.
+
+This is the only retry loop of the system (RELIABILITY 1.5): upstreams make one
+attempt each and say what went wrong (``UpstreamFailure``); this module decides.
+
+* **Cache.** A recent result for the same dedup key is replayed (tokens and
+  all, so a stream still streams) without calling anything.
+* **Coalescing.** Identical requests in flight share one call: the first
+  becomes a *flight* running in its own task, the others follow it and get the
+  same tokens and the same result or the same error. The flight is cancelled
+  only when its last follower leaves, so one client hanging up never costs the
+  others their answer.
+* **Circuit.** Each remote upstream has a breaker shared by every shard
+  through shared memory; an open one fails the call fast with 503
+  ``circuit_open`` and a Retry-After of its time to half-open. A pool skips
+  members whose circuit refuses.
+* **Limits and timeouts.** A semaphore per upstream bounds calls in flight;
+  connect, first-token, between-token and total timeouts bound each attempt.
+* **Retries.** Exponential backoff with full jitter, at least the upstream's
+  Retry-After, within the request's deadline and the shard's retry budget,
+  and never once a token of this call has been passed on: a client must not
+  see a reply start twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from mpipeline.config import InferenceConfig
+from mpipeline.errors import ErrorCode
+from mpipeline.messages import Assembled
+from mpipeline.resilience import (
+    Breaker,
+    BreakerBoard,
+    CachedResult,
+    Coalescer,
+    Flight,
+    Permit,
+    ResultCache,
+    RetryBudget,
+    bounded,
+    delay_s,
+    phased,
+)
+from mpipeline.workers.base import Generation, Upstream, UpstreamFailure
+from mpipeline.workers.pool import Chooser
+
+log = logging.getLogger("mpipeline.inference")
+
+
+@dataclass(slots=True)
+class CallStats:
+    """Counters of one shard's calls, for status and metrics."""
+
+    calls: int = 0
+    retries: int = 0
+    retries_refused: int = 0
+    cache_hits: int = 0
+    coalesced: int = 0
+    circuit_rejections: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+class ShardCalls:
+    """The call path of one inference shard over its upstreams."""
+
+    def __init__(
+        self,
+        cfg: InferenceConfig,
+        upstreams: Sequence[Upstream],
+        board: BreakerBoard | None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self.chooser = Chooser(upstreams, cfg.pool.strategy)
+        self._limits = {u.name: asyncio.Semaphore(u.max_concurrency) for u in upstreams}
+        self._breakers: dict[str, Breaker] = {}
+        if board is not None:
+            self.use_breakers(board)
+        self._budget = RetryBudget(cfg.retry)
+        dedup = cfg.dedup
+        self._coalescer: Coalescer | None = Coalescer() if dedup.coalesce else None
+        self._cache: ResultCache | None = None
+        if dedup.cache_entries:
+            self._cache = ResultCache(dedup.cache_entries, dedup.cache_ttl_s, dedup.cache_max_chars)
+        self._rng = rng or random.Random()
+        self.stats = CallStats()
+
+    def use_breakers(self, board: BreakerBoard) -> None:
+        """Guard every remote upstream with its circuit on ``board`` (claimed by name)."""
+        self._breakers = {u.name: board.breaker(u.name) for u in self.chooser.upstreams if u.remote}
+
+    # The entry point
+
+    async def tokens(self, job: Assembled, gen: Generation, stream: bool) -> AsyncIterator[str]:
+        """The reply's tokens (one piece holding the whole text when not ``stream``);
+        ``gen`` has the usage and finish reason once the iterator ends.
+
+        :raises UpstreamFailure: when no attempt succeeded (or one failed after
+            tokens were passed on)
+        """
+        self._budget.deposit()
+        key = job.dedup_key
+        cache = self._cache
+        if cache is not None:
+            hit = cache.get(key, time.monotonic())
+            if hit is not None:
+                self.stats.cache_hits += 1
+                _fill(gen, hit)
+                gen.cached_tokens = hit.prompt_tokens  # nothing evaluated for this one
+                # A result cached from a non-streamed call streams as one piece.
+                for piece in hit.tokens if stream and hit.tokens else (hit.text,):
+                    if piece:
+                        yield piece
+                return
+        if self._coalescer is None:
+            parts: list[str] = []
+            async for piece in self._attempts(job, gen, stream):
+                parts.append(piece)
+                yield piece
+            self._remember(key, gen, parts, stream)
+            return
+        flight, leader = self._coalescer.join(key)
+        if leader:
+            task = asyncio.get_running_loop().create_task(self._lead(flight, job, stream))
+            flight.on_abandon(task.cancel)
+        else:
+            self.stats.coalesced += 1
+        async for piece in self._follow(flight, gen, stream):
+            yield piece
+
+    # Coalescing
+
+    async def _lead(self, flight: Flight, job: Assembled, stream: bool) -> None:
+        """Run the call for every follower of ``flight``; never raises."""
+        gen = Generation()
+        parts: list[str] = []
+        try:
+            async for piece in self._attempts(job, gen, stream):
+                parts.append(piece)
+                flight.push(piece)
+        except BaseException as exc:  # every follower must hear, whatever it was
+            flight.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        result = self._result(gen, parts, stream)
+        flight.finish(result)
+        if self._cache is not None and gen.finish_reason in ("stop", "length"):
+            self._cache.put(job.dedup_key, result, time.monotonic())
+
+    async def _follow(self, flight: Flight, gen: Generation, stream: bool) -> AsyncIterator[str]:
+        finished = False
+        try:
+            if stream:
+                async for piece in flight.tokens():
+                    yield piece
+            result: CachedResult = await flight.result()
+            finished = True
+        finally:
+            if not finished:
+                flight.leave()
+        _fill(gen, result)
+        if not stream:
+            yield result.text
+        elif not result.tokens and result.text:
+            yield result.text  # the leader did not stream: one piece for all
+
+    def _remember(self, key: str, gen: Generation, parts: list[str], stream: bool) -> None:
+        if self._cache is not None and gen.finish_reason in ("stop", "length"):
+            self._cache.put(key, self._result(gen, parts, stream), time.monotonic())
+
+    @staticmethod
+    def _result(gen: Generation, parts: list[str], stream: bool) -> CachedResult:
+        return CachedResult(
+            text="".join(parts),
+            tokens=tuple(parts) if stream else (),
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+            finish_reason=gen.finish_reason,
+            cached_tokens=gen.cached_tokens,
+        )
+
+    # The retry loop
+
+    async def _attempts(self, job: Assembled, gen: Generation, stream: bool) -> AsyncIterator[str]:
+        deadline_ns = job.request.deadline_ns
+        tried: list[str] = []
+        attempt = 0
+        while True:
+            upstream, breaker, permit = await self._choose(job, tried, deadline_ns)
+            tried.append(upstream.name)
+            sent = False
+            one = Generation()
+            self.stats.calls += 1
+            self.chooser.begin(upstream)
+            try:
+                async with self._limits[upstream.name]:
+                    if stream:
+                        inner = upstream.generate(job, one)
+                        async for piece in phased(
+                            inner, upstream.timeouts, deadline_ns, upstream=upstream.name
+                        ):
+                            sent = True
+                            yield piece
+                    else:
+                        text = await bounded(
+                            upstream.complete(job, one),
+                            upstream.timeouts,
+                            deadline_ns,
+                            upstream=upstream.name,
+                        )
+                        sent = True
+                        yield text
+            except UpstreamFailure as exc:
+                self._settle(breaker, permit, False if exc.counts else None)
+                self._note_failure(upstream, exc, breaker)
+                wait = None if sent else self._retry_delay(attempt, exc, deadline_ns)
+                if wait is None:
+                    raise
+                log.info(
+                    "retrying %s in %.2fs after %s (attempt %d)",
+                    upstream.name,
+                    wait,
+                    exc.code,
+                    attempt + 1,
+                )
+                self.stats.retries += 1
+                attempt += 1
+                await asyncio.sleep(wait)
+                continue
+            except BaseException:
+                # Cancelled (client gone, deadline) or a bug: no verdict on the upstream.
+                self._settle(breaker, permit, None)
+                raise
+            finally:
+                self.chooser.end(upstream)
+            self._settle(breaker, permit, True)
+            gen.prompt_tokens = one.prompt_tokens
+            gen.completion_tokens = one.completion_tokens
+            gen.finish_reason = one.finish_reason
+            gen.cached_tokens = one.cached_tokens
+            return
+
+    def _retry_delay(self, attempt: int, exc: UpstreamFailure, deadline_ns: int) -> float | None:
+        """Seconds to wait before the next attempt, or None: give up now."""
+        if not exc.retryable or attempt >= self._cfg.retry.max_retries:
+            return None
+        wait = delay_s(attempt, exc, self._cfg.retry, self._rng)
+        if wait is None:
+            return None
+        if deadline_ns and time.monotonic_ns() + int(wait * 1e9) >= deadline_ns:
+            return None
+        if not self._budget.try_withdraw():
+            self.stats.retries_refused += 1
+            return None
+        return wait
+
+    def _note_failure(
+        self, upstream: Upstream, exc: UpstreamFailure, breaker: Breaker | None
+    ) -> None:
+        self.stats.failures[exc.code] = self.stats.failures.get(exc.code, 0) + 1
+        if breaker is not None and exc.retry_after_s:
+            # No call to this upstream from any shard before the time it asked for.
+            breaker.defer(time.monotonic() + exc.retry_after_s)
+
+    # Circuits
+
+    async def _choose(
+        self, job: Assembled, tried: list[str], deadline_ns: int
+    ) -> tuple[Upstream, Breaker | None, Permit | None]:
+        """The first member whose circuit lets a call through, waiting out a
+        Retry-After hold when it ends before the deadline.
+
+        :raises UpstreamFailure: ``circuit_open`` when every circuit refuses
+        """
+        while True:
+            soonest = None
+            for upstream in self.chooser.order(job, tried):
+                breaker = self._breakers.get(upstream.name)
+                if breaker is None:
+                    return upstream, None, None
+                decision = breaker.allow()
+                if isinstance(decision, Permit):
+                    return upstream, breaker, decision
+                held = decision.reason == "deferred"
+                if soonest is None or decision.wait_s < soonest[0]:
+                    soonest = (decision.wait_s, held)
+            assert soonest is not None
+            wait, held = soonest
+            remaining = (deadline_ns - time.monotonic_ns()) / 1e9 if deadline_ns else float("inf")
+            if held and wait < remaining and wait <= self._cfg.retry.max_retry_after_s:
+                await asyncio.sleep(wait)
+                continue
+            self.stats.circuit_rejections += 1
+            if held:
+                raise UpstreamFailure(
+                    "the upstream asked us to wait (Retry-After)",
+                    code=ErrorCode.UPSTREAM_RATE_LIMITED,
+                    counts=False,
+                    retry_after_s=max(wait, 0.001),
+                )
+            raise UpstreamFailure(
+                "circuit open: the upstream failed recently; retry later",
+                code=ErrorCode.CIRCUIT_OPEN,
+                counts=False,
+                retry_after_s=max(wait, 0.001),
+            )
+
+    @staticmethod
+    def _settle(breaker: Breaker | None, permit: Permit | None, ok: bool | None) -> None:
+        if breaker is not None and permit is not None:
+            breaker.record(permit, ok)
+
+
+def _fill(gen: Generation, result: CachedResult) -> None:
+    gen.prompt_tokens = result.prompt_tokens
+    gen.completion_tokens = result.completion_tokens
+    gen.finish_reason = result.finish_reason
+    # Coalesced requests share the call's usage, as they share its reply.
+    gen.cached_tokens = result.cached_tokens
