@@ -2,7 +2,9 @@
 # Make the development environment ready; cheap and quiet when it already is.
 #   - checks for Python >= 3.11 (set PYTHON to choose one),
 #   - installs the Debian packages in APT_PACKAGES that are missing,
-#   - creates .venv and installs -e .[dev,bench] whenever pyproject.toml changed.
+#   - creates .venv and installs -e .[dev,bench,llama] whenever pyproject.toml changed.
+#     llama-cpp-python compiles from source the first time (about 5 minutes on
+#     2 cores; pip caches the wheel after that).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,7 +12,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Debian packages the project needs beyond Python itself (the wheels of every
 # Python dependency are self-contained on x86-64 Linux). wrk is the HTTP load
 # generator of `mpipeline bench --http`.
-APT_PACKAGES=(wrk)
+# build-essential and cmake compile llama-cpp-python (the local model worker).
+APT_PACKAGES=(wrk build-essential cmake)
 
 VENV=.venv
 STAMP="$VENV/.mpipeline-install.sha256"
@@ -61,7 +64,12 @@ fi
 
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
-    echo "setup: installing mpipeline and its dev/bench extras into $VENV" >&2
-    "$VENV/bin/python" -m pip install --quiet -e ".[dev,bench]"
+    echo "setup: installing mpipeline and its dev/bench/llama extras into $VENV" >&2
+    # A portable CPU build of llama.cpp: the default -march=native build died
+    # with a general-protection fault in libggml-cpu on our CI machines, and
+    # AVX-512 is missing on many of them.
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX512=OFF}" \
+        CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+        "$VENV/bin/python" -m pip install --quiet -e ".[dev,bench,llama]"
     echo "$want" >"$STAMP"
 fi
