@@ -242,9 +242,20 @@ class ChatCompletions:
                 "created": created,
                 "model": model,
                 "choices": [choice],
-                "usage": schemas.usage(done),
+                "usage": _usage(done),
             }
         )
+
+
+def _usage(done: Completed) -> dict[str, object]:
+    """OpenAI's usage object; reused prompt tokens go where OpenAI reports its cache hits."""
+    u = done.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
 
 
 class _ChunkRenderer:
@@ -289,7 +300,7 @@ class _ChunkRenderer:
         finish = "stop" if self._scanner.stopped else event.finish_reason
         out += self._chunk({}, finish)
         if self._include_usage:
-            out += self._event([], usage=schemas.usage(event))
+            out += self._event([], usage=_usage(event))
         return out + sse.DONE
 
     def failure(self, exc: RequestFailed) -> bytes:

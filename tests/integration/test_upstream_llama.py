@@ -91,7 +91,7 @@ def test_a_local_model_shard_reuses_a_sessions_history_on_its_next_turn(
 ) -> None:
     """The ``llama_cpp`` worker inside a supervised shard: the second turn of a
     session lands on the shard that holds its KV state and evaluates only the
-    new tokens (usage.cached_tokens)."""
+    new tokens (usage.prompt_tokens_details.cached_tokens)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (mpipeline[llama])")
     sp = start_supervisor(
         {
@@ -119,7 +119,11 @@ def test_a_local_model_shard_reuses_a_sessions_history_on_its_next_turn(
             assert text.strip()
             history.append({"role": "assistant", "content": text})
             assert reply.usage is not None
-            usages.append(reply.usage.model_dump())
+            details = reply.usage.prompt_tokens_details
+            assert details is not None and details.cached_tokens is not None
+            usages.append(
+                {"prompt_tokens": reply.usage.prompt_tokens, "cached_tokens": details.cached_tokens}
+            )
     assert usages[0]["cached_tokens"] < usages[0]["prompt_tokens"], usages
     for before, after in zip(usages, usages[1:], strict=False):
         # Everything the previous turn evaluated (its prompt and its reply) is reused.
