@@ -161,8 +161,10 @@ class TimeoutsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """How long an upstream may take, phase by phase; each failure counts for its circuit."""
 
     connect_s: Annotated[float, _SECONDS, _doc("TCP and TLS connect.")] = 5.0
-    first_token_s: Annotated[float, _SECONDS, _doc("Request sent to first token.")] = 60.0
-    between_tokens_s: Annotated[float, _SECONDS, _doc("Longest gap inside a stream.")] = 30.0
+    # Below the default request deadline (30 s), so a hung upstream times out as
+    # itself (and counts for its circuit) before the request expires.
+    first_token_s: Annotated[float, _SECONDS, _doc("Request sent to first token.")] = 20.0
+    between_tokens_s: Annotated[float, _SECONDS, _doc("Longest gap inside a stream.")] = 10.0
     total_s: Annotated[float, _SECONDS, _doc("Whole call, all tokens.")] = 600.0
 
 

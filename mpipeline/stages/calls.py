@@ -287,7 +287,12 @@ class ShardCalls:
                 breaker = self._breakers.get(upstream.name)
                 if breaker is None:
                     return upstream, None, None
-                decision = breaker.allow()
+                # A probe's lease: as long as this call may take. An expired lease
+                # counts as a failed probe, so it must not end before the call.
+                lease = upstream.timeouts.total_s
+                if deadline_ns:
+                    lease = min(lease, max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9))
+                decision = breaker.allow(lease_s=lease + 1.0)
                 if isinstance(decision, Permit):
                     return upstream, breaker, decision
                 held = decision.reason == "deferred"
