@@ -7,10 +7,12 @@ attempt each and say what went wrong (``UpstreamFailure``); this module decides.
 * **Cache.** A recent result for the same dedup key is replayed (tokens and
   all, so a stream still streams) without calling anything.
 * **Coalescing.** Identical requests in flight share one call: the first
-  becomes a *flight* running in its own task, the others follow it and get the
-  same tokens and the same result or the same error. The flight is cancelled
-  only when its last follower leaves, so one client hanging up never costs the
-  others their answer.
+  makes it (in its own task: a task per request would double the shard's cost
+  per request, measured), the others follow it and get the same tokens and the
+  same result or the same error. If the first request is cancelled (its client
+  left), a follower that has received nothing yet makes the call again; one
+  that is already streaming ends with an error, since its reply cannot start
+  over.
 * **Circuit.** Each remote upstream has a breaker shared by every shard
   through shared memory; an open one fails the call fast with 503
   ``circuit_open`` and a Retry-After of its time to half-open. A pool skips
@@ -90,6 +92,7 @@ class ShardCalls:
         self._cache: ResultCache | None = None
         if dedup.cache_entries:
             self._cache = ResultCache(dedup.cache_entries, dedup.cache_ttl_s, dedup.cache_max_chars)
+        self._remote = any(u.remote for u in upstreams)
         self._rng = rng or random.Random()
         self.stats = CallStats()
 
@@ -127,42 +130,65 @@ class ShardCalls:
                 yield piece
             self._remember(key, gen, parts, stream)
             return
-        flight, leader = self._coalescer.join(key)
-        if leader:
-            task = asyncio.get_running_loop().create_task(self._lead(flight, job, stream))
-            flight.on_abandon(task.cancel)
-        else:
+        while True:
+            flight, leader = self._coalescer.join(key)
+            if leader:
+                async for piece in self._lead(flight, job, gen, stream):
+                    yield piece
+                return
             self.stats.coalesced += 1
-        async for piece in self._follow(flight, gen, stream):
-            yield piece
+            follower = _Follower()
+            async for piece in self._follow(flight, gen, stream, follower):
+                yield piece
+            if not follower.orphaned:
+                return
+            # The request that made the call went away before this one got a token:
+            # make the call again (this request may lead it now).
 
     # Coalescing
 
-    async def _lead(self, flight: Flight, job: Assembled, stream: bool) -> None:
-        """Run the call for every follower of ``flight``; never raises."""
-        gen = Generation()
+    async def _lead(
+        self, flight: Flight, job: Assembled, gen: Generation, stream: bool
+    ) -> AsyncIterator[str]:
+        """Make the call for this request, in its own task (no task per request:
+        most requests have no twin), and share every piece with the followers."""
         parts: list[str] = []
         try:
             async for piece in self._attempts(job, gen, stream):
                 parts.append(piece)
                 flight.push(piece)
-        except BaseException as exc:  # every follower must hear, whatever it was
+                yield piece
+        except Exception as exc:  # every follower must hear, whatever it was
             flight.fail(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
+            raise
+        except BaseException:
+            # Cancelled or closed (its client left): followers hear "cancelled",
+            # never a GeneratorExit of ours.
+            flight.fail(asyncio.CancelledError())
+            raise
         result = self._result(gen, parts, stream)
         flight.finish(result)
         if self._cache is not None and gen.finish_reason in ("stop", "length"):
             self._cache.put(job.dedup_key, result, time.monotonic())
 
-    async def _follow(self, flight: Flight, gen: Generation, stream: bool) -> AsyncIterator[str]:
+    async def _follow(
+        self, flight: Flight, gen: Generation, stream: bool, follower: _Follower
+    ) -> AsyncIterator[str]:
         finished = False
+        sent = False
         try:
-            if stream:
-                async for piece in flight.tokens():
-                    yield piece
-            result: CachedResult = await flight.result()
+            try:
+                if stream:
+                    async for piece in flight.tokens():
+                        sent = True
+                        yield piece
+                result: CachedResult = await flight.result()
+            except UpstreamFailure as exc:
+                if exc.code == ErrorCode.CANCELLED and not sent:
+                    follower.orphaned = True
+                    finished = True
+                    return
+                raise
             finished = True
         finally:
             if not finished:
@@ -192,6 +218,11 @@ class ShardCalls:
 
     async def _attempts(self, job: Assembled, gen: Generation, stream: bool) -> AsyncIterator[str]:
         deadline_ns = job.request.deadline_ns
+        if self._remote:
+            # The runner starts a message's coroutine eagerly, outside any task,
+            # and moves it into one at its first suspension. httpx's anyio cancel
+            # scopes must be entered in the task that exits them: suspend first.
+            await asyncio.sleep(0)
         tried: list[str] = []
         attempt = 0
         while True:
@@ -323,6 +354,13 @@ class ShardCalls:
     def _settle(breaker: Breaker | None, permit: Permit | None, ok: bool | None) -> None:
         if breaker is not None and permit is not None:
             breaker.record(permit, ok)
+
+
+@dataclass(slots=True)
+class _Follower:
+    """Set when the call a request followed was cancelled by the request that made it."""
+
+    orphaned: bool = False
 
 
 def _fill(gen: Generation, result: CachedResult) -> None:

@@ -263,7 +263,7 @@ def test_identical_requests_in_flight_all_get_the_one_error() -> None:
     assert all(r is bad for r in results)
 
 
-def test_a_call_nobody_waits_for_any_more_is_cancelled() -> None:
+def test_followers_leaving_do_not_stop_the_call_and_its_maker_leaving_does() -> None:
     up = Scripted(script=[Step(tokens=("a ",) * 100, delay_s=0.01)])
     calls = _calls([up], dedup=DedupConfig(cache_entries=0))
     seen: list[str] = []
@@ -273,23 +273,41 @@ def test_a_call_nobody_waits_for_any_more_is_cancelled() -> None:
             seen.append(piece)  # noqa: PERF401 - each piece as it comes, to count after a cancel
 
     async def go() -> None:
-        waiters = [asyncio.create_task(consume()) for _ in range(3)]
+        maker = asyncio.create_task(consume())
+        await asyncio.sleep(0.01)
+        followers = [asyncio.create_task(consume()) for _ in range(2)]
         await asyncio.sleep(0.05)
-        waiters[0].cancel()
+        followers[0].cancel()
         await asyncio.sleep(0.03)
-        assert not waiters[1].done()  # the others still stream
-        for w in waiters[1:]:
-            w.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+        assert not maker.done() and not followers[1].done()  # the others still stream
+        maker.cancel()
+        await asyncio.gather(maker, followers[0], return_exceptions=True)
+        # The streaming follower cannot start over: it ends with "cancelled".
+        with pytest.raises(UpstreamFailure) as info:
+            await followers[1]
+        assert info.value.code == ErrorCode.CANCELLED
         before = len(seen)
         await asyncio.sleep(0.05)
         assert len(seen) == before
-        # The leader's task ended too: nothing left running on the loop.
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        assert others == []
 
     asyncio.run(go())
     assert len(up.calls) == 1 and len(seen) < 3 * 100
+
+
+def test_a_follower_that_got_nothing_yet_makes_the_call_again_when_its_maker_leaves() -> None:
+    up = Scripted(script=[Step(tokens=("slow",), delay_s=1.0), Step(tokens=("again",))])
+    calls = _calls([up], dedup=DedupConfig(cache_entries=0))
+
+    async def go() -> str:
+        maker = asyncio.create_task(_run(calls, _job(), stream=False))
+        await asyncio.sleep(0.02)
+        follower = asyncio.create_task(_run(calls, _job(), stream=False))
+        await asyncio.sleep(0.02)
+        maker.cancel()
+        return (await follower)[0]
+
+    assert asyncio.run(go()) == "again"
+    assert len(up.calls) == 2
 
 
 def test_a_cached_result_is_replayed_without_a_call_streaming_or_not() -> None:
