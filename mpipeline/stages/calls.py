@@ -234,7 +234,18 @@ class ShardCalls:
             self.chooser.begin(upstream)
             try:
                 async with self._limits[upstream.name]:
-                    if stream:
+                    if not upstream.remote:
+                        # Local work has no network phases to time (the stage's own
+                        # timeout and the deadline sweeper still bound it).
+                        if stream:
+                            async for piece in upstream.generate(job, one):
+                                sent = True
+                                yield piece
+                        else:
+                            text = await upstream.complete(job, one)
+                            sent = True
+                            yield text
+                    elif stream:
                         inner = upstream.generate(job, one)
                         async for piece in phased(
                             inner, upstream.timeouts, deadline_ns, upstream=upstream.name
