@@ -12,8 +12,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Debian packages the project needs beyond Python itself (the wheels of every
 # Python dependency are self-contained on x86-64 Linux). wrk is the HTTP load
 # generator of `mpipeline bench --http`.
-# build-essential and cmake compile llama-cpp-python (the local model worker).
-APT_PACKAGES=(wrk build-essential cmake)
+# build-essential and cmake compile llama-cpp-python (the local model worker);
+# prometheus gives promtool and the server the observability tests run.
+APT_PACKAGES=(wrk build-essential cmake prometheus)
 
 VENV=.venv
 STAMP="$VENV/.mpipeline-install.sha256"
@@ -40,7 +41,13 @@ install_apt_packages() {
     if [[ $(id -u) -eq 0 ]]; then
         echo "setup: installing Debian packages: ${missing[*]}" >&2
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+        # No recommends: prometheus would pull in a node exporter listening on :9100.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+        # Debian starts an installed prometheus as a service on :9090, the
+        # supervisor's default metrics port; the tests start their own.
+        if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+            systemctl disable --now prometheus >/dev/null 2>&1 || true
+        fi
     else
         echo "setup: missing Debian packages: ${missing[*]}" >&2
         echo "setup: run as root: apt-get install -y ${missing[*]}" >&2
