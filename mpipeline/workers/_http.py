@@ -18,6 +18,7 @@ import httpx
 from mpipeline.config import TimeoutsConfig, UpstreamConfig
 from mpipeline.errors import ConfigError
 from mpipeline.workers._failures import protocol_failure, status_failure, transport_failure
+from mpipeline.workers.base import WorkerContext
 from mpipeline.workers.sse import SSEDecoder, SSEEvent
 
 __all__ = [
@@ -244,3 +245,52 @@ async def drain(chunks: AsyncIterator[bytes]) -> None:
                 pass
     except (TimeoutError, httpx.HTTPError):
         pass
+
+
+class HttpUpstream:
+    """What the OpenAI and Anthropic upstreams share: the limits the shard reads,
+    the endpoint URL, the key read at ``start`` and one keep-alive pool per shard.
+    Subclasses name their ``path`` and the headers that carry the key."""
+
+    remote = True
+    path = ""
+
+    def __init__(
+        self, config: UpstreamConfig, ctx: WorkerContext | None = None, *, name: str
+    ) -> None:
+        # ctx is part of every upstream's signature; an HTTP client needs nothing from it.
+        self.name = name
+        self.timeouts = config.timeouts
+        self.max_concurrency = config.max_concurrency
+        self._config = config
+        self._url = config.base_url.rstrip("/") + self.path
+        self._client: httpx.AsyncClient | None = None
+        self._stream_timeout = stream_timeout(config.timeouts)
+        self._unary_timeout = unary_timeout(config.timeouts)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, model={self._config.model!r})"
+
+    def _headers(self, key: ApiKey | None) -> dict[str, str]:
+        """The headers of every request, the key's among them."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Read the key and open the connection pool.
+
+        :raises ConfigError: the key's environment variable is unset or unusable
+        """
+        headers = self._headers(read_api_key(self._config.api_key_env))
+        if self._client is not None:
+            await self._client.aclose()
+        self._client = build_client(self._config, headers)
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError(f"upstream {self.name} used before start()")
+        return self._client

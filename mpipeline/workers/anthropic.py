@@ -14,7 +14,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import msgspec
 
 from mpipeline.config import AnthropicConfig, PoolUpstreamConfig
@@ -98,10 +97,10 @@ def _take_usage(usage: _Usage, gen: Generation) -> None:
         gen.completion_tokens = usage.output_tokens
 
 
-class AnthropicUpstream:
+class AnthropicUpstream(_http.HttpUpstream):
     """``POST {base_url}/v1/messages`` with ``x-api-key`` and ``anthropic-version``."""
 
-    remote = True
+    path = "/v1/messages"
 
     def __init__(
         self,
@@ -110,39 +109,14 @@ class AnthropicUpstream:
         *,
         name: str = "anthropic",
     ) -> None:
-        self.name = name
-        self.timeouts = config.timeouts
-        self.max_concurrency = config.max_concurrency
-        self._config = config
-        self._ctx = ctx or WorkerContext()
-        self._url = config.base_url.rstrip("/") + "/v1/messages"
-        self._client: httpx.AsyncClient | None = None
-        self._stream_timeout = _http.stream_timeout(config.timeouts)
-        self._unary_timeout = _http.unary_timeout(config.timeouts)
+        super().__init__(config, ctx, name=name)
+        self._version = config.version
 
-    def __repr__(self) -> str:
-        return f"AnthropicUpstream(name={self.name!r}, model={self._config.model!r})"
-
-    async def start(self) -> None:
-        """Read the key and open the connection pool.
-
-        :raises ConfigError: the key's environment variable is unset or unusable
-        """
-        key = _http.read_api_key(self._config.api_key_env)
-        headers = {
-            "content-type": "application/json",
-            "anthropic-version": self._config.version,
-        }
+    def _headers(self, key: _http.ApiKey | None) -> dict[str, str]:
+        headers = {"content-type": "application/json", "anthropic-version": self._version}
         if key is not None:
             headers["x-api-key"] = key.reveal()
-        if self._client is not None:
-            await self._client.aclose()
-        self._client = _http.build_client(self._config, headers)
-
-    async def stop(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        return headers
 
     def _body(self, job: Assembled, stream: bool) -> bytes:
         config = self._config
@@ -156,11 +130,6 @@ class AnthropicUpstream:
             body["temperature"] = config.temperature
         body["stream"] = stream
         return _ENCODER.encode(body)
-
-    def _require_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise RuntimeError(f"upstream {self.name} used before start()")
-        return self._client
 
     async def generate(self, job: Assembled, gen: Generation) -> AsyncIterator[str]:
         """Stream the reply's ``text_delta`` pieces as tokens.

@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import msgspec
 
 from mpipeline.config import UpstreamConfig
@@ -83,44 +82,21 @@ def _take_usage(usage: _Usage, gen: Generation) -> None:
         gen.cached_tokens = details.cached_tokens
 
 
-class OpenAIUpstream:
+class OpenAIUpstream(_http.HttpUpstream):
     """``POST {base_url}/chat/completions``, streamed (SSE until ``[DONE]``) or not."""
 
-    remote = True
+    path = "/chat/completions"
 
     def __init__(
         self, config: UpstreamConfig, ctx: WorkerContext | None = None, *, name: str = "openai"
     ) -> None:
-        self.name = name
-        self.timeouts = config.timeouts
-        self.max_concurrency = config.max_concurrency
-        self._config = config
-        self._ctx = ctx or WorkerContext()
-        self._url = config.base_url.rstrip("/") + "/chat/completions"
-        self._client: httpx.AsyncClient | None = None
-        self._stream_timeout = _http.stream_timeout(config.timeouts)
-        self._unary_timeout = _http.unary_timeout(config.timeouts)
+        super().__init__(config, ctx, name=name)
 
-    def __repr__(self) -> str:
-        return f"OpenAIUpstream(name={self.name!r}, model={self._config.model!r})"
-
-    async def start(self) -> None:
-        """Read the key and open the connection pool.
-
-        :raises ConfigError: the key's environment variable is unset or unusable
-        """
-        key = _http.read_api_key(self._config.api_key_env)
+    def _headers(self, key: _http.ApiKey | None) -> dict[str, str]:
         headers = {"content-type": "application/json"}
         if key is not None:
             headers["authorization"] = "Bearer " + key.reveal()
-        if self._client is not None:
-            await self._client.aclose()
-        self._client = _http.build_client(self._config, headers)
-
-    async def stop(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        return headers
 
     def _body(self, job: Assembled, stream: bool) -> bytes:
         config = self._config
@@ -137,11 +113,6 @@ class OpenAIUpstream:
         if stream:
             body["stream_options"] = {"include_usage": True}
         return _ENCODER.encode(body)
-
-    def _require_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise RuntimeError(f"upstream {self.name} used before start()")
-        return self._client
 
     async def generate(self, job: Assembled, gen: Generation) -> AsyncIterator[str]:
         """Stream the reply's content deltas as tokens.
