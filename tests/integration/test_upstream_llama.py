@@ -37,11 +37,18 @@ def pipeline(start_supervisor: SupervisorFactory, llama_server: LlamaServer) -> 
     )
 
 
+def _sdk(url: str) -> openai.OpenAI:
+    """The official client, used as a context manager by every test: an unclosed
+    one leaves its keep-alive socket to the garbage collector, and pytest's
+    final collection turns that ResourceWarning into a failed run."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
 def test_chat_completions_through_the_pipeline_with_the_openai_sdk(
     pipeline: SupervisorProcess,
 ) -> None:
-    client = openai.OpenAI(base_url=f"{pipeline.url}/v1", api_key="unused", max_retries=0)
-    with pipeline.explain():
+    client = _sdk(pipeline.url)
+    with client, pipeline.explain():
         reply = client.chat.completions.create(
             model="gemma",
             messages=[
@@ -74,8 +81,8 @@ def test_chat_completions_through_the_pipeline_with_the_openai_sdk(
 def test_a_prompt_that_does_not_fit_the_models_context_is_a_clear_502(
     pipeline: SupervisorProcess,
 ) -> None:
-    client = openai.OpenAI(base_url=f"{pipeline.url}/v1", api_key="unused", max_retries=0)
-    with pipeline.explain(), pytest.raises(openai.APIStatusError) as info:
+    client = _sdk(pipeline.url)
+    with client, pipeline.explain(), pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(
             model="gemma",
             messages=[{"role": "user", "content": "word " * 2200}],
@@ -103,10 +110,10 @@ def test_a_local_model_shard_reuses_a_sessions_history_on_its_next_turn(
             "stages.inference.llama_cpp.session_cache_mib": 64,
         }
     )
-    client = openai.OpenAI(base_url=f"{sp.url}/v1", api_key="unused", max_retries=0)
+    client = _sdk(sp.url)
     history: list[dict[str, str]] = []
     usages = []
-    with sp.explain():
+    with client, sp.explain():
         for question in ("Tell me about the sea.", "And about mountains?", "And rivers?"):
             history.append({"role": "user", "content": question})
             reply = client.chat.completions.create(
