@@ -77,6 +77,8 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     # Pipeline throughput at the most cores measured over the baseline's.
     ratio: float | None
     verdicts: list[Verdict]
+    # ``--metrics both``: the same core counts with metrics off, measured right after.
+    metrics_off: list[Run] = msgspec.field(default_factory=list)
 
 
 def machine() -> Machine:
@@ -198,6 +200,18 @@ def verdicts(runs: list[Run], baseline: Run | None) -> list[Verdict]:
 # Rendering
 
 
+def metrics_costs(report: Report) -> list[tuple[int, float]]:
+    """Per core count, the throughput share metrics cost (negative: noise favoured on)."""
+    off = {r.cores: r.full for r in report.metrics_off}
+    out = []
+    for r in report.runs:
+        base = off.get(r.cores)
+        if r.full is None or base is None or not base.throughput_rps:
+            continue
+        out.append((r.cores, 1.0 - r.full.throughput_rps / base.throughput_rps))
+    return out
+
+
 def table(report: Report) -> str:
     rows: list[tuple[str, ...]] = [
         (
@@ -213,7 +227,7 @@ def table(report: Report) -> str:
             "noise",
         )
     ]
-    runs = [*report.runs, *([report.baseline] if report.baseline else [])]
+    runs = [*report.runs, *report.metrics_off, *([report.baseline] if report.baseline else [])]
     for r in runs:
         for p in r.phases:
             phase = "full speed" if p.kind == "full" else f"{p.offered_rps:,.0f}/s"
@@ -251,6 +265,13 @@ def table(report: Report) -> str:
         ]
     if report.ratio is not None:
         lines += ["", f"pipeline / asyncio baseline at full speed: {report.ratio:.2f}x"]
+    costs = metrics_costs(report)
+    if costs:
+        lines += [
+            "",
+            "metrics cost at full speed (1 - on/off throughput, same cores, back to back):",
+        ]
+        lines += [f"  {c} core{'s' if c > 1 else ''}: {cost:+.1%}" for c, cost in costs]
     if report.verdicts:
         lines += ["", "targets:"]
         for v in report.verdicts:

@@ -55,9 +55,11 @@ def gateway_config(
 
     The gateway may run on any of the cores, like the client of ``mpipeline
     bench``: it is the busiest process, and the kernel balances it against
-    the pinned stages better than a fixed core would.
+    the pinned stages better than a fixed core would. Metrics stay off, as in
+    the HTTP numbers recorded before they existed; ``mpipeline bench --metrics
+    both`` measures what they cost.
     """
-    cfg = config_for_cores(cores)
+    cfg = config_for_cores(cores, metrics=False)
     gw = msgspec.structs.replace(
         cfg.gateway,
         host=HOST,

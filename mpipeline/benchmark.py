@@ -20,6 +20,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import uvloop
@@ -31,6 +32,8 @@ from mpipeline._bench_cpu import CpuMeter, pin
 from mpipeline._bench_load import Load, Phase, Progress, Target, closed_loop, open_loop
 from mpipeline.config import PipelineConfig, active_stages, pinning
 from mpipeline.pipeline import Pipeline
+
+MetricsMode = Literal["on", "off", "both"]
 
 # Stages besides inference get one replica per this many cores (at least one).
 CORES_PER_SIDE_REPLICA = 8
@@ -63,6 +66,8 @@ class Options:
     json_path: Path | None = None
     plot_path: Path | None = None
     shared: bool = False
+    # "both": each core count with metrics on, then off, side by side (issue 6's 3 % budget).
+    metrics: MetricsMode = "on"
 
 
 def options(
@@ -79,6 +84,7 @@ def options(
     json_path: Path | None = None,
     plot_path: Path | None = None,
     shared: bool = False,
+    metrics: MetricsMode = "on",
 ) -> Options:
     """Options from the command line, where None means the (``quick``) default."""
     return Options(
@@ -94,6 +100,7 @@ def options(
         json_path=json_path,
         plot_path=plot_path,
         shared=shared,
+        metrics=metrics,
     )
 
 
@@ -112,11 +119,17 @@ def command_line(opts: Options) -> list[str]:
         cmd.append("--shared-cores")
     if not opts.baseline:
         cmd.append("--no-baseline")
+    if opts.metrics != "on":
+        cmd += ["--metrics", opts.metrics]
     return cmd
 
 
 def config_for_cores(
-    cores: list[int], base: PipelineConfig | None = None, *, shared: bool = False
+    cores: list[int],
+    base: PipelineConfig | None = None,
+    *,
+    shared: bool = False,
+    metrics: bool = True,
 ) -> PipelineConfig:
     """The bench's pipeline on ``cores``: echo, no delay, shards = cores.
 
@@ -126,7 +139,9 @@ def config_for_cores(
     order, one core each, wrapping when there are more replicas than cores
     (the way ``cpus = "auto"`` deals the affinity mask), so consecutive stages
     land on different cores. ``shared``: every replica may run on all of
-    ``cores`` and the kernel balances them instead.
+    ``cores`` and the kernel balances them instead. ``metrics``: the replicas
+    count into the metrics block and the supervisor serves /metrics on a free
+    port, as a default deployment does; off records nothing.
     """
     cfg = base or PipelineConfig()
     c = len(cores)
@@ -152,7 +167,7 @@ def config_for_cores(
     return msgspec.structs.replace(
         cfg,
         stages=msgspec.structs.replace(stages, **updates),
-        metrics=msgspec.structs.replace(cfg.metrics, enabled=False),
+        metrics=msgspec.structs.replace(cfg.metrics, enabled=metrics, port=0),
         # The bench client plays the gateway; `bench --http` adds a real one.
         gateway=msgspec.structs.replace(cfg.gateway, replicas=0),
     )
@@ -225,8 +240,10 @@ async def _phases(
     return phases
 
 
-async def _run_pipeline(cores: list[int], opts: Options, progress: Progress) -> rep.Run:
-    cfg = config_for_cores(cores, shared=opts.shared)
+async def _run_pipeline(
+    cores: list[int], opts: Options, progress: Progress, *, metrics: bool = True
+) -> rep.Run:
+    cfg = config_for_cores(cores, shared=opts.shared, metrics=metrics)
     window = window_for(cfg, opts)
     restore = pin(cores)  # before the supervisor starts: it and its children inherit the mask
     try:
@@ -234,12 +251,13 @@ async def _run_pipeline(cores: list[int], opts: Options, progress: Progress) -> 
             run_dir = Path(tmp)
             async with Pipeline(cfg, run_dir=run_dir) as p:
                 pids = {"client (bench)": os.getpid(), **replica_pids(run_dir)}
-                label = f"{len(cores)} core{'s' if len(cores) > 1 else ''}:"
+                label = f"{len(cores)} core{'s' if len(cores) > 1 else ''}"
+                label += ":" if metrics else ", metrics off:"
                 phases = await _phases(p, pids, cores, window, opts, label, progress)
     finally:
         restore()
     return rep.Run(
-        name="pipeline",
+        name="pipeline" if metrics else "pipeline, metrics off",
         cores=len(cores),
         cpus=list(cores),
         replicas={name: st.replicas for name, st in active_stages(cfg)},
@@ -282,10 +300,17 @@ async def run(opts: Options) -> rep.Report:
         )
     progress = Progress(opts.progress)
     runs = []
+    unmetered = []
     for c in counts:
         if c in skipped:
             continue
-        runs.append(await _run_pipeline(available[:c], opts, progress))
+        # Metrics on, then off, back to back on the same cores: the comparison
+        # sees the same machine state (RESULTS: compare in ratios, side by side).
+        runs.append(
+            await _run_pipeline(available[:c], opts, progress, metrics=opts.metrics != "off")
+        )
+        if opts.metrics == "both":
+            unmetered.append(await _run_pipeline(available[:c], opts, progress, metrics=False))
     runs = rep.with_efficiency(runs)
     baseline = None
     if opts.baseline and runs:
@@ -309,6 +334,7 @@ async def run(opts: Options) -> rep.Report:
         "pinning": "shared" if opts.shared else "spread",
         "prompt_bytes": 512,
         "output_tokens": 16,
+        "metrics": opts.metrics,
     }
     return rep.Report(
         machine=rep.machine(),
@@ -319,6 +345,7 @@ async def run(opts: Options) -> rep.Report:
         skipped_cores=skipped,
         ratio=ratio,
         verdicts=rep.verdicts(runs, baseline),
+        metrics_off=unmetered,
     )
 
 

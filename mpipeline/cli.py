@@ -7,6 +7,7 @@ argument errors stay fast and never import the runtime.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,9 @@ from mpipeline import __version__
 from mpipeline.errors import ConfigError, ExitCode
 
 DEFAULT_CONFIG = Path("config/pipeline.toml")
+# The same as mpipeline.logs.FORMAT_ENV and FORMATS, which `run` alone imports.
+LOG_FORMAT_ENV = "MPIPELINE_LOG_FORMAT"
+LOG_FORMATS = ("auto", "text", "json")
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -45,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help=f"text for people, JSON lines for log shippers (default: ${LOG_FORMAT_ENV}, "
+        "else auto = text)",
+    )
     run.set_defaults(handler=_run)
     _add_bench(commands)
     _add_dlq(commands)
@@ -75,6 +86,15 @@ def _run(args: argparse.Namespace) -> int:
 
     from mpipeline import supervisor
 
+    fmt = args.log_format or os.environ.get(LOG_FORMAT_ENV, "auto")
+    if fmt not in LOG_FORMATS:
+        print(
+            f"mpipeline run: ${LOG_FORMAT_ENV} must be one of {', '.join(LOG_FORMATS)}: {fmt!r}",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
+    # Spawned replicas inherit os.environ: this is how they learn the format.
+    os.environ[LOG_FORMAT_ENV] = fmt
     level = logging.DEBUG if args.verbose else logging.INFO
     return supervisor.main(args.config, args.run_dir, args.parent_pid, level)
 
@@ -217,6 +237,13 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="0,1",
         help="--http: cores for wrk and the probes (default: the cores under test)",
     )
+    bench.add_argument(
+        "--metrics",
+        choices=("on", "off", "both"),
+        default="on",
+        help="count metrics in the stages and serve /metrics (default on, as deployed); "
+        "both: each core count with metrics on, then off, and the cost between them",
+    )
     bench.add_argument("--quick", action="store_true", help="short phases (a smoke test)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     bench.add_argument("--json", type=Path, default=None, metavar="FILE")
@@ -275,7 +302,9 @@ def _bench(args: argparse.Namespace) -> int:
         json_path=args.json,
         plot_path=args.plot,
         shared=args.shared_cores,
+        metrics=args.metrics,
     )
+    _bench_logging()
     return benchmark.main(opts)
 
 
@@ -304,7 +333,17 @@ def _bench_http(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         json_path=args.json,
     )
+    _bench_logging()
     return _bench_http.main(opts)
+
+
+def _bench_logging() -> None:
+    """Log like the pipeline does (format, redaction), WARNING and up: the report is the output."""
+    import logging
+
+    from mpipeline import logs
+
+    logs.setup(logging.WARNING, "auto", stage="bench", replica=None)
 
 
 # dlq

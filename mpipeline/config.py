@@ -53,7 +53,7 @@ def _doc(text: str) -> Meta:
 _GE0 = Meta(ge=0)
 _GE1 = Meta(ge=1)
 _SECONDS = Meta(gt=0)
-_PORT = Meta(ge=1, le=65535)
+_PORT = Meta(ge=0, le=65535)
 _RATE = Meta(ge=0, le=1e9)
 _RING = Meta(ge=RING_MIN_BYTES, le=RING_MAX_BYTES, multiple_of=RING_ALIGN)
 Cpus = list[int] | Literal["auto"]
@@ -107,7 +107,7 @@ class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fiel
 
     replicas: Annotated[int, _GE0, _doc("Gateway processes; 0: no HTTP, library only.")] = 1
     host: Annotated[str, _doc("Listen address (IP or hostname).")] = "127.0.0.1"
-    port: Annotated[int, Meta(ge=0, le=65535), _doc("Listen port; 0: any free one.")] = 8080
+    port: Annotated[int, _PORT, _doc("Listen port; 0: any free one.")] = 8080
     api_clients: Annotated[
         int, _GE1, _doc("Client slots beside the gateways (Pipeline.attach, dlq replay).")
     ] = 2
@@ -120,9 +120,15 @@ class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fiel
 class MetricsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Prometheus endpoint served by the supervisor."""
 
-    enabled: Annotated[bool, _doc("Serve /metrics.")] = True
+    enabled: Annotated[
+        bool,
+        _doc(
+            "Count in shared memory and serve /metrics; false records nothing "
+            "(mpipeline top then shows structure, not rates)."
+        ),
+    ] = True
     host: Annotated[str, _doc("Listen address.")] = "127.0.0.1"
-    port: Annotated[int, _PORT, _doc("Listen port.")] = 9090
+    port: Annotated[int, _PORT, _doc("Listen port; 0: any free one (state.json has it).")] = 9090
 
 
 class StageConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -513,7 +519,7 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
     for path, host in (("gateway.host", cfg.gateway.host), ("metrics.host", cfg.metrics.host)):
         if not _valid_host(host):
             out.append((path, f"{host!r} is neither an IP address nor a hostname"))
-    if cfg.metrics.enabled and cfg.metrics.port == cfg.gateway.port:
+    if cfg.metrics.enabled and cfg.metrics.port == cfg.gateway.port != 0:
         out.append(("metrics.port", f"is the same as gateway.port ({cfg.gateway.port})"))
     env = cfg.gateway.auth_token_env
     if env is not None and not _ENV_NAME.fullmatch(env):

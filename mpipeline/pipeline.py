@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 
@@ -52,6 +52,9 @@ from mpipeline.ring import Ring
 from mpipeline.routing import request_key, shard_for
 from mpipeline.supervisor import LOCK_FILE, STATE_FILE
 from mpipeline.topology import ClientSpec, edge_label
+
+if TYPE_CHECKING:
+    from mpipeline.gateway.metrics import GatewayMetrics
 
 # The client answers a request itself this long after its deadline, so the
 # pipeline's own, more specific, expiry error normally arrives first.
@@ -110,6 +113,11 @@ class Pipeline:
         self._decoder: Codec[Any] = Codec(ToGateway)
         self.stats = {"submitted": 0, "completed": 0, "failed": 0, "late": 0, "gone": 0}
         self._dlq: DeadLetterQueue | None = None
+        self._metrics: GatewayMetrics | None = None
+
+    def use_metrics(self, metrics: GatewayMetrics) -> None:
+        """Count errors, first tokens and sheds in a gateway replica's metrics region."""
+        self._metrics = metrics
 
     @classmethod
     def attach(cls, run_dir: str | os.PathLike[str], *, timeout_s: float = 30.0) -> Pipeline:
@@ -576,6 +584,8 @@ class Pipeline:
                         await ring.put(record, timeout=timeout)
                     except RingFull:
                         edge = edge_label(ring.name)
+                        if self._metrics is not None:
+                            self._metrics.shed(edge, len(part))
                         for req in part:
                             self._resolve_failed(
                                 self._failed(
@@ -612,6 +622,8 @@ class Pipeline:
         if type(msg) is TokenChunk:
             if pending.chunks is not None:
                 pending.chunks.put_nowait(msg)
+            if msg.index == 0 and self._metrics is not None:
+                self._metrics.first_token(pending.accepted_ns)
             return
         if type(msg) is Completed:
             del self._inflight[msg.request_id]
@@ -655,6 +667,8 @@ class Pipeline:
         """
         del self._inflight[failed.request_id]
         self.stats["failed"] += 1
+        if self._metrics is not None:
+            self._metrics.failed(failed.stage, failed.code)
         answer = functools.partial(_answer_failed, pending.future, failed)
         if self._dlq is None:  # never started: nothing was accepted through a ring
             answer(None)

@@ -22,12 +22,15 @@ import psutil
 import uvloop
 
 from mpipeline import faults as faults_mod
+from mpipeline import logs
 from mpipeline.config import PipelineConfig, load
 from mpipeline.errors import ExitCode
 from mpipeline.heartbeat import R_PID, R_STATE, ControlBlock, ReplicaState
+from mpipeline.metrics import Writer, attach_writer, stage_region
 from mpipeline.runner import StageRunner
 from mpipeline.stages import STAGES, AsyncStage, Stage, StageContext
-from mpipeline.topology import ReplicaSpec
+from mpipeline.topology import ReplicaSpec, edge_label
+from mpipeline.workers import upstream_names
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -74,15 +77,14 @@ def run_child(
     # The supervisor blocks signals while it spawns; unblock now that INT is ignored.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _die_with_parent(parent)
-    logging.basicConfig(
-        level=log_level,
-        format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
+    # The format comes through the environment the CLI set before spawning;
+    # logs.setup also quiets httpx/httpcore, whose URLs may carry a key (RELIABILITY 9).
+    logs.setup(
+        log_level,
+        os.environ.get(logs.FORMAT_ENV, "auto"),
+        stage=name.rpartition("-")[0] or name,
+        replica=name,
     )
-    # httpx and httpcore log request URLs at INFO and DEBUG: an upstream URL
-    # may carry a key in its query (RELIABILITY 9).
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load(Path(config_path))
         if cpus:
@@ -99,7 +101,7 @@ def run_child(
 
 
 def build_stage(
-    spec: ReplicaSpec, cfg: PipelineConfig, segments: str = ""
+    spec: ReplicaSpec, cfg: PipelineConfig, segments: str = "", metrics: Writer | None = None
 ) -> Stage[Any, Any] | AsyncStage[Any, Any]:
     ctx = StageContext(
         stage=spec.stage,
@@ -108,11 +110,22 @@ def build_stage(
         config=cfg,
         segments=segments,
         cpus=spec.cpus,
+        metrics=metrics,
     )
     cls = STAGES[spec.stage]
     stage = cls(getattr(cfg.stages, spec.stage), ctx)
     assert isinstance(stage, Stage | AsyncStage)
     return stage
+
+
+def _metrics_writer(spec: ReplicaSpec, cfg: PipelineConfig, segments: str) -> Writer | None:
+    """This replica's region of the run's metrics block (None when metrics are off)."""
+    if not cfg.metrics.enabled:
+        return None
+    edges = [edge_label(name) for name in spec.outputs]
+    names = upstream_names(cfg.stages.inference) if spec.stage == "inference" else []
+    region = stage_region(spec.stage, spec.name, edges, names)
+    return attach_writer(segments, spec.slot, region)
 
 
 async def _serve(spec: ReplicaSpec, cfg: PipelineConfig, ctl_name: str) -> None:
@@ -123,13 +136,15 @@ async def _serve(spec: ReplicaSpec, cfg: PipelineConfig, ctl_name: str) -> None:
     try:
         if faults.boot_error:
             raise BootError("injected boot_error fault")
-        stage = build_stage(spec, cfg, ctl_name.removesuffix("-control"))
+        segments = ctl_name.removesuffix("-control")
+        metrics = _metrics_writer(spec, cfg, segments)
+        stage = build_stage(spec, cfg, segments, metrics)
         if faults.any:
             from mpipeline._faulty import wrap
 
             stage = wrap(stage, faults)
         await stage.start()
-        runner = StageRunner(spec, cfg, stage, ctl)
+        runner = StageRunner(spec, cfg, stage, ctl, metrics)
         runner.attach()
     except BootError:
         raise

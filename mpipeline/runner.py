@@ -55,6 +55,8 @@ from mpipeline.messages import (
     failed_from,
     request_of,
 )
+from mpipeline.metrics.block import Cells, Writer
+from mpipeline.metrics.schema import BUCKET_OF_BITS, HIST_SUM
 from mpipeline.ring import Ring
 from mpipeline.routing import message_key, shard_for
 from mpipeline.stages.base import AsyncStage, BaseStage, Stage
@@ -69,6 +71,13 @@ _SWEEP_S = 0.05
 # A Failed that cannot reach its client within this is logged and dropped:
 # the client's own deadline answers the caller.
 _ERROR_PUT_TIMEOUT_S = 1.0
+
+
+def _about(msg: Message) -> dict[str, str]:
+    """``extra=`` for a log record about one request: its id (logs.py prints it)."""
+    req = request_of(msg)
+    request_id = req.request_id if req is not None else getattr(msg, "request_id", None)
+    return {"request_id": request_id} if request_id else {}
 
 
 class _Suspend:
@@ -107,6 +116,7 @@ class StageRunner:
         cfg: PipelineConfig,
         stage: BaseStage[Any, Any],
         ctl: ControlBlock | None = None,
+        metrics: Writer | None = None,
     ) -> None:
         self.spec = spec
         self.stage = stage
@@ -161,6 +171,19 @@ class StageRunner:
         self._cancelled: set[asyncio.Task[None]] = set()
         self._cancels_seen: list[int] = []
         self.cancelled = 0
+        # Metrics: cell indices looked up once; the hot path adds to cells directly.
+        self._cells: Cells | None = None
+        self._m_duration = self._m_lag = self._m_expired = 0
+        self._m_shed: dict[str, int] = {}
+        self._beat_due = 0.0
+        if metrics is not None:
+            self._cells = metrics.cells
+            self._m_duration = metrics.index("stage_duration_seconds", spec.stage, spec.name)
+            self._m_lag = metrics.index("event_loop_lag_seconds", spec.stage, spec.name)
+            self._m_expired = metrics.index("expired", spec.stage)
+            self._m_shed = {
+                name: metrics.index("shed", edge_label(name), "ring_full") for name in spec.outputs
+            }
 
     # Lifecycle
 
@@ -225,12 +248,18 @@ class StageRunner:
 
     def _beat(self) -> None:
         self._beat_once()
+        loop = asyncio.get_running_loop()
+        cells = self._cells
+        if cells is not None and self._beat_due:
+            # How late this timer fired: time the loop spent blocked elsewhere.
+            cells[self._m_lag] = max(0.0, loop.time() - self._beat_due)
         if self._stopping:
             return
         # While the supervisor drains, report often so it can see us go idle.
         draining = self.ctl is not None and self.ctl.state == RunState.DRAINING
         delay = 0.02 if draining else self.heartbeat_s
-        self._beat_handle = asyncio.get_running_loop().call_later(delay, self._beat)
+        self._beat_due = loop.time() + delay
+        self._beat_handle = loop.call_later(delay, self._beat)
 
     # Input
 
@@ -240,6 +269,10 @@ class StageRunner:
         dispatch = self._dispatch_async if self._max_inflight else self._dispatch
         batch = self.batch
         clock = time.monotonic_ns
+        # Sync stages are timed here, per message; async ones when their handler ends.
+        cells = None if self._max_inflight else self._cells
+        hist = self._m_duration
+        hist_sum = hist + HIST_SUM
         while not self._stopping:
             try:
                 views = get_many(batch)
@@ -281,7 +314,11 @@ class StageRunner:
                     # A slow stage can spend long on one batch without returning to
                     # the loop, whose timer would beat: beat from here, so that busy
                     # is never taken for hung (a clock read, ~60 ns, per message).
-                    now = clock()
+                    then, now = now, clock()
+                    if cells is not None:
+                        took = now - then
+                        cells[hist + BUCKET_OF_BITS[took.bit_length()]] += 1.0
+                        cells[hist_sum] += took
                     if now >= self._next_beat_ns:
                         self._beat_once()
             await self._flush()
@@ -299,7 +336,7 @@ class StageRunner:
             return False
         if req is not None:
             if req.deadline_ns and now > req.deadline_ns:
-                self.expired += 1
+                self._count_expired(1)
                 reason = f"deadline passed before stage {self.name}"
                 self._emit(failed_from(msg, ErrorCode.DEADLINE_EXCEEDED, reason, self.name))
                 return False
@@ -317,7 +354,7 @@ class StageRunner:
             for out in stage.process(msg):
                 self._emit(out)
         except Exception as exc:  # one bad message must not stop the stage
-            log.exception("%s: stage error", self.spec.name)
+            log.exception("%s: stage error", self.spec.name, extra=_about(msg))
             reason = f"{type(exc).__name__}: {exc}"
             self._emit(failed_from(msg, ErrorCode.STAGE_ERROR, reason, self.name))
         self.processed += 1
@@ -355,7 +392,7 @@ class StageRunner:
             now = time.monotonic_ns()
             if req is not None:
                 if req.deadline_ns and now > req.deadline_ns:
-                    self.expired += 1
+                    self._count_expired(1)
                     reason = f"deadline passed waiting in stage {self.name}"
                     self._emit(failed_from(msg, ErrorCode.DEADLINE_EXCEEDED, reason, self.name))
                     started = True
@@ -375,7 +412,7 @@ class StageRunner:
         if session:
             prev = self._sessions.get(session)
         self.inflight += 1
-        coro = self._run_one(msg, prev)
+        coro = self._run_one(msg, prev, now)
         self._eager = True
         try:
             yielded = coro.send(None)
@@ -405,7 +442,7 @@ class StageRunner:
                 del self._sessions[key]
         self._schedule_flush()
 
-    async def _run_one(self, msg: Message, prev: asyncio.Task[None] | None) -> None:
+    async def _run_one(self, msg: Message, prev: asyncio.Task[None] | None, started: int) -> None:
         stage = self.stage
         assert isinstance(stage, AsyncStage)
         try:
@@ -428,16 +465,21 @@ class StageRunner:
                 self._emit(failed_from(msg, ErrorCode.SHUTTING_DOWN, reason, self.name))
                 raise
         except UpstreamError as exc:  # classified already: no traceback, the code says it
-            log.warning("%s: %s: %s", self.spec.name, exc.code, exc)
+            log.warning("%s: %s: %s", self.spec.name, exc.code, exc, extra=_about(msg))
             wait = exc.retry_after_s or 0.0
             self._emit(failed_from(msg, exc.code, str(exc), self.name, wait))
         except Exception as exc:  # one bad message must not stop the stage
-            log.exception("%s: stage error", self.spec.name)
+            log.exception("%s: stage error", self.spec.name, extra=_about(msg))
             reason = f"{type(exc).__name__}: {exc}"
             self._emit(failed_from(msg, ErrorCode.STAGE_ERROR, reason, self.name))
         finally:
             self.inflight -= 1
             self.processed += 1
+            cells = self._cells
+            if cells is not None:
+                took = time.monotonic_ns() - started
+                cells[self._m_duration + BUCKET_OF_BITS[took.bit_length()]] += 1.0
+                cells[self._m_duration + HIST_SUM] += took
             if self._backlog:
                 if self._backlog_handle is None:
                     loop = asyncio.get_running_loop()
@@ -489,14 +531,24 @@ class StageRunner:
             if msg.reply_to < len(self.err_pending):
                 self.err_pending[msg.reply_to].append(msg)
             else:
-                log.error("%s: Failed for unknown client %d dropped", self.spec.name, msg.reply_to)
+                log.error(
+                    "%s: Failed for unknown client %d dropped",
+                    self.spec.name,
+                    msg.reply_to,
+                    extra=_about(msg),
+                )
             return
         if self.is_last:
             reply_to = msg.reply_to  # type: ignore[attr-defined]
             if reply_to < len(self.pending):
                 self.pending[reply_to].append(msg)
             else:
-                log.error("%s: reply for unknown client %d dropped", self.spec.name, reply_to)
+                log.error(
+                    "%s: reply for unknown client %d dropped",
+                    self.spec.name,
+                    reply_to,
+                    extra=_about(msg),
+                )
             return
         n = len(self.pending)
         self.pending[0 if n == 1 else shard_for(message_key(msg), n)].append(msg)
@@ -552,6 +604,8 @@ class StageRunner:
             return
         if shed:
             self.shed_count += len(msgs)
+            if self._cells is not None:
+                self._cells[self._m_shed[ring.name]] += len(msgs)
             edge = edge_label(ring.name)
             for msg in msgs:
                 self._emit(failed_from(msg, ErrorCode.RING_FULL, f"ring_full:{edge}", self.name))
@@ -573,10 +627,15 @@ class StageRunner:
         if errors:
             log.error("%s: could not deliver %d errors on %s", self.spec.name, len(msgs), ring.name)
             return
-        self.expired += len(msgs)
+        self._count_expired(len(msgs))
         reason = f"ring {ring.name} stayed full past the deadline"
         for msg in msgs:
             self._emit(failed_from(msg, ErrorCode.DEADLINE_EXCEEDED, reason, self.name))
+
+    def _count_expired(self, n: int) -> None:
+        self.expired += n
+        if self._cells is not None:
+            self._cells[self._m_expired] += n
 
     def _block_timeout(self, msgs: list[Message]) -> float:
         now = time.monotonic_ns()

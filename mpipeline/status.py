@@ -131,6 +131,7 @@ class Status:
     edges: list[EdgeStatus]
     gateway_url: str | None = None
     circuits: list[CircuitStatus] = field(default_factory=list)
+    metrics_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +263,7 @@ def snapshot(run: Run) -> Status:
         run_id=run.state["run_id"],
         config=run.state.get("config", ""),
         gateway_url=run.state.get("gateway_url"),
+        metrics_url=run.state.get("metrics_url"),
         state=ctl.state.name,
         supervisor_pid=ctl.supervisor_pid,
         uptime_s=max(0, now - ctl.started_ns) / 1e9,
@@ -369,6 +371,8 @@ def render(status: Status) -> str:
     )
     if status.gateway_url:
         head += f"gateway {status.gateway_url}\n"
+    if status.metrics_url:
+        head += f"metrics {status.metrics_url}\n"
     replicas = _table(REPLICA_COLUMNS, [_replica_row(r) for r in status.replicas], {1, 4, 5, 6, 7})
     edges = _table(EDGE_COLUMNS, [_edge_row(e) for e in status.edges], {2, 3, 4, 5})
     if status.circuits:

@@ -51,7 +51,10 @@ from mpipeline.ring import Ring
 
 if TYPE_CHECKING:
     from mpipeline.gateway.ratelimit import RateLimiter
+    from mpipeline.metrics import MetricsBlock
+    from mpipeline.metrics.server import MetricsServer
     from mpipeline.resilience import BreakerBoard
+    from mpipeline.status import Run
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,10 @@ class Supervisor:
         self.limiter: RateLimiter | None = None
         self.breakers: BreakerBoard | None = None
         self.ctl: ControlBlock | None = None
+        self.metrics: MetricsBlock | None = None
+        self.metrics_server: MetricsServer | None = None
+        # What /metrics reads, set once the state is published (the server thread reads it).
+        self._published: Run | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock_fd = -1
@@ -133,6 +140,8 @@ class Supervisor:
 
                 # Before any segment or process: a busy port leaves nothing behind.
                 self.listener = bind(self.cfg.gateway.host, self.cfg.gateway.port)
+            if self.cfg.metrics.enabled:
+                self._serve_metrics()
             removed = _shm.sweep_stale()
             if removed:
                 log.info("removed %d stale segments", len(removed))
@@ -181,10 +190,31 @@ class Supervisor:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
+    def _serve_metrics(self) -> None:
+        """Bind /metrics before any segment exists, like the gateway: a busy port
+        leaves nothing behind. It answers with no samples until the run is published."""
+        from mpipeline.metrics.collect import Reader, RunCollector
+        from mpipeline.metrics.server import MetricsServer
+
+        collector = RunCollector(Reader(), lambda: self._published)
+        server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, collector)
+        try:
+            server.start()
+        except OSError as exc:
+            raise MPipelineError(
+                f"cannot serve metrics on {self.cfg.metrics.host}:{self.cfg.metrics.port}: "
+                f"{exc.strerror or exc} (set metrics.port, or metrics.enabled = false)"
+            ) from None
+        self.metrics_server = server
+
     def _create_segments(self) -> None:
+        from mpipeline.metrics import MetricsBlock, segment_name
+
         self.ctl = ControlBlock.create(
             f"mpl-{self.run_id}-control", len(self.replicas), len(self.topo.clients)
         )
+        # Every replica counts in its own region, indexed by its control slot.
+        self.metrics = MetricsBlock.create(segment_name(f"mpl-{self.run_id}"), len(self.replicas))
         if self.topo.gateways and self.cfg.gateway.rate_limit.enabled:
             from mpipeline.gateway.ratelimit import RateLimiter
 
@@ -209,6 +239,9 @@ class Supervisor:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def _write_state(self) -> None:
+        from mpipeline.status import Run
+        from mpipeline.workers import upstream_names
+
         state = {
             "pid": os.getpid(),
             "run_id": self.run_id,
@@ -217,12 +250,17 @@ class Supervisor:
             "breakers": self.breakers.name if self.breakers else None,
             "breaker_config": msgspec.to_builtins(self.cfg.stages.inference.breaker),
             "gateway_url": self.gateway_url,
+            "metrics": self.metrics.name if self.metrics else None,
+            "metrics_url": self.metrics_server.url if self.metrics_server else None,
+            "upstreams": upstream_names(self.cfg.stages.inference),
             "topology": asdict(self.topo),
         }
         tmp = self.run_dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.chmod(0o600)
         tmp.replace(self.run_dir / STATE_FILE)
+        if self.ctl is not None:
+            self._published = Run(self.run_dir, state, self.ctl)
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -506,6 +544,10 @@ class Supervisor:
 
     def _cleanup(self) -> None:
         self._close_listener()
+        self._published = None
+        if self.metrics_server is not None:
+            self.metrics_server.stop()  # before the segments it reads go away
+            self.metrics_server = None
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir / STATE_FILE).unlink()
         for ring in self.rings:
@@ -520,6 +562,10 @@ class Supervisor:
             self.breakers.close()
             self.breakers.unlink()
             self.breakers = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics.unlink()
+            self.metrics = None
         if self.ctl is not None:
             # Give attached clients a moment to read the final state.
             time.sleep(0.05)
@@ -542,12 +588,10 @@ def main(
 ) -> int:
     """``mpipeline run``: validate, then supervise in the foreground until stopped."""
     from mpipeline import config as config_mod
+    from mpipeline import logs
     from mpipeline.errors import ConfigError
 
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s %(levelname)s supervisor[%(process)d] %(name)s: %(message)s",
-    )
+    logs.setup(log_level, os.environ.get(logs.FORMAT_ENV, "auto"), stage="supervisor", replica=None)
     try:
         cfg = config_mod.load(config_path)
     except ConfigError as exc:

@@ -33,6 +33,7 @@ from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
 from mpipeline.gateway import openai, schemas, sse, websocket
 from mpipeline.gateway.auth import BearerAuth, open_bind_warning
 from mpipeline.gateway.exchange import Reply, Request, Response, Switch
+from mpipeline.gateway.metrics import GatewayMetrics
 from mpipeline.gateway.ratelimit import RateLimiter, retry_after_s
 from mpipeline.gateway.schemas import ChunkOut, ErrorBody, ErrorDetail, Problem, PromptBody
 from mpipeline.gateway.server import HttpServer, bind
@@ -111,6 +112,10 @@ class Gateway:
             "/v1/chat/completions": {"POST": chat.create},
             "/v1/models": {"GET": chat.models},
         }
+
+    def use_metrics(self, metrics: GatewayMetrics) -> None:
+        """Count every answer (route, status, duration) in the replica's metrics region."""
+        self._server.answered = metrics.answered
 
     # Lifecycle
 

@@ -26,6 +26,8 @@ class Request:
     headers: dict[str, str]
     body: bytes = b""
     keep_alive: bool = True
+    # When its first byte was parsed (monotonic ns): request durations start here.
+    arrived_ns: int = 0
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -108,6 +110,7 @@ class Response:
         self.keep_alive = request.keep_alive
         self.started = False
         self.finished = False
+        self.status = 0
         self._chunked = False
 
     def _head(self, status: int, headers: Iterable[tuple[str, str]], content_type: str) -> bytes:
@@ -133,6 +136,7 @@ class Response:
         """Write a complete response (a few kB at most: no backpressure wait)."""
         assert not self.started, "response already started"
         self.started = self.finished = True
+        self.status = status
         head = self._head(status, headers, content_type)
         length = b"content-length: %d\r\n\r\n" % len(body)
         self._conn.write(head + length + (b"" if self._head_only else body))
@@ -142,6 +146,7 @@ class Response:
     ) -> None:
         assert not self.started, "response already started"
         self.started = self._chunked = True
+        self.status = status
         self._conn.write(
             self._head(status, headers, content_type) + b"transfer-encoding: chunked\r\n\r\n"
         )

@@ -21,11 +21,13 @@ from typing import Any
 
 from mpipeline.config import PipelineConfig
 from mpipeline.gateway.app import Gateway, model_name
+from mpipeline.gateway.metrics import GatewayMetrics
 from mpipeline.gateway.ratelimit import RateLimiter
 from mpipeline.heartbeat import R_PID, R_STATE, ControlBlock, ReplicaState, RunState
+from mpipeline.metrics import attach_writer, gateway_region
 from mpipeline.pipeline import Pipeline
 from mpipeline.replica import BootError, run_child
-from mpipeline.topology import GatewaySpec
+from mpipeline.topology import GatewaySpec, edge_label
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ def main(
     state: dict[str, Any],
 ) -> None:
     """Entry point of a gateway process (the spawn target)."""
-    # websockets logs every connection at INFO (run_child quiets httpx).
-    logging.getLogger("websockets").setLevel(logging.WARNING)
     run_child(
         spec.name,
         spec.cpus,
@@ -79,6 +79,10 @@ async def _serve(
             drain_timeout_s=STOP_GRACE_S,
             limiter=limiter,
         )
+        metrics = _metrics(spec, cfg, ctl_name, state)
+        if metrics is not None:
+            pipeline.use_metrics(metrics)
+            gateway.use_metrics(metrics)
         await gateway.start(sock)
     except Exception as exc:
         await pipeline.close()
@@ -90,7 +94,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     ctl.put(spec.slot, R_STATE, ReplicaState.READY)
-    beat = loop.create_task(_beat(spec, cfg, ctl, pipeline, gateway))
+    beat = loop.create_task(_beat(spec, cfg, ctl, pipeline, gateway, metrics))
     try:
         await stop.wait()
     finally:
@@ -103,12 +107,31 @@ async def _serve(
         ctl.close()
 
 
+def _metrics(
+    spec: GatewaySpec, cfg: PipelineConfig, ctl_name: str, state: dict[str, Any]
+) -> GatewayMetrics | None:
+    """This replica's region of the run's metrics block (None when metrics are off)."""
+    if not cfg.metrics.enabled:
+        return None
+    clients = {c["index"]: c for c in state["topology"]["clients"]}
+    edges = [edge_label(name) for name in clients[spec.client]["ingress"]]
+    region = gateway_region(spec.name, edges)
+    writer = attach_writer(ctl_name.removesuffix("-control"), spec.slot, region)
+    return None if writer is None else GatewayMetrics(writer, spec.name, edges)
+
+
 async def _beat(
-    spec: GatewaySpec, cfg: PipelineConfig, ctl: ControlBlock, pipeline: Pipeline, gateway: Gateway
+    spec: GatewaySpec,
+    cfg: PipelineConfig,
+    ctl: ControlBlock,
+    pipeline: Pipeline,
+    gateway: Gateway,
+    metrics: GatewayMetrics | None,
 ) -> None:
     """Heartbeat with the request counts; close the listener once the run drains."""
     interval = cfg.supervisor.heartbeat_interval_s
     accepting = True
+    loop = asyncio.get_running_loop()
     while True:
         stats = pipeline.stats
         ctl.beat(spec.slot, stats["completed"] + stats["failed"], pipeline.inflight)
@@ -118,4 +141,8 @@ async def _beat(
             log.info("the pipeline is draining: no new connections")
             gateway.stop_accepting()
         # While the supervisor drains it watches in-flight counts: report often.
-        await asyncio.sleep(0.02 if draining else interval)
+        delay = 0.02 if draining else interval
+        due = loop.time() + delay
+        await asyncio.sleep(delay)
+        if metrics is not None:
+            metrics.lag(loop.time() - due)  # how long the loop was busy past the timer

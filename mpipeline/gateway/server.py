@@ -98,6 +98,8 @@ class HttpServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._date = (0, b"")
+        # Told of every answer (path, status, arrival ns): the gateway's metrics.
+        self.answered: Callable[[str, int, int], None] | None = None
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -176,6 +178,7 @@ class _Connection(asyncio.Protocol):
         self._head_size = 0
         self._abort: Reply | None = None
         self._current: Request | None = None
+        self._begun_ns = 0
 
     # asyncio callbacks
 
@@ -236,6 +239,7 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        self._begun_ns = time.monotonic_ns()
         self._url = b""
         self._headers = {}
         self._body = []
@@ -269,6 +273,7 @@ class _Connection(asyncio.Protocol):
             query=(url.query or b"").decode("latin-1"),
             headers=self._headers,
             keep_alive=bool(self._parser.should_keep_alive()),
+            arrived_ns=self._begun_ns,
         )
         self._current = request
         length = request.header("content-length")
@@ -346,6 +351,9 @@ class _Connection(asyncio.Protocol):
             else:
                 response.send_reply(self._error(500, "no response", request.path))
         self._task = None
+        answered = self.server.answered
+        if answered is not None:
+            answered(request.path, response.status, request.arrived_ns)
         self._served(response.keep_alive and not self._upgrade)
 
     def _served(self, keep_alive: bool) -> None:
@@ -372,6 +380,10 @@ class _Connection(asyncio.Protocol):
             self._reject(self._error(400, "an Upgrade request must not be pipelined"))
             return
         self._disarm()
+        answered = self.server.answered
+        if answered is not None:
+            path = self._url.split(b"?", 1)[0].decode("latin-1")
+            answered(path, 101, self._begun_ns)
         self._upgraded = switch(self._transport, self)
         if self.closing:
             self._upgraded.shutdown()  # switched while the server stops
@@ -385,6 +397,10 @@ class _Connection(asyncio.Protocol):
 
     def _reject(self, reply: Reply) -> None:
         """Answer an unreadable or refused request early, then close after lingering."""
+        answered = self.server.answered
+        if answered is not None:
+            path = self._current.path if self._current is not None else ""
+            answered(path, reply.status, self._begun_ns)
         self._discarding = True
         self._disarm()
         if self._task is not None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from mpipeline.config import PipelineConfig
 from mpipeline.messages import Message
+from mpipeline.metrics.block import Writer
 
 In = TypeVar("In", bound=Message)
 Out = TypeVar("Out", bound=Message)
@@ -35,6 +36,8 @@ class StageContext:
     # (the circuit breakers); "" for a stage built outside one (tests, library).
     segments: str = ""
     cpus: tuple[int, ...] = ()
+    # This replica's region of the run's metrics block; None when nothing records.
+    metrics: Writer | None = None
     log: logging.LoggerAdapter[logging.Logger] = field(
         default_factory=lambda: logging.LoggerAdapter(logging.getLogger("mpipeline.stage"))
     )

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from mpipeline.config import InferenceConfig
 from mpipeline.errors import ErrorCode
 from mpipeline.messages import Assembled
+from mpipeline.metrics.block import Cells, Writer
 from mpipeline.resilience import (
     Breaker,
     BreakerBoard,
@@ -95,6 +96,21 @@ class ShardCalls:
         self._remote = any(u.remote for u in upstreams)
         self._rng = rng or random.Random()
         self.stats = CallStats()
+        self._cells: Cells | None = None
+        self._m_calls: dict[str, int] = {}
+        self._m_retries: dict[str, int] = {}
+        self._m_cached = self._m_coalesced = self._m_in = self._m_out = 0
+
+    def use_metrics(self, writer: Writer) -> None:
+        """Count calls, retries, dedup hits and tokens in the shard's metrics region."""
+        names = [u.name for u in self.chooser.upstreams]
+        self._m_calls = {n: writer.index("upstream_calls", n) for n in names}
+        self._m_retries = {n: writer.index("upstream_retries", n) for n in names}
+        self._m_cached = writer.index("dedup_hits", "cached")
+        self._m_coalesced = writer.index("dedup_hits", "coalesced")
+        self._m_in = writer.index("tokens", "in")
+        self._m_out = writer.index("tokens", "out")
+        self._cells = writer.cells
 
     def use_breakers(self, board: BreakerBoard) -> None:
         """Guard every remote upstream with its circuit on ``board`` (claimed by name)."""
@@ -116,6 +132,8 @@ class ShardCalls:
             hit = cache.get(key, time.monotonic())
             if hit is not None:
                 self.stats.cache_hits += 1
+                if self._cells is not None:
+                    self._cells[self._m_cached] += 1
                 _fill(gen, hit)
                 gen.cached_tokens = hit.prompt_tokens  # nothing evaluated for this one
                 # A result cached from a non-streamed call streams as one piece.
@@ -137,6 +155,8 @@ class ShardCalls:
                     yield piece
                 return
             self.stats.coalesced += 1
+            if self._cells is not None:
+                self._cells[self._m_coalesced] += 1
             follower = _Follower()
             async for piece in self._follow(flight, gen, stream, follower):
                 yield piece
@@ -231,6 +251,9 @@ class ShardCalls:
             sent = False
             one = Generation()
             self.stats.calls += 1
+            cells = self._cells
+            if cells is not None:
+                cells[self._m_calls[upstream.name]] += 1
             self.chooser.begin(upstream)
             try:
                 async with self._limits[upstream.name]:
@@ -273,8 +296,11 @@ class ShardCalls:
                     wait,
                     exc.code,
                     attempt + 1,
+                    extra={"request_id": job.request.request_id},
                 )
                 self.stats.retries += 1
+                if cells is not None:
+                    cells[self._m_retries[upstream.name]] += 1
                 attempt += 1
                 await asyncio.sleep(wait)
                 continue
@@ -285,6 +311,9 @@ class ShardCalls:
             finally:
                 self.chooser.end(upstream)
             self._settle(breaker, permit, True)
+            if cells is not None:
+                cells[self._m_in] += one.prompt_tokens
+                cells[self._m_out] += one.completion_tokens
             gen.prompt_tokens = one.prompt_tokens
             gen.completion_tokens = one.completion_tokens
             gen.finish_reason = one.finish_reason

@@ -33,6 +33,8 @@ class Inference(AsyncStage[Assembled, Message]):
         self._upstreams: list[Upstream] = build_upstreams(config, wctx)
         self._board: BreakerBoard | None = None
         self.calls = ShardCalls(config, self._upstreams, None)
+        if ctx.metrics is not None:
+            self.calls.use_metrics(ctx.metrics)
 
     async def start(self) -> None:
         cfg = self._config

@@ -30,6 +30,13 @@ def build_upstreams(cfg: InferenceConfig, ctx: WorkerContext) -> list[Upstream]:
     return [_member(m, ctx) for m in cfg.pool.upstreams]
 
 
+def upstream_names(cfg: InferenceConfig) -> list[str]:
+    """The names ``build_upstreams`` gives, without building anything (metrics labels)."""
+    if cfg.worker == "pool":
+        return [m.name for m in cfg.pool.upstreams]
+    return [cfg.worker]
+
+
 def _member(cfg: PoolUpstreamConfig, ctx: WorkerContext) -> Upstream:
     if cfg.kind == "anthropic":
         from mpipeline.workers.anthropic import AnthropicUpstream
@@ -47,4 +54,5 @@ __all__ = [
     "UpstreamFailure",
     "WorkerContext",
     "build_upstreams",
+    "upstream_names",
 ]

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,10 @@ POLL_S = 0.02
 SMALL_RING = 64 * 1024
 
 # What every test config starts from: fast beats and restarts, small rings, one
-# replica per stage, no metrics port to collide with.
+# replica per stage, metrics on (so every test exercises them) on a free port.
 BASE_OVERRIDES: dict[str, object] = {
-    "metrics.enabled": False,
+    "metrics.enabled": True,
+    "metrics.port": 0,
     # No HTTP gateway process unless a test asks for one (then on port 0).
     "gateway.replicas": 0,
     "gateway.port": 0,
@@ -139,13 +140,18 @@ class SupervisorProcess:
     """One ``mpipeline run`` subprocess and what a test needs to poke at it."""
 
     def __init__(
-        self, config_path: Path, run_dir: Path, log_path: Path, env: Mapping[str, str]
+        self,
+        config_path: Path,
+        run_dir: Path,
+        log_path: Path,
+        env: Mapping[str, str],
+        args: Sequence[str] = (),
     ) -> None:
         self.config_path = config_path
         self.run_dir = run_dir
         self.log_path = log_path
         cmd = [sys.executable, "-m", "mpipeline", "run", "--config", str(config_path)]
-        cmd += ["--run-dir", str(run_dir)]
+        cmd += ["--run-dir", str(run_dir), *args]
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd,
@@ -319,7 +325,9 @@ class SupervisorFactory:
         run_dir: Path | None = None,
         config_path: Path | None = None,
         wait: bool = True,
+        args: Sequence[str] = (),
     ) -> SupervisorProcess:
+        """Start ``mpipeline run`` on ``cfg``; ``args`` are extra command-line options."""
         path = config_path or self.configs.write(cfg)
         n = len(self.started) + 1
         sp = SupervisorProcess(
@@ -327,6 +335,7 @@ class SupervisorFactory:
             run_dir or self.configs.run_dir,
             self.configs.tmp_path / f"supervisor-{n}.log",
             {"PYTHONFAULTHANDLER": "1", **(env or {})},
+            args,
         )
         self.started.append(sp)
         if wait:

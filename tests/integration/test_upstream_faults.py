@@ -225,7 +225,8 @@ def test_one_hundred_identical_requests_make_one_upstream_call(
 def test_the_api_key_reaches_the_upstream_and_nothing_else(
     start_supervisor: SupervisorFactory, upstream: FaultUpstream
 ) -> None:
-    """I7: the canary key is sent upstream but never shows in errors, status, logs or DLQ."""
+    """I7: the canary key is sent upstream but never shows in errors, status, logs, the
+    DLQ or the metrics (which count the failure without naming the upstream's URL)."""
     upstream.default = Status(401, body=f'{{"error": {{"message": "key {CANARY}"}}}}'.encode())
     sp = _start(start_supervisor, upstream)
     with sp.explain(), httpx.Client(base_url=sp.url, timeout=10) as client:
@@ -236,7 +237,12 @@ def test_the_api_key_reaches_the_upstream_and_nothing_else(
     assert len(upstream.calls) == 1  # a 401 is not retried
     dlq = (sp.run_dir / "dlq.jsonl").read_text()
     assert "upstream answered HTTP 401" in dlq
-    for seen in (reply.text, status, sp.log(), dlq):
+    state = json.loads((sp.run_dir / "state.json").read_text())
+    metrics = httpx.get(state["metrics_url"], timeout=10).text
+    assert 'mpipeline_errors_total{code="upstream_error",stage="inference"} 1.0' in metrics
+    assert 'mpipeline_upstream_calls_total{upstream="openai"} 1.0' in metrics
+    assert upstream.url not in metrics
+    for seen in (reply.text, status, sp.log(), dlq, metrics):
         assert CANARY not in seen
 
 

@@ -23,7 +23,9 @@ def test_one_core_puts_every_replica_on_it() -> None:
     assert not any(name.startswith("gateway") for name in plan)
     assert cfg.stages.inference.echo.token_delay_ms == 0
     assert cfg.stages.inference.echo.max_tokens == 16
-    assert not cfg.metrics.enabled
+    # Metrics on as deployed, on a free port (two benches never collide); off on request.
+    assert cfg.metrics.enabled and cfg.metrics.port == 0
+    assert not config_for_cores([3], metrics=False).metrics.enabled
 
 
 def test_two_cores_give_two_shards_on_different_cores() -> None:

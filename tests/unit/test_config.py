@@ -258,9 +258,21 @@ def test_nan_falls_back_to_msgspecs_words(tmp_path: Path) -> None:
     assert field == "stages.rag.timeout_s" and "> 0" in message
 
 
-@pytest.mark.parametrize(("port", "message"), [(0, "must be >= 1"), (70000, "must be <= 65535")])
-def test_bad_ports(tmp_path: Path, port: int, message: str) -> None:
-    assert only_issue(tmp_path, f"[metrics]\nport = {port}\n") == (2, "metrics.port", message)
+@pytest.mark.parametrize(
+    ("table", "port", "message"),
+    [
+        ("gateway", -1, "must be >= 0"),
+        ("metrics", -1, "must be >= 0"),
+        ("metrics", 70000, "must be <= 65535"),
+    ],
+)
+def test_bad_ports(tmp_path: Path, table: str, port: int, message: str) -> None:
+    assert only_issue(tmp_path, f"[{table}]\nport = {port}\n") == (2, f"{table}.port", message)
+
+
+def test_metrics_port_zero_picks_a_free_one(tmp_path: Path) -> None:
+    # state.json's metrics_url has the real port; two runs never collide.
+    assert issues_of(tmp_path, "[gateway]\nport = 0\n[metrics]\nport = 0\n") == []
 
 
 def test_metrics_and_gateway_ports_collide(tmp_path: Path) -> None:

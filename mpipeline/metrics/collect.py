@@ -1,0 +1,272 @@
+"""Everything ``/metrics`` serves, read at scrape time from a running supervisor.
+
+Nothing is pushed: the replicas' counters come from the metrics block, ring
+depths straight from the ring headers (``status.snapshot``), restarts and
+liveness from the control block, circuits from the breaker board, CPU and
+memory from psutil. So a scrape costs the pipeline nothing, a wedged replica
+cannot delay it, and ``mpipeline top`` reads exactly what Prometheus reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from mpipeline import status
+from mpipeline.errors import RingCorrupted, RingNotFound
+from mpipeline.metrics.block import MetricsBlock
+from mpipeline.metrics.schema import (
+    BUCKET_BOUNDS_S,
+    FAMILIES,
+    HIST_CELLS,
+    HIST_FINITE,
+    HIST_SUM,
+    PREFIX,
+    Key,
+    Region,
+    gateway_region,
+    stage_region,
+)
+from mpipeline.topology import edge_label
+
+CIRCUIT_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+# Families whose every label set is exported even at zero: few series, and a
+# dashboard or an alert needs the zero to tell "nothing happened" from "no data".
+_DENSE = frozenset(
+    {
+        "stage_duration_seconds",
+        "event_loop_lag_seconds",
+        "expired",
+        "shed",
+        "time_to_first_token_seconds",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterLayout:
+    """One region of the block and the series it holds."""
+
+    slot: int
+    region: Region
+
+
+def layouts(state: dict[str, Any]) -> list[WriterLayout]:
+    """Every writer's region, from a run's published state (as the writers built them)."""
+    topo = state["topology"]
+    upstreams = list(state.get("upstreams") or ())
+    out = []
+    for spec in topo["replicas"]:
+        name = f"{spec['stage']}-{spec['index']}"
+        edges = [edge_label(n) for n in spec["outputs"]]
+        out.append(WriterLayout(spec["slot"], stage_region(spec["stage"], name, edges, upstreams)))
+    clients = {c["index"]: c for c in topo.get("clients", ())}
+    for spec in topo.get("gateways", ()):
+        ingress = clients.get(spec["client"], {}).get("ingress", ())
+        edges = [edge_label(n) for n in ingress]
+        out.append(WriterLayout(spec["slot"], gateway_region(f"gateway-{spec['index']}", edges)))
+    return out
+
+
+class Reader:
+    """Reads a run's metrics; keeps the block and psutil handles between scrapes."""
+
+    def __init__(self, block: MetricsBlock | None = None) -> None:
+        self._block = block
+        self._own_block = block is None
+        self._procs: dict[int, psutil.Process] = {}
+
+    def close(self) -> None:
+        if self._own_block and self._block is not None:
+            self._block.close()
+            self._block = None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def collect(self, run: status.Run) -> list[Metric]:
+        snap = status.snapshot(run)
+        families = _Families()
+        self._cells(run.state, families)
+        _rings(snap, families)
+        _circuits(snap, families)
+        self._replicas(snap, families)
+        return families.all()
+
+    # From the metrics block
+
+    def _attach(self, state: dict[str, Any]) -> MetricsBlock | None:
+        name = state.get("metrics")
+        if self._block is not None and self._block.name == name:
+            return self._block
+        if not name:
+            return None
+        if self._block is not None and self._own_block:
+            self._block.close()
+        try:
+            self._block = MetricsBlock.attach(name)
+        except (RingNotFound, RingCorrupted):
+            self._block = None
+        self._own_block = True
+        return self._block
+
+    def _cells(self, state: dict[str, Any], families: _Families) -> None:
+        block = self._attach(state)
+        if block is None:
+            return
+        totals: dict[Key, list[float]] = {}
+        for writer in layouts(state):
+            if writer.slot >= block.regions:
+                continue
+            cells = block.read(writer.slot)
+            for key, offset in writer.region.items():
+                kind = FAMILIES[key[0]].kind
+                width = HIST_CELLS if kind == "histogram" else 1
+                values = cells[offset : offset + width]
+                got = totals.get(key)
+                if got is None:
+                    totals[key] = values
+                elif kind == "gauge":
+                    got[0] = max(got[0], values[0])
+                else:
+                    for i, v in enumerate(values):
+                        got[i] += v
+        for (name, labels), values in sorted(totals.items()):
+            if FAMILIES[name].kind == "histogram":
+                count = sum(values[: HIST_FINITE + 1])
+                if count == 0 and name not in _DENSE:
+                    continue
+                buckets = []
+                running = 0.0
+                for bound, n in zip(BUCKET_BOUNDS_S, values, strict=False):
+                    running += n
+                    buckets.append((_le(bound), running))
+                buckets.append(("+Inf", count))
+                families.hists[name].add_metric(list(labels), buckets, values[HIST_SUM] / 1e9)
+            elif values[0] or name in _DENSE:
+                families.put(name, labels, values[0])
+
+    # From psutil and the control block
+
+    def _replicas(self, snap: status.Status, families: _Families) -> None:
+        alive: set[int] = set()
+        for r in snap.replicas:
+            labels = [r.stage, r.name]
+            families.put("stage_restarts", labels, r.restarts)
+            up = 1.0 if r.state == "READY" else 0.0
+            families.put("replica_up", labels, up)
+            proc = self._process(r.pid) if r.pid else None
+            if proc is None:
+                continue
+            try:
+                with proc.oneshot():
+                    cpu = proc.cpu_times()
+                    rss = proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                self._procs.pop(r.pid, None)
+                continue
+            alive.add(r.pid)
+            families.put("process_cpu_seconds", labels, cpu.user + cpu.system)
+            families.put("process_resident_memory_bytes", labels, rss)
+        for pid in set(self._procs) - alive:
+            del self._procs[pid]
+
+    def _process(self, pid: int) -> psutil.Process | None:
+        proc = self._procs.get(pid)
+        if proc is not None and proc.is_running():
+            return proc
+        try:
+            proc = psutil.Process(pid)
+        except psutil.Error:
+            return None
+        self._procs[pid] = proc
+        return proc
+
+
+def collect(run: status.Run) -> list[Metric]:
+    """One-shot read of every family (``mpipeline top``, tests)."""
+    with Reader() as reader:
+        return reader.collect(run)
+
+
+class RunCollector(Collector):
+    """A prometheus_client collector over the supervisor's own run (no files, no pids).
+
+    ``current`` returns the run once it is published, None before: a scrape
+    while the pipeline boots gets every family declared and no samples.
+    """
+
+    def __init__(self, reader: Reader, current: Callable[[], status.Run | None]) -> None:
+        self._reader = reader
+        self._current = current
+
+    def collect(self) -> Iterable[Metric]:
+        run = self._current()
+        if run is None:
+            return _Families().all()
+        return self._reader.collect(run)
+
+
+class _Families:
+    """One scrape's families, every declared one present even with no samples."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        self.hists: dict[str, HistogramMetricFamily] = {}
+        self._order: list[Metric] = []
+        for name, fam in FAMILIES.items():
+            full, labels = PREFIX + name, list(fam.labels)
+            metric: Metric
+            if fam.kind == "histogram":
+                metric = self.hists[name] = HistogramMetricFamily(full, fam.help, labels=labels)
+            elif fam.kind == "counter":
+                metric = self.scalars[name] = CounterMetricFamily(full, fam.help, labels=labels)
+            else:
+                metric = self.scalars[name] = GaugeMetricFamily(full, fam.help, labels=labels)
+            self._order.append(metric)
+
+    def put(self, name: str, labels: Sequence[str], value: float) -> None:
+        self.scalars[name].add_metric(list(labels), value)
+
+    def all(self) -> list[Metric]:
+        return self._order
+
+
+def _le(bound: float) -> str:
+    return repr(bound)
+
+
+def _rings(snap: status.Status, families: _Families) -> None:
+    for e in snap.edges:
+        labels = [edge_label(e.name)]
+        families.put("ring_capacity_bytes", labels, e.capacity)
+        if e.ring is None:
+            continue
+        ring = e.ring
+        families.put("queue_depth", labels, max(0, ring.records_in - ring.records_out))
+        families.put("ring_used_bytes", labels, ring.used_bytes)
+        families.put("ring_high_water_bytes", labels, ring.high_water)
+        families.put("ring_records", [*labels, "in"], ring.records_in)
+        families.put("ring_records", [*labels, "out"], ring.records_out)
+
+
+def _circuits(snap: status.Status, families: _Families) -> None:
+    for c in snap.circuits:
+        state = c.state
+        if state == "open" and c.retry_in_s <= 0:
+            state = "half_open"  # the next call probes: the board moves lazily
+        families.put("circuit_state", [c.upstream], CIRCUIT_VALUES.get(state, 2.0))
+        families.put("circuit_opens", [c.upstream], c.opens)
