@@ -458,6 +458,7 @@ class StageRunner:
                 self.cancelled += 1  # its client has answered the caller already
                 return
             if task is not None and task in self._timed_out:
+                self._count_expired(1)
                 reason = f"stage {self.name} timed out"
                 self._emit(failed_from(msg, ErrorCode.DEADLINE_EXCEEDED, reason, self.name))
             else:

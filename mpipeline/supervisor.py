@@ -213,8 +213,10 @@ class Supervisor:
         self.ctl = ControlBlock.create(
             f"mpl-{self.run_id}-control", len(self.replicas), len(self.topo.clients)
         )
-        # Every replica counts in its own region, indexed by its control slot.
-        self.metrics = MetricsBlock.create(segment_name(f"mpl-{self.run_id}"), len(self.replicas))
+        if self.cfg.metrics.enabled:
+            # Every replica counts in its own region, indexed by its control slot.
+            name = segment_name(f"mpl-{self.run_id}")
+            self.metrics = MetricsBlock.create(name, len(self.replicas))
         if self.topo.gateways and self.cfg.gateway.rate_limit.enabled:
             from mpipeline.gateway.ratelimit import RateLimiter
 

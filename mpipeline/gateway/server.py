@@ -335,6 +335,11 @@ class _Connection(asyncio.Protocol):
         try:
             await self.server.app.handle(request, response)
         except asyncio.CancelledError:
+            # The client hung up (or the server is aborting): nginx's 499, so a slow
+            # request its caller gave up on still shows in the counts and latencies.
+            answered = self.server.answered
+            if answered is not None:
+                answered(request.path, 499, request.arrived_ns)
             raise
         except ConnectionError:
             response.keep_alive = False  # the client went away mid-stream

@@ -114,7 +114,10 @@ class MetricsBlock:
         os.close(self._fd)
 
     def unlink(self) -> None:
-        _shm.unlink_segment(self.name)
+        """Remove the segment (creator only: a reader such as ``mpipeline top`` must
+        never delete a live run's block; attached processes keep their mapping)."""
+        if self.creator:
+            _shm.unlink_segment(self.name)
 
 
 class Writer:

@@ -9,6 +9,7 @@ cannot delay it, and ``mpipeline top`` reads exactly what Prometheus reads.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,8 @@ from mpipeline.metrics.schema import (
 )
 from mpipeline.topology import edge_label
 
-CIRCUIT_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+# As the breaker board numbers them, and as the dashboard's value mappings read them.
+CIRCUIT_VALUES = {"closed": 0.0, "open": 1.0, "half_open": 2.0}
 # Families whose every label set is exported even at zero: few series, and a
 # dashboard or an alert needs the zero to tell "nothing happened" from "no data".
 _DENSE = frozenset(
@@ -182,7 +184,7 @@ class Reader:
             families.put("process_cpu_seconds", labels, cpu.user + cpu.system)
             families.put("process_resident_memory_bytes", labels, rss)
         for pid in set(self._procs) - alive:
-            del self._procs[pid]
+            self._procs.pop(pid, None)
 
     def _process(self, pid: int) -> psutil.Process | None:
         proc = self._procs.get(pid)
@@ -212,12 +214,16 @@ class RunCollector(Collector):
     def __init__(self, reader: Reader, current: Callable[[], status.Run | None]) -> None:
         self._reader = reader
         self._current = current
+        self._lock = threading.Lock()
 
     def collect(self) -> Iterable[Metric]:
         run = self._current()
         if run is None:
             return _Families().all()
-        return self._reader.collect(run)
+        # prometheus_client serves each scrape on its own thread; the reader's
+        # block and psutil handles are shared, so one scrape reads at a time.
+        with self._lock:
+            return self._reader.collect(run)
 
 
 class _Families:
@@ -268,5 +274,5 @@ def _circuits(snap: status.Status, families: _Families) -> None:
         state = c.state
         if state == "open" and c.retry_in_s <= 0:
             state = "half_open"  # the next call probes: the board moves lazily
-        families.put("circuit_state", [c.upstream], CIRCUIT_VALUES.get(state, 2.0))
+        families.put("circuit_state", [c.upstream], CIRCUIT_VALUES.get(state, 1.0))
         families.put("circuit_opens", [c.upstream], c.opens)

@@ -137,7 +137,7 @@ FAMILIES = _families(
     Family(
         "circuit_state",
         "gauge",
-        "An upstream's circuit: 0 closed, 1 half-open, 2 open.",
+        "An upstream's circuit: 0 closed, 1 open (calls fail fast), 2 half open (probing).",
         ("upstream",),
     ),
     Family("circuit_opens", "counter", "Times an upstream's circuit opened.", ("upstream",)),
