@@ -382,6 +382,26 @@ def _add_status_profile(commands: argparse._SubParsersAction[argparse.ArgumentPa
     profile.add_argument("--nonblocking", action="store_true", help="never pause the replica")
     profile.set_defaults(handler=_profile)
 
+    top = commands.add_parser(
+        "top",
+        help="live dashboard of the running pipeline",
+        description="A live terminal dashboard: stage rates and latencies, ring fill, "
+        "throughput, circuits, dedup savings, CPU per core and recent errors. Keys: q quit, "
+        "p pause, r reset, h help.",
+    )
+    _add_where(top)
+    top.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between refreshes (default 1)",
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one text snapshot (two reads S apart) and exit"
+    )
+    top.set_defaults(handler=_top)
+
 
 def _add_where(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
@@ -409,6 +429,19 @@ def _status(args: argparse.Namespace) -> int:
     from mpipeline import status
 
     return status.main(args.run_dir, args.config, as_json=args.json, out=sys.stdout, err=sys.stderr)
+
+
+def _top(args: argparse.Namespace) -> int:
+    from mpipeline import top
+
+    return top.main(
+        args.run_dir,
+        args.config,
+        interval=args.interval,
+        once=args.once,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
 
 
 def _profile(args: argparse.Namespace) -> int:
