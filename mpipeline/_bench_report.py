@@ -77,8 +77,10 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     # Pipeline throughput at the most cores measured over the baseline's.
     ratio: float | None
     verdicts: list[Verdict]
-    # ``--metrics both``: the same core counts with metrics off, measured right after.
-    metrics_off: list[Run] = msgspec.field(default_factory=list)
+    # ``--metrics both``: the further runs of each core count, in the order measured
+    # after the one in ``runs`` (metrics off, off, on: an ABBA sequence, so a drift
+    # of the machine over the four runs cancels out of the comparison).
+    metrics_ab: list[Run] = msgspec.field(default_factory=list)
 
 
 def machine() -> Machine:
@@ -200,15 +202,26 @@ def verdicts(runs: list[Run], baseline: Run | None) -> list[Verdict]:
 # Rendering
 
 
-def metrics_costs(report: Report) -> list[tuple[int, float]]:
-    """Per core count, the throughput share metrics cost (negative: noise favoured on)."""
-    off = {r.cores: r.full for r in report.metrics_off}
+# The run name of ``--metrics both``'s runs without metrics.
+METRICS_OFF_NAME = "pipeline, metrics off"
+
+
+def metrics_costs(report: Report) -> list[tuple[int, float, float, float]]:
+    """Per core count: mean full-speed req/s with metrics on and off, and the share
+    of throughput they cost (negative: the noise favoured metrics on)."""
+    speeds: dict[tuple[int, bool], list[float]] = {}
+    for r in [*report.runs, *report.metrics_ab]:
+        if r.full is not None:
+            key = (r.cores, r.name == METRICS_OFF_NAME)
+            speeds.setdefault(key, []).append(r.full.throughput_rps)
     out = []
-    for r in report.runs:
-        base = off.get(r.cores)
-        if r.full is None or base is None or not base.throughput_rps:
+    for cores in sorted({c for c, _ in speeds}):
+        on, off = speeds.get((cores, False)), speeds.get((cores, True))
+        if not on or not off:
             continue
-        out.append((r.cores, 1.0 - r.full.throughput_rps / base.throughput_rps))
+        mean_on, mean_off = sum(on) / len(on), sum(off) / len(off)
+        if mean_off:
+            out.append((cores, mean_on, mean_off, 1.0 - mean_on / mean_off))
     return out
 
 
@@ -227,7 +240,7 @@ def table(report: Report) -> str:
             "noise",
         )
     ]
-    runs = [*report.runs, *report.metrics_off, *([report.baseline] if report.baseline else [])]
+    runs = [*report.runs, *report.metrics_ab, *([report.baseline] if report.baseline else [])]
     for r in runs:
         for p in r.phases:
             phase = "full speed" if p.kind == "full" else f"{p.offered_rps:,.0f}/s"
@@ -267,11 +280,12 @@ def table(report: Report) -> str:
         lines += ["", f"pipeline / asyncio baseline at full speed: {report.ratio:.2f}x"]
     costs = metrics_costs(report)
     if costs:
+        lines += ["", "metrics cost at full speed (mean of on, off, off, on; same cores):"]
         lines += [
-            "",
-            "metrics cost at full speed (1 - on/off throughput, same cores, back to back):",
+            f"  {c} core{'s' if c > 1 else ''}: on {on:,.0f} req/s, off {off:,.0f} req/s, "
+            f"cost {cost:+.1%}"
+            for c, on, off, cost in costs
         ]
-        lines += [f"  {c} core{'s' if c > 1 else ''}: {cost:+.1%}" for c, cost in costs]
     if report.verdicts:
         lines += ["", "targets:"]
         for v in report.verdicts:

@@ -56,7 +56,7 @@ from mpipeline.messages import (
     request_of,
 )
 from mpipeline.metrics.block import Cells, Writer
-from mpipeline.metrics.schema import BUCKET_OF_BITS, HIST_SUM
+from mpipeline.metrics.schema import BUCKET_OF_BITS, HIST_CELLS, HIST_SUM
 from mpipeline.ring import Ring
 from mpipeline.routing import message_key, shard_for
 from mpipeline.stages.base import AsyncStage, BaseStage, Stage
@@ -176,6 +176,8 @@ class StageRunner:
         self._m_duration = self._m_lag = self._m_expired = 0
         self._m_shed: dict[str, int] = {}
         self._beat_due = 0.0
+        # Bucket counts and (at HIST_SUM) the ns sum of stage durations since the last beat.
+        self._hist = [0] * HIST_CELLS
         if metrics is not None:
             self._cells = metrics.cells
             self._m_duration = metrics.index("stage_duration_seconds", spec.stage, spec.name)
@@ -245,6 +247,25 @@ class StageRunner:
         self._next_beat_ns = time.monotonic_ns() + self._beat_every_ns
         if self.ctl is not None:
             self.ctl.beat(self.spec.slot, self.processed, self.inflight)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Add the stage-duration histogram gathered since the last beat to shared memory.
+
+        Per message, an add to a local list costs a third of an add to a
+        shared-memory cell (measured: bench/metrics_stage_cost.py), and the
+        duration histogram is the one metric touched for every message. The
+        price: a scrape lags by up to one heartbeat, and a crash loses that much.
+        """
+        cells = self._cells
+        if cells is None:
+            return
+        base = self._m_duration
+        hist = self._hist
+        for i, n in enumerate(hist):
+            if n:
+                cells[base + i] += n
+                hist[i] = 0
 
     def _beat(self) -> None:
         self._beat_once()
@@ -269,10 +290,9 @@ class StageRunner:
         dispatch = self._dispatch_async if self._max_inflight else self._dispatch
         batch = self.batch
         clock = time.monotonic_ns
-        # Sync stages are timed here, per message; async ones when their handler ends.
-        cells = None if self._max_inflight else self._cells
-        hist = self._m_duration
-        hist_sum = hist + HIST_SUM
+        # Sync stages are timed here, per message, into the local histogram that
+        # each heartbeat publishes; async ones when their handler ends.
+        hist = None if self._max_inflight or self._cells is None else self._hist
         while not self._stopping:
             try:
                 views = get_many(batch)
@@ -301,7 +321,7 @@ class StageRunner:
             if self._max_inflight and len(self._backlog) >= self._backlog_limit:
                 self._capacity_free.clear()
                 await self._capacity_free.wait()
-            now = time.monotonic_ns()
+            now = start = time.monotonic_ns()
             for view in views:
                 try:
                     msgs = decode(view)
@@ -315,12 +335,12 @@ class StageRunner:
                     # the loop, whose timer would beat: beat from here, so that busy
                     # is never taken for hung (a clock read, ~60 ns, per message).
                     then, now = now, clock()
-                    if cells is not None:
-                        took = now - then
-                        cells[hist + BUCKET_OF_BITS[took.bit_length()]] += 1.0
-                        cells[hist_sum] += took
+                    if hist is not None:
+                        hist[BUCKET_OF_BITS[(now - then).bit_length()]] += 1
                     if now >= self._next_beat_ns:
                         self._beat_once()
+            if hist is not None:
+                hist[HIST_SUM] += now - start  # the per-message times add up to this
             await self._flush()
             # Let the other pumps, the beat timer and the flush task run between batches.
             await asyncio.sleep(0)
@@ -476,11 +496,11 @@ class StageRunner:
         finally:
             self.inflight -= 1
             self.processed += 1
-            cells = self._cells
-            if cells is not None:
+            if self._cells is not None:
                 took = time.monotonic_ns() - started
-                cells[self._m_duration + BUCKET_OF_BITS[took.bit_length()]] += 1.0
-                cells[self._m_duration + HIST_SUM] += took
+                hist = self._hist
+                hist[BUCKET_OF_BITS[took.bit_length()]] += 1
+                hist[HIST_SUM] += took
             if self._backlog:
                 if self._backlog_handle is None:
                     loop = asyncio.get_running_loop()
