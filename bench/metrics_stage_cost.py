@@ -32,7 +32,7 @@ from mpipeline.metrics import MetricsBlock, Writer, stage_region
 from mpipeline.replica import build_stage
 from mpipeline.ring import Ring
 from mpipeline.runner import StageRunner
-from mpipeline.topology import ReplicaSpec, edge_label, ring_name
+from mpipeline.topology import ReplicaSpec, ring_name
 from mpipeline.workers import upstream_names
 
 RING_BYTES = 256 << 20
@@ -89,7 +89,7 @@ async def _consume(stage_name: str, n: int, cfg: PipelineConfig, metrics: bool, 
         writer: Writer | None = None
         if block is not None:
             ups = upstream_names(cfg.stages.inference) if stage_name == "inference" else []
-            region = stage_region(stage_name, spec.name, [edge_label(names[1])], ups)
+            region = stage_region(stage_name, spec.name, spec.outputs, ups)
             writer = block.writer(0, region)
         stage = build_stage(spec, cfg, "", writer)
         await stage.start()

@@ -29,7 +29,7 @@ from mpipeline.heartbeat import R_PID, R_STATE, ControlBlock, ReplicaState
 from mpipeline.metrics import Writer, attach_writer, stage_region
 from mpipeline.runner import StageRunner
 from mpipeline.stages import STAGES, AsyncStage, Stage, StageContext
-from mpipeline.topology import ReplicaSpec, edge_label
+from mpipeline.topology import ReplicaSpec
 from mpipeline.workers import upstream_names
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,8 @@ def _metrics_writer(spec: ReplicaSpec, cfg: PipelineConfig, segments: str) -> Wr
     """This replica's region of the run's metrics block (None when metrics are off)."""
     if not cfg.metrics.enabled:
         return None
-    edges = [edge_label(name) for name in spec.outputs]
     names = upstream_names(cfg.stages.inference) if spec.stage == "inference" else []
-    region = stage_region(spec.stage, spec.name, edges, names)
+    region = stage_region(spec.stage, spec.name, spec.outputs, names)
     return attach_writer(segments, spec.slot, region)
 
 

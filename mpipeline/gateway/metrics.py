@@ -10,22 +10,15 @@ must never become a label value.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from mpipeline.metrics.block import Writer
-from mpipeline.metrics.schema import (
-    BUCKET_OF_BITS,
-    CODES,
-    ERROR_STAGES,
-    HIST_SUM,
-    ROUTES,
-    STATUSES,
-)
+from mpipeline.metrics.schema import CODES, ERROR_STAGES, ROUTES, STATUSES
 
 
 class GatewayMetrics:
-    def __init__(self, writer: Writer, replica: str, edges: Sequence[str]) -> None:
+    def __init__(self, writer: Writer, replica: str) -> None:
         self.cells = writer.cells
+        self._observe = writer.observe_ns
         index = writer.index
         self._requests = {
             (route, status): index("requests", route, status)
@@ -37,7 +30,12 @@ class GatewayMetrics:
         self._errors = {
             (stage, code): index("errors", stage, code) for stage in ERROR_STAGES for code in CODES
         }
-        self._shed = {edge: index("shed", edge, "ring_full") for edge in edges}
+        # The ingress edges are the ones gateway_region laid out.
+        self._shed = {
+            labels[0]: writer.base + offset
+            for (family, labels), offset in writer.region.items()
+            if family == "shed"
+        }
         self._lag = index("event_loop_lag_seconds", "gateway", replica)
 
     def answered(self, path: str, status: int, arrived_ns: int) -> None:
@@ -69,9 +67,3 @@ class GatewayMetrics:
 
     def lag(self, seconds: float) -> None:
         self.cells[self._lag] = max(0.0, seconds)
-
-    def _observe(self, base: int, ns: int) -> None:
-        ns = max(ns, 0)
-        cells = self.cells
-        cells[base + BUCKET_OF_BITS[ns.bit_length()]] += 1.0
-        cells[base + HIST_SUM] += ns

@@ -27,7 +27,7 @@ from mpipeline.heartbeat import R_PID, R_STATE, ControlBlock, ReplicaState, RunS
 from mpipeline.metrics import attach_writer, gateway_region
 from mpipeline.pipeline import Pipeline
 from mpipeline.replica import BootError, run_child
-from mpipeline.topology import GatewaySpec, edge_label
+from mpipeline.topology import GatewaySpec
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,9 @@ def _metrics(
     if not cfg.metrics.enabled:
         return None
     clients = {c["index"]: c for c in state["topology"]["clients"]}
-    edges = [edge_label(name) for name in clients[spec.client]["ingress"]]
-    region = gateway_region(spec.name, edges)
+    region = gateway_region(spec.name, clients[spec.client]["ingress"])
     writer = attach_writer(ctl_name.removesuffix("-control"), spec.slot, region)
-    return None if writer is None else GatewayMetrics(writer, spec.name, edges)
+    return None if writer is None else GatewayMetrics(writer, spec.name)
 
 
 async def _beat(

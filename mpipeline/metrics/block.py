@@ -146,7 +146,9 @@ class Writer:
         self.cells[index] = value
 
     def observe_ns(self, index: int, ns: int) -> None:
-        """Count a duration in the histogram starting at cell ``index``."""
+        """Count a duration in the histogram starting at cell ``index`` (a negative
+        one, from clocks read in two places, as zero)."""
+        ns = max(ns, 0)
         cells = self.cells
         cells[index + BUCKET_OF_BITS[ns.bit_length()]] += 1.0
         cells[index + HIST_SUM] += ns

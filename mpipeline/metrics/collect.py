@@ -70,13 +70,13 @@ def layouts(state: dict[str, Any]) -> list[WriterLayout]:
     out = []
     for spec in topo["replicas"]:
         name = f"{spec['stage']}-{spec['index']}"
-        edges = [edge_label(n) for n in spec["outputs"]]
-        out.append(WriterLayout(spec["slot"], stage_region(spec["stage"], name, edges, upstreams)))
+        region = stage_region(spec["stage"], name, spec["outputs"], upstreams)
+        out.append(WriterLayout(spec["slot"], region))
     clients = {c["index"]: c for c in topo.get("clients", ())}
     for spec in topo.get("gateways", ()):
         ingress = clients.get(spec["client"], {}).get("ingress", ())
-        edges = [edge_label(n) for n in ingress]
-        out.append(WriterLayout(spec["slot"], gateway_region(f"gateway-{spec['index']}", edges)))
+        region = gateway_region(f"gateway-{spec['index']}", ingress)
+        out.append(WriterLayout(spec["slot"], region))
     return out
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mpipeline.errors import ErrorCode
+from mpipeline.topology import edge_label
 
 PREFIX = "mpipeline_"
 Kind = Literal["counter", "gauge", "histogram"]
@@ -233,9 +234,12 @@ class Region:
 
 
 def stage_region(
-    stage: str, replica: str, edges: Sequence[str], upstreams: Sequence[str] = ()
+    stage: str, replica: str, rings: Sequence[str], upstreams: Sequence[str] = ()
 ) -> Region:
-    """A stage replica's series. ``edges``: edge labels of the rings it may shed on."""
+    """A stage replica's series. ``rings``: the names of the rings it writes (and may
+    shed on). Writers and the reader both pass ring names, so both derive the edge
+    labels here, the same way: their layouts must agree cell for cell."""
+    edges = [edge_label(name) for name in rings]
     r = Region()
     r.add("stage_duration_seconds", (stage, replica))
     r.add("event_loop_lag_seconds", (stage, replica))
@@ -253,8 +257,9 @@ def stage_region(
     return r
 
 
-def gateway_region(replica: str, edges: Sequence[str]) -> Region:
-    """A gateway replica's series. ``edges``: its ingress rings' edge labels."""
+def gateway_region(replica: str, rings: Sequence[str]) -> Region:
+    """A gateway replica's series. ``rings``: the names of its ingress rings."""
+    edges = [edge_label(name) for name in rings]
     r = Region()
     for route in ROUTES:
         for status in STATUSES:

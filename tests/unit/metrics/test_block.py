@@ -73,7 +73,7 @@ def _header(name: str) -> list[int]:
 
 
 def _region() -> Region:
-    return stage_region("inference", "inference-0", ["inference0-post0"], ["echo"])
+    return stage_region("inference", "inference-0", ["mpl-t-inference0-post0"], ["echo"])
 
 
 # Creating

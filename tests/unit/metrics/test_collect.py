@@ -127,18 +127,20 @@ class FakeRun:
         """The writer a stage replica builds (replica.py ``_metrics_writer``)."""
         assert self.block is not None
         spec = self.topo.replica(name)
-        edges = [edge_label(n) for n in spec.outputs]
         names = upstream_names(self.cfg.stages.inference) if spec.stage == "inference" else []
-        return self.block.writer(spec.slot, stage_region(spec.stage, spec.name, edges, names))
+        return self.block.writer(
+            spec.slot, stage_region(spec.stage, spec.name, spec.outputs, names)
+        )
 
     def gateway(self, index: int) -> GatewayMetrics:
         """What a gateway replica builds (gateway/replica.py ``_metrics``)."""
         assert self.block is not None
         spec = self.topo.gateways[index]
         clients = {c["index"]: c for c in self.state["topology"]["clients"]}
-        edges = [edge_label(n) for n in clients[spec.client]["ingress"]]
-        writer = self.block.writer(spec.slot, gateway_region(spec.name, edges))
-        return GatewayMetrics(writer, spec.name, edges)
+        writer = self.block.writer(
+            spec.slot, gateway_region(spec.name, clients[spec.client]["ingress"])
+        )
+        return GatewayMetrics(writer, spec.name)
 
     def slot(self, name: str) -> int:
         if name.startswith("gateway-"):
@@ -421,9 +423,7 @@ def test_layouts_of_the_published_state_match_the_writers(run: FakeRun) -> None:
     for spec in run.topo.replicas:
         assert by_slot[spec.slot].cells == run.stage(spec.name).region.cells
     for gw in run.topo.gateways:
-        region = gateway_region(
-            gw.name, [edge_label(n) for n in run.topo.clients[gw.client].ingress]
-        )
+        region = gateway_region(gw.name, run.topo.clients[gw.client].ingress)
         assert by_slot[gw.slot].cells == region.cells
 
 

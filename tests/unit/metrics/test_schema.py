@@ -43,7 +43,6 @@ from mpipeline.metrics.schema import (
     stage_region,
     status_label,
 )
-from mpipeline.topology import edge_label
 from mpipeline.workers import upstream_names
 
 # Integer upper bounds of the finite buckets, in ns: what BUCKET_BOUNDS_S says in seconds.
@@ -138,12 +137,13 @@ def _assert_tiles(region: Region) -> None:
     assert spans[-1][1] == region.size <= REGION_CELLS
 
 
+RINGS = ["mpl-t-rag0-assemble0", "mpl-t-rag0-assemble1"]
 EDGES = ["rag0-assemble0", "rag0-assemble1"]
 
 
 @pytest.mark.parametrize("stage", ["rag", "assemble", "inference", "post", "stream"])
 def test_stage_region_series_do_not_overlap(stage: str) -> None:
-    region = stage_region(stage, f"{stage}-0", EDGES, ["echo", "backup"])
+    region = stage_region(stage, f"{stage}-0", RINGS, ["echo", "backup"])
     _assert_tiles(region)
     assert region.offset("stage_duration_seconds", stage, f"{stage}-0") == 0
     assert {k[0] for k, _ in region.items()} >= {
@@ -157,7 +157,7 @@ def test_stage_region_series_do_not_overlap(stage: str) -> None:
 
 
 def test_inference_region_has_every_upstream_kind_and_direction() -> None:
-    region = stage_region("inference", "inference-1", EDGES, ["a", "b"])
+    region = stage_region("inference", "inference-1", RINGS, ["a", "b"])
     for name in ("a", "b"):
         region.offset("upstream_calls", name)
         region.offset("upstream_retries", name)
@@ -170,7 +170,7 @@ def test_inference_region_has_every_upstream_kind_and_direction() -> None:
 
 
 def test_gateway_region_series_do_not_overlap_and_fit() -> None:
-    region = gateway_region("gateway-0", ["client0-rag0", "client0-rag1"])
+    region = gateway_region("gateway-0", ["mpl-t-client0-rag0", "mpl-t-client0-rag1"])
     _assert_tiles(region)
     for route in ROUTES:
         region.offset("request_duration_seconds", route)
@@ -260,13 +260,11 @@ def _writers_view(cfg: PipelineConfig, run_id: str) -> dict[int, Region]:
     topo = topology.build(cfg, run_id, cpus=[0, 1, 2, 3])
     out = {}
     for spec in topo.replicas:
-        edges = [edge_label(n) for n in spec.outputs]
         names = upstream_names(cfg.stages.inference) if spec.stage == "inference" else []
-        out[spec.slot] = stage_region(spec.stage, spec.name, edges, names)
+        out[spec.slot] = stage_region(spec.stage, spec.name, spec.outputs, names)
     clients = {c.index: c for c in topo.clients}
     for gw in topo.gateways:
-        edges = [edge_label(n) for n in clients[gw.client].ingress]
-        out[gw.slot] = gateway_region(gw.name, edges)
+        out[gw.slot] = gateway_region(gw.name, clients[gw.client].ingress)
     return out
 
 
