@@ -16,7 +16,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from mpipeline.status import _bytes, _cpus, _duration
+from mpipeline.status import format_bytes, format_cpus, format_duration
 from mpipeline.top_model import CoreView, RingView, StageView, View
 
 BAR_WIDTH = 20
@@ -103,7 +103,7 @@ def header(view: View, run_dir: Path | None, interval: float, paused: bool) -> T
     else:
         text.append(f"  run {s.run_id}  ")
         text.append(s.state, style="green" if s.state == "RUNNING" else "yellow")
-        text.append(f"  up {_duration(s.uptime_s)}  supervisor pid {s.supervisor_pid}")
+        text.append(f"  up {format_duration(s.uptime_s)}  supervisor pid {s.supervisor_pid}")
         if s.gateway_url:
             text.append(f"  gateway {s.gateway_url}")
         text.append(f"\nrun dir {s.run_dir}")
@@ -159,7 +159,7 @@ def _stage_rows(table: Table, st: StageView) -> None:
         table.add_row(
             f"  {r.name}",
             Text(r.state, style="" if r.state == "READY" else "yellow"),
-            _cpus(list(r.cpus)),
+            format_cpus(list(r.cpus)),
             rate(r.per_s),
             "",
             "",
@@ -186,7 +186,7 @@ def rings(view: View, width: int = BAR_WIDTH) -> RenderableType:
     if not quiet:
         return table
     high = max(r.high_water for r in quiet)
-    note = f"+ {len(quiet)} error-return rings, empty (highest high-water {_bytes(high)})"
+    note = f"+ {len(quiet)} error-return rings, empty (highest high-water {format_bytes(high)})"
     return Group(table, Text(note, style="dim"))
 
 
@@ -195,7 +195,8 @@ def _ring_cells(r: RingView, width: int) -> tuple[Text, str, str]:
         return Text(TRACK * width, style="dim"), "-", r.error
     cells = Text(bar(r.fill, width, r.high_fill), style=_level(r.fill))
     used = f"{100 * r.fill:.0f}%"
-    detail = f"{_bytes(r.used)} / {_bytes(r.capacity)}  high {_bytes(r.high_water)}"
+    high = format_bytes(r.high_water)
+    detail = f"{format_bytes(r.used)} / {format_bytes(r.capacity)}  high {high}"
     if r.poisoned:
         detail += "  POISONED"
     return cells, used, detail
@@ -224,7 +225,7 @@ def circuits(view: View) -> RenderableType:
     for c in view.circuits:
         state = Text(c.state, style=CIRCUIT_STYLES.get(c.state, "bold red"))
         if c.state == "open" and c.retry_in_s:
-            state.append(f" (probe in {_duration(c.retry_in_s)})")
+            state.append(f" (probe in {format_duration(c.retry_in_s)})")
         window = f"{c.window_failures}/{c.window_calls}"
         table.add_row(c.upstream, state, window, f"{c.opens}x")
     return table

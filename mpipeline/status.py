@@ -366,7 +366,7 @@ def render(status: Status) -> str:
     """The human table: a run line, one row per replica, one per ring edge."""
     head = (
         f"run {status.run_id}  {status.state}  supervisor pid {status.supervisor_pid}  "
-        f"up {_duration(status.uptime_s)}\n"
+        f"up {format_duration(status.uptime_s)}\n"
         f"run dir {status.run_dir}  config {status.config}\n"
     )
     if status.gateway_url:
@@ -382,16 +382,16 @@ def render(status: Status) -> str:
 
 
 def _replica_row(r: ReplicaStatus) -> tuple[str, ...]:
-    beat = "-" if r.heartbeat_age_s is None else f"{_duration(r.heartbeat_age_s)} ago"
+    beat = "-" if r.heartbeat_age_s is None else f"{format_duration(r.heartbeat_age_s)} ago"
     counts = (str(r.processed), str(r.in_flight), beat, str(r.restarts))
-    return (r.name, str(r.pid or "-"), _cpus(r.cpus), r.state, *counts, r.last_exit or "-")
+    return (r.name, str(r.pid or "-"), format_cpus(r.cpus), r.state, *counts, r.last_exit or "-")
 
 
 def _circuit_row(c: CircuitStatus) -> tuple[str, ...]:
     if c.held_for_s:
-        after = f"Retry-After {_duration(c.held_for_s)}"
+        after = f"Retry-After {format_duration(c.held_for_s)}"
     elif c.retry_in_s:
-        after = f"probe in {_duration(c.retry_in_s)}"
+        after = f"probe in {format_duration(c.retry_in_s)}"
     else:
         after = "-"
     window = f"{c.window_failures}/{c.window_calls}"
@@ -403,12 +403,13 @@ def _edge_row(e: EdgeStatus) -> tuple[str, ...]:
     name = f"{e.producer} -> {e.consumer}"
     r = e.ring
     if r is None:
-        return (name, f"{e.error} / {_bytes(e.capacity)}", "-", "-", "-", "-")
-    used = f"{_bytes(r.used_bytes)} / {_bytes(e.capacity)} ({100 * r.used_bytes / e.capacity:.0f}%)"
+        return (name, f"{e.error} / {format_bytes(e.capacity)}", "-", "-", "-", "-")
+    share = 100 * r.used_bytes / e.capacity
+    used = f"{format_bytes(r.used_bytes)} / {format_bytes(e.capacity)} ({share:.0f}%)"
     if r.poisoned:
         used += " POISONED"
     full = str(r.full_events)
-    return (name, used, str(r.records_in), str(r.records_out), _bytes(r.high_water), full)
+    return (name, used, str(r.records_in), str(r.records_out), format_bytes(r.high_water), full)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
@@ -424,7 +425,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int
     return "\n".join([line(headers), *map(line, rows)])
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
     if n < 1024:
         return f"{n} B"
     size = float(n)
@@ -435,7 +436,7 @@ def _bytes(n: int) -> str:
     return f"{size:.1f}".removesuffix(".0") + f" {unit}"
 
 
-def _duration(s: float) -> str:
+def format_duration(s: float) -> str:
     if s < 10:
         return f"{s:.1f}s"
     minutes, sec = divmod(int(s), 60)
@@ -445,7 +446,7 @@ def _duration(s: float) -> str:
     return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
 
 
-def _cpus(cpus: list[int]) -> str:
+def format_cpus(cpus: list[int]) -> str:
     if not cpus:
         return "any"
     cpus = sorted(cpus)
