@@ -52,6 +52,7 @@ from mpipeline.ring import Ring
 if TYPE_CHECKING:
     from mpipeline.gateway.ratelimit import RateLimiter
     from mpipeline.metrics import MetricsBlock
+    from mpipeline.metrics.collect import RunCollector
     from mpipeline.metrics.server import MetricsServer
     from mpipeline.resilience import BreakerBoard
     from mpipeline.status import Run
@@ -120,6 +121,7 @@ class Supervisor:
         self.ctl: ControlBlock | None = None
         self.metrics: MetricsBlock | None = None
         self.metrics_server: MetricsServer | None = None
+        self._collector: RunCollector | None = None
         # What /metrics reads, set once the state is published (the server thread reads it).
         self._published: Run | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -198,6 +200,7 @@ class Supervisor:
 
         collector = RunCollector(Reader(), lambda: self._published)
         server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, collector)
+        self._collector = collector
         try:
             server.start()
         except OSError as exc:
@@ -547,8 +550,10 @@ class Supervisor:
     def _cleanup(self) -> None:
         self._close_listener()
         self._published = None
+        if self._collector is not None:
+            self._collector.close()  # before the segments it reads go away
         if self.metrics_server is not None:
-            self.metrics_server.stop()  # before the segments it reads go away
+            self.metrics_server.stop()
             self.metrics_server = None
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir / STATE_FILE).unlink()

@@ -217,13 +217,23 @@ class RunCollector(Collector):
         self._lock = threading.Lock()
 
     def collect(self) -> Iterable[Metric]:
-        run = self._current()
-        if run is None:
-            return _Families().all()
         # prometheus_client serves each scrape on its own thread; the reader's
         # block and psutil handles are shared, so one scrape reads at a time.
         with self._lock:
+            run = self._current()
+            if run is None:
+                return _Families().all()
             return self._reader.collect(run)
+
+    def close(self) -> None:
+        """Wait for a scrape in progress, then answer later ones with no samples.
+
+        The server's shutdown does not wait for request threads, and the
+        supervisor is about to close the segments a scrape reads.
+        """
+        with self._lock:
+            self._current = lambda: None
+            self._reader.close()
 
 
 class _Families:

@@ -182,6 +182,17 @@ def test_every_family_is_declared_even_with_no_run() -> None:
         assert m.type == FAMILIES[m.name.removeprefix(PREFIX)].kind
 
 
+def test_a_closed_collector_reads_nothing_more(run: FakeRun) -> None:
+    """The supervisor closes its collector before it closes the segments a scrape
+    reads: later scrapes get the declared families and no samples."""
+    collector = RunCollector(Reader(), lambda: run.run)
+    assert any(m.samples for m in collector.collect())
+    collector.close()
+    after = list(collector.collect())
+    assert [m.name for m in after] == [PREFIX + n for n in FAMILIES]
+    assert all(not m.samples for m in after)
+
+
 def test_every_family_is_declared_on_an_idle_run(run: FakeRun) -> None:
     metrics = collect(run.run)
     assert [m.name for m in metrics] == [PREFIX + n for n in FAMILIES]
