@@ -11,12 +11,14 @@ import asyncio
 import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import msgspec
 
 from mpipeline.config import TimeoutsConfig, UpstreamConfig
 from mpipeline.errors import ConfigError
+from mpipeline.messages import Assembled
 from mpipeline.workers._failures import protocol_failure, status_failure, transport_failure
 from mpipeline.workers.base import WorkerContext
 from mpipeline.workers.sse import SSEDecoder, SSEEvent
@@ -247,6 +249,17 @@ async def drain(chunks: AsyncIterator[bytes]) -> None:
         pass
 
 
+T = TypeVar("T")
+
+
+def decode(decoder: msgspec.json.Decoder[T], data: bytes | str) -> T:
+    """One JSON reply or event from an upstream; malformed JSON is a protocol failure."""
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError:
+        raise protocol_failure("upstream sent malformed JSON") from None
+
+
 class HttpUpstream:
     """What the OpenAI and Anthropic upstreams share: the limits the shard reads,
     the endpoint URL, the key read at ``start`` and one keep-alive pool per shard.
@@ -274,6 +287,29 @@ class HttpUpstream:
     def _headers(self, key: ApiKey | None) -> dict[str, str]:
         """The headers of every request, the key's among them."""
         raise NotImplementedError
+
+    def _body(self, job: Assembled, stream: bool) -> bytes:
+        """The API's request body for ``job``."""
+        raise NotImplementedError
+
+    def _events(
+        self, job: Assembled, last: Callable[[SSEEvent], bool]
+    ) -> AsyncGenerator[SSEEvent, None]:
+        """The streaming call's SSE events; close it with ``contextlib.aclosing``."""
+        headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
+        body = self._body(job, stream=True)
+        client = self._require_client()
+        return sse_events(client, self._url, body, headers, self._stream_timeout, last=last)
+
+    async def _fetch(self, job: Assembled, decoder: msgspec.json.Decoder[T]) -> T:
+        """The non-streaming call's reply, decoded.
+
+        :raises UpstreamFailure: the call failed, or the reply is not the API's JSON
+        """
+        headers = {"accept": "application/json"}
+        body = self._body(job, stream=False)
+        raw = await fetch(self._require_client(), self._url, body, headers, self._unary_timeout)
+        return decode(decoder, raw)
 
     async def start(self) -> None:
         """Read the key and open the connection pool.

@@ -136,18 +136,10 @@ class AnthropicUpstream(_http.HttpUpstream):
 
         :raises UpstreamFailure: any failure, classified (see ``_failures``)
         """
-        client = self._require_client()
-        headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
-        body = self._body(job, stream=True)
-        events = _http.sse_events(
-            client, self._url, body, headers, self._stream_timeout, last=_is_stop
-        )
+        events = self._events(job, last=_is_stop)
         async with contextlib.aclosing(events):
             async for sse in events:
-                try:
-                    event = _EVENT.decode(sse.data)
-                except msgspec.DecodeError:
-                    raise _failures.protocol_failure("upstream sent malformed JSON") from None
+                event = _http.decode(_EVENT, sse.data)
                 kind = event.type
                 if kind == "content_block_delta":
                     delta = event.delta
@@ -173,14 +165,7 @@ class AnthropicUpstream(_http.HttpUpstream):
 
         :raises UpstreamFailure: any failure, classified (see ``_failures``)
         """
-        client = self._require_client()
-        headers = {"accept": "application/json"}
-        body = self._body(job, stream=False)
-        raw = await _http.fetch(client, self._url, body, headers, self._unary_timeout)
-        try:
-            reply = _REPLY.decode(raw)
-        except msgspec.DecodeError:
-            raise _failures.protocol_failure("upstream sent malformed JSON") from None
+        reply = await self._fetch(job, _REPLY)
         if reply.type == "error" or reply.error is not None:
             raise _failures.error_failure(reply.error, what="upstream reported an error")
         if reply.content is None:

@@ -119,20 +119,12 @@ class OpenAIUpstream(_http.HttpUpstream):
 
         :raises UpstreamFailure: any failure, classified (see ``_failures``)
         """
-        client = self._require_client()
-        headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
-        body = self._body(job, stream=True)
         deltas = 0
         usage_seen = False
-        events = _http.sse_events(
-            client, self._url, body, headers, self._stream_timeout, last=_is_done
-        )
+        events = self._events(job, last=_is_done)
         async with contextlib.aclosing(events):
             async for event in events:
-                try:
-                    chunk = _CHUNK.decode(event.data)
-                except msgspec.DecodeError:
-                    raise _failures.protocol_failure("upstream sent malformed JSON") from None
+                chunk = _http.decode(_CHUNK, event.data)
                 if chunk.error is not None:
                     raise _failures.error_failure(chunk.error, what="upstream failed mid-stream")
                 if chunk.usage is not None:
@@ -154,14 +146,7 @@ class OpenAIUpstream(_http.HttpUpstream):
 
         :raises UpstreamFailure: any failure, classified (see ``_failures``)
         """
-        client = self._require_client()
-        headers = {"accept": "application/json"}
-        body = self._body(job, stream=False)
-        raw = await _http.fetch(client, self._url, body, headers, self._unary_timeout)
-        try:
-            reply = _COMPLETION.decode(raw)
-        except msgspec.DecodeError:
-            raise _failures.protocol_failure("upstream sent malformed JSON") from None
+        reply = await self._fetch(job, _COMPLETION)
         if reply.error is not None:
             raise _failures.error_failure(reply.error, what="upstream reported an error")
         choice = reply.choices[0] if reply.choices else None
