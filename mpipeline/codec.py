@@ -34,7 +34,8 @@ __all__ = ["Codec"]
 
 T = TypeVar("T")
 
-# msgspec reports invalid UTF-8 inside a str as UnicodeDecodeError, not DecodeError.
+# msgspec before 0.23 reports invalid UTF-8 inside a str as UnicodeDecodeError,
+# 0.23 as a DecodeError; both get the same sentence of ours (``_why``).
 _DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
 # How much of a bad record a DecodeError shows, in bytes (as hex).
 ERROR_PREVIEW_BYTES = 32
@@ -95,7 +96,7 @@ class Codec(Generic[T]):
         try:
             batch: list[T] = self._decode_many(buf)
         except _DECODE_ERRORS as exc:
-            raise self._error(buf, str(exc)) from exc
+            raise self._error(buf, _why(exc)) from exc
         return batch
 
     def decode_one(self, buf: bytes | bytearray | memoryview) -> T:
@@ -109,7 +110,7 @@ class Codec(Generic[T]):
         try:
             msg: T = self._decode_one(buf)[0]
         except _DECODE_ERRORS as exc:
-            raise self._error(buf, str(exc)) from exc
+            raise self._error(buf, _why(exc)) from exc
         return msg
 
     def _too_large(self, buf: bytes | bytearray | memoryview) -> DecodeError:
@@ -155,6 +156,13 @@ def pack_records(
             else:
                 too_large.append(msg)
     return records, too_large
+
+
+def _why(exc: Exception) -> str:
+    """Our sentence for the faults we can name; msgspec's own text for the rest."""
+    if isinstance(exc, UnicodeDecodeError) or "utf-8" in str(exc).lower():
+        return "a string is not valid UTF-8"
+    return str(exc)
 
 
 def _nbytes(buf: bytes | bytearray | memoryview) -> int:

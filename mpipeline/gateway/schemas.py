@@ -19,6 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from mpipeline.errors import ErrorCode, RequestFailed
+from mpipeline.gateway import _json_errors
 from mpipeline.messages import Completed, Priority
 
 T = TypeVar("T")
@@ -135,17 +136,11 @@ def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T | Problem:
         return Problem("the request body is empty; send a JSON object")
     try:
         return decoder.decode(body)
-    except UnicodeDecodeError:
-        # msgspec counts from the start of the string; count from the body's.
-        try:
-            bytes(body).decode()
-        except UnicodeDecodeError as exc:
-            return Problem(f"the body is not valid UTF-8 (byte {exc.start})")
-        return Problem("the body is not valid UTF-8")
     except msgspec.ValidationError as exc:
         return validation_problem(str(exc))
-    except msgspec.DecodeError as exc:
-        return Problem(f"invalid JSON: {exc}")
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        # Our words and the byte offset, whatever msgspec's version says.
+        return Problem(_json_errors.describe(bytes(body)))
     except RecursionError:
         return Problem("invalid JSON: nested too deeply")
 

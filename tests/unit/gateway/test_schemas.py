@@ -48,6 +48,55 @@ def test_prompt_problems_name_the_field(body: bytes, field: str | None, message:
     assert message in problem.message
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"input": "\xff"}', "the body is not valid UTF-8 (byte 11)"),
+        (b'{"input": "\xc3\xa9\xc3"}', "the body is not valid UTF-8 (byte 13)"),
+        (b"{", "invalid JSON at byte 1: expected a field name in double quotes"),
+        (
+            b'{"input": "x"',
+            "invalid JSON at byte 13: expected ',' or the end of the object or array",
+        ),
+        (b'{"input": "x",}', "invalid JSON at byte 13: a trailing comma"),
+        (
+            b'{"input": "x", "history": [{"role": "user", "content": "a"}, ]}',
+            "invalid JSON at byte 59: a trailing comma",
+        ),
+        (b'{"input": "x"} tail', "invalid JSON at byte 15: unexpected data after the JSON value"),
+        ('{"input": "x\u00e9\\n'.encode(), "invalid JSON at byte 10: a string is never closed"),
+        (
+            b'{"input": "a\tb"}',
+            "invalid JSON at byte 12: a control character inside a string must be escaped",
+        ),
+        (b'{"input": "\\q"}', "invalid JSON at byte 11: an invalid escape in a string"),
+        (b'{"input": "\\u12"}', "invalid JSON at byte 11: an invalid \\u escape in a string"),
+        (b'{"input" "x"}', "invalid JSON at byte 9: expected ':' after a field name"),
+        (b'{"input": tru}', "invalid JSON at byte 10: unexpected character 't'"),
+        (
+            b'{"input": "\xc3\xa9", "deadline_ms": @}',
+            "invalid JSON at byte 31: unexpected character '@'",
+        ),
+        (
+            b'{"input": "\\ud800"}',
+            "invalid JSON at byte 11: \\ud800 is an unpaired surrogate, not a character",
+        ),
+        (b'{"input": "\\udc00\\ud800\\udc00"}', "invalid JSON at byte 11: \\udc00 is an unpaired"),
+        (b'{"input": "x", "deadline_ms": NaN}', "invalid JSON: NaN is not a JSON number"),
+        (
+            b'{"input": "x", "deadline_ms": -Infinity}',
+            "invalid JSON: -Infinity is not a JSON number",
+        ),
+    ],
+)
+def test_bad_json_is_described_in_our_words_with_the_byte(body: bytes, message: str) -> None:
+    """The 400 for a body that is not JSON is mpipeline's sentence, whatever msgspec says."""
+    problem = schemas.decode(PROMPT, body)
+    assert isinstance(problem, Problem)
+    assert (problem.status, problem.field) == (400, None)
+    assert problem.message.startswith(message), problem.message
+
+
 def test_valid_prompt_keeps_unicode_and_nul() -> None:
     text = "naïve e\u0301 \u05e9\u05dc\u05d5\u05dd 🦀 a\x00b"
     body = msgspec.json.encode({"input": text, "session_id": text, "deadline_ms": 1500})
