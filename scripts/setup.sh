@@ -2,9 +2,12 @@
 # Make the development environment ready; cheap and quiet when it already is.
 #   - checks for Python >= 3.11 (set PYTHON to choose one),
 #   - installs the Debian packages in APT_PACKAGES that are missing,
-#   - creates .venv and installs -e .[dev,bench,llama] whenever pyproject.toml changed.
+#   - creates .venv and, whenever pyproject.toml or a lock file changed, installs
+#     exactly the versions locked in requirements/ (hash-checked), then mpipeline
+#     itself in editable mode, and removes any package the lock does not name.
 #     llama-cpp-python compiles from source the first time (about 5 minutes on
 #     2 cores; pip caches the wheel after that).
+# scripts/lock refreshes the lock files; scripts/check-latest tries the newest versions.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -69,14 +72,29 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     rm -f "$STAMP"
 fi
 
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+BUILD_LOCK=requirements/build.txt
+LOCK=requirements/all.txt
+want=$(cat pyproject.toml "$BUILD_LOCK" "$LOCK" | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
-    echo "setup: installing mpipeline and its dev/bench/llama extras into $VENV" >&2
+    echo "setup: installing the locked dependencies ($LOCK) and mpipeline into $VENV" >&2
+    pip=("$VENV/bin/python" -m pip --quiet --disable-pip-version-check)
+    # pip, setuptools and scikit-build-core first, at their locked versions, so
+    # that nothing below is built with tools fetched unpinned into an isolated env.
+    "${pip[@]}" install --require-hashes -r "$BUILD_LOCK"
     # A portable CPU build of llama.cpp: the default -march=native build died
     # with a general-protection fault in libggml-cpu on our CI machines, and
     # AVX-512 is missing on many of them.
     CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX512=OFF}" \
         CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-        "$VENV/bin/python" -m pip install --quiet -e ".[dev,bench,llama]"
+        "${pip[@]}" install --require-hashes --no-build-isolation -r "$LOCK"
+    # -qq: setuptools' "Editable installation" notice is no news here; errors still show.
+    "${pip[@]}" --quiet install --no-deps --no-build-isolation -e .
+    # Exactly the lock: drop what an earlier install or a developer left behind.
+    unlocked=$("$VENV/bin/python" scripts/_lockinfo.py unlocked "$BUILD_LOCK" "$LOCK")
+    if [[ -n "$unlocked" ]]; then
+        mapfile -t extra <<<"$unlocked"
+        echo "setup: removing packages the lock does not name: ${extra[*]}" >&2
+        "${pip[@]}" uninstall --yes "${extra[@]}"
+    fi
     echo "$want" >"$STAMP"
 fi
