@@ -66,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         title="config commands", required=True, metavar="ACTION"
     )
     validate = config_commands.add_parser("validate", help="check a config file")
-    validate.add_argument("file", type=Path)
+    _add_config_file(validate)
     validate.set_defaults(handler=_config_validate)
     schema = config_commands.add_parser("schema", help="print the config JSON schema")
     schema.set_defaults(handler=_config_schema)
     show = config_commands.add_parser("show", help="print the effective config as TOML")
-    show.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    _add_config_file(show)
     show.set_defaults(handler=_config_show)
 
     shm = commands.add_parser("shm", help="manage shared-memory segments")
@@ -99,18 +99,42 @@ def _run(args: argparse.Namespace) -> int:
     return supervisor.main(args.config, args.run_dir, args.parent_pid, level)
 
 
+def _add_config_file(parser: argparse.ArgumentParser) -> None:
+    """The file as a positional argument or as ``--config FILE``, like every other command."""
+    parser.add_argument("file", type=Path, nargs="?", default=None, metavar="FILE")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"the same as FILE (default {DEFAULT_CONFIG})",
+    )
+
+
+def _config_file(args: argparse.Namespace) -> Path | None:
+    """The one config file the command names (default ``DEFAULT_CONFIG``); None if two."""
+    if args.file is not None and args.config is not None and args.file != args.config:
+        print(f"name one config file, not {args.file} and {args.config}", file=sys.stderr)
+        return None
+    path: Path = args.file or args.config or DEFAULT_CONFIG
+    return path
+
+
 def _config_validate(args: argparse.Namespace) -> int:
     from mpipeline import config
 
+    path = _config_file(args)
+    if path is None:
+        return ExitCode.USAGE
     try:
-        issues = config.validate(args.file)
+        issues = config.validate(path)
     except (ConfigError, OSError) as exc:
-        return _config_failed(args.file, exc)
+        return _config_failed(path, exc)
     for issue in issues:
         print(issue, file=sys.stderr)
     if issues:
         return ExitCode.USAGE
-    print(f"{args.file}: ok")
+    print(f"{path}: ok")
     return ExitCode.OK
 
 
@@ -126,10 +150,13 @@ def _config_schema(args: argparse.Namespace) -> int:
 def _config_show(args: argparse.Namespace) -> int:
     from mpipeline import config
 
+    path = _config_file(args)
+    if path is None:
+        return ExitCode.USAGE
     try:
-        text = config.dump_toml(config.load(args.file))
+        text = config.dump_toml(config.load(path))
     except (ConfigError, OSError) as exc:
-        return _config_failed(args.file, exc)
+        return _config_failed(path, exc)
     print(text, end="" if text.endswith("\n") else "\n")
     return ExitCode.OK
 

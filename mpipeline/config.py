@@ -329,7 +329,12 @@ class StagesConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True
 class PipelineConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole of ``pipeline.toml``."""
 
-    run_dir: Annotated[str, _doc('Lock, sockets, DLQ; "": per-user default.')] = ""
+    name: Annotated[
+        str,
+        Meta(pattern=r"^(?:[a-z0-9][a-z0-9_.-]{0,63})?$"),
+        _doc('This pipeline\'s run dir under the default base; "": port-<gateway.port>.'),
+    ] = ""
+    run_dir: Annotated[str, _doc('Lock, state, DLQ; "": per-user base / the name.')] = ""
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
@@ -395,13 +400,30 @@ def dump_toml(cfg: PipelineConfig) -> str:
 
 
 def resolve_run_dir(cfg: PipelineConfig) -> Path:
-    """``run_dir``, else ``$XDG_RUNTIME_DIR/mpipeline``, else ``/tmp/mpipeline-<uid>``."""
+    """``run_dir``, else ``<base>/<run_dir_name(cfg)>``.
+
+    The base is ``$XDG_RUNTIME_DIR/mpipeline``, or ``/tmp/mpipeline-<uid>``
+    without it. One directory per pipeline, not per user: two pipelines of one
+    user (two ports, two names) keep their lock, state and DLQ apart.
+    """
     if cfg.run_dir:
         return Path(cfg.run_dir).expanduser()
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "mpipeline"
-    return Path(f"/tmp/mpipeline-{os.getuid()}")
+    base = Path(runtime) / "mpipeline" if runtime else Path(f"/tmp/mpipeline-{os.getuid()}")
+    return base / run_dir_name(cfg)
+
+
+def run_dir_name(cfg: PipelineConfig) -> str:
+    """``name``, else ``port-<gateway.port>``, else ``default`` (no fixed port).
+
+    Keyed by the port because two pipelines on one port cannot run at once
+    anyway; ``name`` separates any two.
+    """
+    if cfg.name:
+        return cfg.name
+    if cfg.gateway.replicas and cfg.gateway.port:
+        return f"port-{cfg.gateway.port}"
+    return "default"
 
 
 def active_stages(cfg: PipelineConfig) -> list[tuple[str, StageConfig]]:

@@ -37,7 +37,14 @@ import msgspec
 from mpipeline.codec import Codec, pack_records
 from mpipeline.config import PipelineConfig, dump_toml, load, resolve_run_dir
 from mpipeline.dlq import DLQ_FILE, DeadLetterQueue, gone_letter, letter_for
-from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty, RingFull
+from mpipeline.errors import (
+    ErrorCode,
+    ExitCode,
+    MPipelineError,
+    RequestFailed,
+    RingEmpty,
+    RingFull,
+)
 from mpipeline.heartbeat import R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.messages import (
     Completed,
@@ -154,12 +161,21 @@ class Pipeline:
         await self.close()
 
     async def start(self) -> None:
-        if self._owns_supervisor:
-            await self._start_supervisor()
-        assert self._run_dir_arg is not None
-        state = self._state or await self._read_state(self._run_dir_arg)
-        self._connect(state)
-        self._dlq = DeadLetterQueue(self._run_dir_arg / DLQ_FILE)
+        """Start (or join) the supervisor and take a client slot.
+
+        A start that fails releases what it had taken (the supervisor it
+        started, its captured stderr, rings and slot) before it raises.
+        """
+        try:
+            if self._owns_supervisor:
+                await self._start_supervisor()
+            assert self._run_dir_arg is not None
+            state = self._state or await self._read_state(self._run_dir_arg)
+            self._connect(state)
+            self._dlq = DeadLetterQueue(self._run_dir_arg / DLQ_FILE)
+        except BaseException:
+            await self.close()
+            raise
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._receive(r)) for r in self._rings_in]
         self._tasks.append(loop.create_task(self._watch()))
@@ -203,8 +219,15 @@ class Pipeline:
         while True:
             if self._proc is not None and self._proc.poll() is not None:
                 code = self._proc.returncode
+                hint = ""
+                if code == ExitCode.ALREADY_RUNNING:
+                    hint = (
+                        f"a pipeline is already running in {run_dir}: join it with "
+                        f"Pipeline.attach({str(run_dir)!r}), or give this one its own "
+                        "run_dir (or config name)\n"
+                    )
                 raise MPipelineError(
-                    f"the supervisor exited with code {code}:\n{self._stderr_tail()}"
+                    f"the supervisor exited with code {code}:\n{hint}{self._stderr_tail()}"
                 )
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 state: dict[str, Any] = json.loads(path.read_text())

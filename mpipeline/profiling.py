@@ -91,9 +91,12 @@ def resolve(run: status.Run, name: str) -> Target:
     :raises ConfigError: when no replica has that name (the CLI exits 2).
     :raises MPipelineError: when the replica is down, e.g. between restarts.
     """
-    stages = {stage for stage, _ in run.state["topology"]["stages"]}
+    topo = run.state["topology"]
+    slots = {f"{r['stage']}-{r['index']}": r["slot"] for r in topo["replicas"]}
+    # Gateway replicas beat in the control block like stages and are profiled alike.
+    slots.update({f"gateway-{g['index']}": g["slot"] for g in topo.get("gateways", ())})
+    stages = {full.rsplit("-", 1)[0] for full in slots}
     full = f"{name}-0" if name in stages else name
-    slots = {f"{r['stage']}-{r['index']}": r["slot"] for r in run.state["topology"]["replicas"]}
     if full not in slots:
         raise ConfigError(f"no replica named {name!r}; replicas: {', '.join(slots)}")
     pid = run.control.get(slots[full], R_PID)

@@ -186,7 +186,10 @@ class Supervisor:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise AlreadyRunning(
-                f"another supervisor is already running in {self.run_dir} (pid {other})"
+                f"another supervisor is already running in {self.run_dir} (pid {other}). "
+                "To run a second pipeline beside it, give this one its own run dir: "
+                "--run-dir DIR, or `name` or `run_dir` in the config. To use the running "
+                f"one from Python: Pipeline.attach({str(self.run_dir)!r})"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

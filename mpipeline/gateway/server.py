@@ -73,7 +73,10 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise MPipelineError(f"{where} already in use") from None
+            raise MPipelineError(
+                f"{where} already in use (set gateway.port in the config, 0 for any free "
+                "port, or stop what listens there)"
+            ) from None
         raise MPipelineError(f"cannot listen on {where}: {exc.strerror}") from None
     return sock
 

@@ -40,6 +40,7 @@ import numpy as np
 from mpipeline.config import LlamaCppConfig
 from mpipeline.errors import ConfigError, ErrorCode
 from mpipeline.messages import Assembled, Turn
+from mpipeline.workers import _llama_log
 from mpipeline.workers._chat_format import NO_TEMPLATE, ChatTemplate, pick_template
 from mpipeline.workers._session_cache import SessionCache, SessionState, Tokens, common_prefix
 from mpipeline.workers.base import LOCAL_TIMEOUTS, Generation, UpstreamFailure, WorkerContext
@@ -108,6 +109,7 @@ class LlamaCppUpstream:
             raise ConfigError(
                 "worker llama_cpp needs llama-cpp-python: pip install 'mpipeline[llama]'"
             ) from exc
+        _llama_log.route(self._lib)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-model")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load)

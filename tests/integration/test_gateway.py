@@ -521,6 +521,7 @@ def test_module_entry_fails_fast_on_a_busy_port(configs: ConfigFactory) -> None:
         )
     assert done.returncode == 1
     assert f"127.0.0.1:{port} already in use" in done.stderr
+    assert "set gateway.port in the config" in done.stderr
     assert time.monotonic() - started < 10
     # Nothing was started: no supervisor ever wrote its state.
     assert not (configs.run_dir / "state.json").exists()

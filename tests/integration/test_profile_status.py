@@ -26,7 +26,7 @@ from mpipeline.cli import main
 from mpipeline.errors import ExitCode, MPipelineError
 from mpipeline.pipeline import Pipeline
 from mpipeline.supervisor import LOCK_FILE, STATE_FILE
-from tests.integration.conftest import SupervisorProcess
+from tests.integration.conftest import SupervisorFactory, SupervisorProcess
 
 pytestmark = pytest.mark.integration
 
@@ -231,6 +231,27 @@ def test_profile_top_prints_the_hottest_functions_without_a_tty(
     assert any("mpipeline/" in row for row in rows)
     own = [float(row.split()[0]) for row in rows]
     assert own == sorted(own, reverse=True)
+
+
+@pytest.mark.timeout(90)
+def test_a_gateway_replica_is_profiled_like_a_stage(
+    start_supervisor: SupervisorFactory,
+) -> None:
+    """``mpipeline profile gateway`` samples gateway-0 (it said "no replica named" before)."""
+    _require_py_spy()
+    sp = start_supervisor({"gateway.replicas": 1})
+    done = _cli(
+        "profile", "gateway", "--top", "--idle", "--duration", "1", "--run-dir", str(sp.run_dir)
+    )
+
+    _skip_if_refused(done)
+    assert done.returncode == 0, done.stderr
+    pid = sp.replica_pid("gateway-0")
+    assert f"sampling gateway-0 (pid {pid})" in done.stderr
+    assert done.stdout.startswith(f"gateway-0 (pid {pid}): ")
+    unknown = _cli("profile", "gateway-1", "--run-dir", str(sp.run_dir))
+    assert unknown.returncode == ExitCode.USAGE
+    assert "gateway-0" in unknown.stderr.split("replicas: ")[1]
 
 
 @pytest.mark.timeout(60)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from mpipeline import _shm
-from mpipeline.errors import ErrorCode, ExitCode, RequestFailed
+from mpipeline.errors import ErrorCode, ExitCode, MPipelineError, RequestFailed
 from mpipeline.heartbeat import RunState
 from mpipeline.messages import Completed
 from mpipeline.pipeline import Pipeline
@@ -276,6 +276,9 @@ def test_second_supervisor_on_the_same_run_dir_is_refused(
     log = second.log()
     assert "already running" in log
     assert f"pid {first.pid}" in log
+    # It says how to run a second pipeline, and how to use this one.
+    assert "--run-dir DIR, or `name` or `run_dir` in the config" in log
+    assert f"Pipeline.attach('{first.run_dir}')" in log
     # Python start-up is most of it; the lock check itself is immediate.
     assert elapsed < 10, elapsed
     assert second.descendants() == []
@@ -290,6 +293,16 @@ def test_second_supervisor_on_the_same_run_dir_is_refused(
             return done.text
 
     assert asyncio.run(ask()) == "still here"
+
+    async def start_another() -> None:
+        async with Pipeline(first.config_path):
+            pass
+
+    # A Python program that starts its own pipeline on the same run dir is told
+    # to attach instead.
+    with pytest.raises(MPipelineError, match=r"Pipeline\.attach\(") as refused:
+        asyncio.run(start_another())
+    assert "exited with code 5" in str(refused.value)
 
 
 # Failing replicas

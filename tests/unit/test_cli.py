@@ -48,6 +48,36 @@ def test_config_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"{DEFAULT_CONFIG}: ok\n"
 
 
+def test_config_validate_takes_the_file_as_an_argument_or_as_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The form config/pipeline.toml's header shows works, as does the positional one."""
+    for argv in (
+        ["config", "validate", "--config", str(DEFAULT_CONFIG)],
+        ["config", "validate", str(DEFAULT_CONFIG), "--config", str(DEFAULT_CONFIG)],
+    ):
+        assert main(argv) == ExitCode.OK
+        assert capsys.readouterr().out == f"{DEFAULT_CONFIG}: ok\n"
+    assert main(["config", "show", "--config", str(DEFAULT_CONFIG)]) == ExitCode.OK
+    assert capsys.readouterr().out.startswith("name = ")
+    assert main(["config", "validate", "a.toml", "--config", "b.toml"]) == ExitCode.USAGE
+    assert capsys.readouterr().err == "name one config file, not a.toml and b.toml\n"
+
+
+def test_the_default_config_header_shows_commands_that_work(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    header = [
+        line for line in DEFAULT_CONFIG.read_text().splitlines() if "mpipeline config" in line
+    ]
+    assert header
+    for line in header:
+        command = line.split("mpipeline ", 1)[1].split("(")[0].split("`")[0].split()
+        argv = [str(DEFAULT_CONFIG) if word == "FILE" else word for word in command]
+        assert main(argv) == ExitCode.OK, line
+    capsys.readouterr()
+
+
 def test_config_validate_reports_issues(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("this is = = not toml\n")

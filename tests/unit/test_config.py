@@ -8,6 +8,7 @@ import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -159,7 +160,7 @@ def test_unknown_key_suggests_the_near_one(tmp_path: Path) -> None:
 def test_unknown_table_lists_the_known_ones(tmp_path: Path) -> None:
     line, field, message = only_issue(tmp_path, "[zzz]\na = 1\n")
     assert (line, field) == (1, "zzz")
-    assert message == "unknown key; expected run_dir, supervisor, gateway, metrics, stages"
+    assert message == "unknown key; expected name, run_dir, supervisor, gateway, metrics, stages"
 
 
 def test_wrong_types(tmp_path: Path) -> None:
@@ -516,6 +517,7 @@ def test_json_schema_covers_every_section() -> None:
     defs = schema["$defs"]
     assert schema["$ref"] == "#/$defs/PipelineConfig"
     assert set(defs["PipelineConfig"]["properties"]) == {
+        "name",
         "run_dir",
         "supervisor",
         "gateway",
@@ -573,9 +575,32 @@ def test_toml_scalars() -> None:
 def test_resolve_run_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.resolve_run_dir(PipelineConfig(run_dir="/srv/mpl")) == Path("/srv/mpl")
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert config.resolve_run_dir(PipelineConfig()) == Path("/run/user/1000/mpipeline")
+    assert config.resolve_run_dir(PipelineConfig()) == Path("/run/user/1000/mpipeline/port-8080")
     monkeypatch.setenv("XDG_RUNTIME_DIR", "")
-    assert config.resolve_run_dir(PipelineConfig()) == Path(f"/tmp/mpipeline-{os.getuid()}")
+    base = Path(f"/tmp/mpipeline-{os.getuid()}")
+    assert config.resolve_run_dir(PipelineConfig()) == base / "port-8080"
+
+
+def test_each_pipeline_of_a_user_gets_its_own_run_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two pipelines of one user never share a lock, a state file or a DLQ."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    base = Path(f"/tmp/mpipeline-{os.getuid()}")
+
+    def run_dir(**fields: Any) -> Path:
+        return config.resolve_run_dir(msgspec.convert(fields, PipelineConfig))
+
+    assert run_dir(gateway={"port": 8081}) == base / "port-8081"
+    assert run_dir(name="staging", gateway={"port": 8081}) == base / "staging"
+    # No fixed port to tell it by: a library-only or port-0 pipeline.
+    assert run_dir(gateway={"replicas": 0}) == base / "default"
+    assert run_dir(gateway={"port": 0}) == base / "default"
+    assert run_dir(name="a", run_dir="/srv/x") == Path("/srv/x")
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "UPPER", ".hidden", "x" * 65, " "])
+def test_a_name_must_be_one_plain_path_component(name: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match="name"):
+        msgspec.convert({"name": name}, PipelineConfig)
 
 
 # Topology arithmetic
