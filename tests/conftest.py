@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,9 @@ from mpipeline import _shm
 # How long child processes get to unlink their segments after a test returns.
 LEAK_GRACE_S = 2.0
 LEAK_POLL_S = 0.02
+# How often the watcher looks for new segments while a test runs: often enough
+# to see every creator alive (a supervisor lives for a second at least).
+WATCH_POLL_S = 0.05
 
 
 def _segments() -> set[str]:
@@ -26,30 +30,82 @@ def _segments() -> set[str]:
         return set()
 
 
-def _foreign(name: str) -> bool:
-    """True when a live process outside this test session created segment ``name``.
-
-    /dev/shm is shared by everything on the host, so a pipeline or a test run
-    started elsewhere must not fail our tests. The creator's pid and start time
-    sit in the segment header; a doorbell belongs to its segment.
-    """
-    base = name.split(".", 1)[0]
+def _creator(name: str) -> tuple[int, int] | None:
+    """The pid and start time in the header of ``name``'s segment (a doorbell
+    belongs to its segment); None while it is unreadable or not yet written."""
+    base = name
+    for suffix in _shm.BELL_SUFFIXES:
+        base = base.removesuffix(suffix)
     try:
         with open(_shm.SHM_DIR / base, "rb") as f:
             _magic, pid, start_ticks = _shm.CREATOR_SLOTS.unpack(f.read(_shm.CREATOR_SLOTS.size))
     except (OSError, struct.error):
-        return False  # gone, unreadable or still being created: count it as ours
+        return None
+    return (pid, start_ticks) if pid else None
+
+
+def _verdict(name: str) -> bool | None:
+    """True: a process of this test session made ``name``; False: a live process
+    elsewhere did (another pipeline or test run of this user); None: cannot tell
+    now (header not written yet, or its creator already gone)."""
+    creator = _creator(name)
+    if creator is None:
+        return None
+    pid, start_ticks = creator
     me = os.getpid()
-    if pid == me or not _shm.process_alive(pid, start_ticks):
-        return False
+    if pid == me:
+        return True
+    if not _shm.process_alive(pid, start_ticks):
+        return None
     try:
-        return all(parent.pid != me for parent in psutil.Process(pid).parents())
+        return any(parent.pid == me for parent in psutil.Process(pid).parents())
     except psutil.Error:
-        return False
+        return None
 
 
-def _leaked(before: set[str]) -> set[str]:
-    return {name for name in _segments() - before if not _foreign(name)}
+class _SegmentWatch(threading.Thread):
+    """Tells every segment that appears during a test as ours or foreign, at birth.
+
+    /dev/shm is shared by everything on the host, and a creator's parentage can
+    only be read while it lives: a pipeline elsewhere that was SIGKILLed during
+    our test left segments whose dead creator looked like ours, and the test
+    failed with "segments left behind" (issue 11). So the watcher classifies
+    each new name while its creator still runs, and the leak check counts only
+    the segments of this test's own runs.
+    """
+
+    def __init__(self, before: set[str]) -> None:
+        super().__init__(name="segment-watch", daemon=True)
+        self._settled = set(before)
+        self.foreign: set[str] = set()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(WATCH_POLL_S):
+            self.look()
+
+    def look(self) -> None:
+        for name in _segments() - self._settled:
+            verdict = _verdict(name)
+            if verdict is None:
+                continue  # look again next time
+            self._settled.add(name)
+            if not verdict:
+                self.foreign.add(name)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.look()
+
+
+def _leaked(before: set[str], watch: _SegmentWatch) -> set[str]:
+    """New segments of ours: not seen as foreign, and not foreign now.
+
+    A segment whose creator died before the watcher could ask counts as ours:
+    a leak is reported rather than missed.
+    """
+    return {name for name in _segments() - before - watch.foreign if _verdict(name) is not False}
 
 
 @pytest.fixture(autouse=True)
@@ -57,13 +113,18 @@ def no_leaked_segments() -> Iterator[None]:
     """Fail a test that leaves new ``/dev/shm/mpl-*`` segments or doorbells behind.
 
     Segments that existed before the test are ignored, so a leak is reported
-    once, by the test that made it. So are segments whose creator is alive and
-    not a process of this test session.
+    once, by the test that made it. So are segments made by processes that are
+    not of this test session (see ``_SegmentWatch``).
     """
     before = _segments()
-    yield
+    watch = _SegmentWatch(before)
+    watch.start()
+    try:
+        yield
+    finally:
+        watch.stop()
     deadline = time.monotonic() + LEAK_GRACE_S
-    while (leaked := _leaked(before)) and time.monotonic() < deadline:
+    while (leaked := _leaked(before, watch)) and time.monotonic() < deadline:
         time.sleep(LEAK_POLL_S)
     if leaked:
         pytest.fail(f"shared-memory segments left behind: {', '.join(sorted(leaked))}")

@@ -9,11 +9,18 @@ llama.cpp -> back as SSE.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import openai
 import pytest
 
-from mpipeline.config import OpenAIConfig
-from tests.integration.conftest import SupervisorFactory, SupervisorProcess
+from mpipeline.config import OpenAIConfig, load
+from tests.integration.conftest import (
+    ConfigFactory,
+    SupervisorFactory,
+    SupervisorProcess,
+    with_field,
+)
 from tests.llama_server import LlamaServer, llama_server
 
 pytestmark = pytest.mark.timeout(240)
@@ -136,3 +143,31 @@ def test_a_local_model_shard_reuses_a_sessions_history_on_its_next_turn(
         # Everything the previous turn evaluated (its prompt and its reply) is reused.
         assert after["cached_tokens"] >= before["prompt_tokens"], usages
         assert after["prompt_tokens"] - after["cached_tokens"] < 30, usages
+
+
+def test_the_local_model_example_config_answers_through_the_gateway(
+    start_supervisor: SupervisorFactory, configs: ConfigFactory
+) -> None:
+    """config/examples/local-model.toml as shipped (ports and run dir moved aside)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (mpipeline[llama])")
+    example = load(Path(__file__).parents[2] / "config" / "examples" / "local-model.toml")
+    assert example.stages.inference.worker == "llama_cpp"
+    assert (example.stages.inference.replicas, example.stages.inference.cores_per_replica) == (2, 1)
+    cfg = example
+    for key, value in {
+        "run_dir": str(configs.run_dir),
+        "gateway.port": 0,
+        "metrics.port": 0,
+        "supervisor.boot_timeout_s": 60.0,
+    }.items():
+        cfg = with_field(cfg, key, value)
+    sp = start_supervisor(cfg)
+    client = _sdk(sp.url)
+    with client, sp.explain():
+        reply = client.chat.completions.create(
+            model="gemma",
+            messages=[{"role": "user", "content": "Once upon a time"}],
+            max_tokens=8,
+        )
+    assert (reply.choices[0].message.content or "").strip()
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
