@@ -21,7 +21,7 @@ from pathlib import Path
 
 import uvloop
 
-from mpipeline.heartbeat import R_PID
+from mpipeline.control import R_PID
 from mpipeline.pipeline import Pipeline
 
 BUCKETS = (

@@ -27,8 +27,8 @@ from mpipeline import _shm
 from mpipeline._bench_cpu import pin
 from mpipeline.benchmark import config_for_cores
 from mpipeline.config import PipelineConfig
+from mpipeline.control import ControlBlock
 from mpipeline.errors import MPipelineError
-from mpipeline.heartbeat import R_PID, ControlBlock
 from mpipeline.supervisor import STATE_FILE
 
 GATEWAY = "gateway"
@@ -172,7 +172,7 @@ class Server:
             names = {ctl.supervisor_pid: "supervisor"}
             for spec in [*topo.get("gateways", []), *topo["replicas"]]:
                 stage = spec.get("stage", "gateway")
-                names[ctl.get(spec["slot"], R_PID)] = f"{stage}-{spec['index']}"
+                names[ctl.pid(spec["slot"])] = f"{stage}-{spec['index']}"
             return names
         except (KeyError, TypeError):
             return {}

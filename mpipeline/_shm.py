@@ -14,16 +14,20 @@ segments whose creator (pid *and* start time, against pid reuse) is gone.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
+import fcntl
 import logging
 import mmap
 import os
 import stat
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar, Self
 
-from mpipeline.errors import RingError, RingNotFound
+from mpipeline.errors import RingCorrupted, RingError, RingNotFound
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +37,186 @@ PREFIX = "mpl-"
 # Doorbell FIFOs live beside their segment with these suffixes.
 BELL_SUFFIXES = (".dbell", ".sbell")
 SEGMENT_MODE = 0o600
-# Segment files start with magic (u64) then, at these u64 slots, the creator's
-# pid and start time; ring.py owns the rest of the layout.
+# Word 0 of every mpipeline segment, ring or not: the prefix alone does not
+# prove a file in /dev/shm is ours, so the sweep checks this too.
+MAGIC = int.from_bytes(b"mplring\x00", "little")
+# Every segment file starts with the magic (u64) then, at these u64 words, the
+# creator's pid and start time: the sweep reads only these.
 CREATOR_SLOTS = struct.Struct("<Q32xQQ")
+
+
+class Kind(enum.IntEnum):
+    """Word 1 of a segment that is not a ring: which layout follows (a ring's
+    word 1 is its layout version, below 0x100)."""
+
+    CONTROL = 0x100 | 1
+    RATELIMIT = 0x100 | 2
+    BREAKERS = 0x100 | 3
+    METRICS = 0x100 | 4
+
+
+# The header every segment but the ring begins with, in u64 words: magic,
+# kind, three words the kind defines (``Segment`` subclasses name them), the
+# creator's pid and start ticks (where ``CREATOR_SLOTS`` reads them), and the
+# creation time in monotonic ns.
+HEADER_WORDS = 8
+H_MAGIC, H_KIND, H_WORD2, H_WORD3, H_WORD4, H_PID, H_START, H_CREATED = range(HEADER_WORDS)
+
+
+# Writes a kind's own words into a new segment (given the whole mapping as bytes).
+Init = Callable[[memoryview], None]
+
+
+class Segment:
+    """A mapped segment with the common header: create, attach, lock, close, unlink.
+
+    The control block, the breaker board, the rate limiter and the metrics
+    block are all one of these: a subclass sets ``KIND`` and ``WHAT``, writes
+    its own words with the ``init`` it passes to ``_create`` and checks them in
+    ``_problem``. Only the
+    creator ever unlinks; ``close`` releases every view the object made with
+    ``words`` or ``doubles`` before unmapping, which ``mmap.close`` requires.
+    """
+
+    KIND: ClassVar[Kind]
+    # What the segment is, for errors: "control block", "breaker board"...
+    WHAT: ClassVar[str]
+
+    def __init__(self, name: str, fd: int, mem: mmap.mmap, *, creator: bool) -> None:
+        # Private: use _create, _attach or _private, which check the header first.
+        # The segment's name in /dev/shm; "" for a private (anonymous) one.
+        self.name = name
+        self.creator = creator
+        self._fd = fd
+        self._mem = mem
+        self._mv = memoryview(mem)
+        self._views: list[memoryview[int] | memoryview[float]] = []
+        self._closed = False
+        self._header = self.words(0, HEADER_WORDS)
+
+    # Construction (subclasses wrap these in their own create/attach)
+
+    @classmethod
+    def _create(cls, name: str, size: int, init: Init | None = None) -> Self:
+        """A new segment ``name`` of ``size`` bytes; ``init`` writes the kind's own words.
+
+        :raises FileExistsError: when the name is taken
+        :raises RingError: when /dev/shm has no room for it
+        """
+        fd, mem = create_segment(name, size)
+        try:
+            cls._write_header(mem, init)
+        except BaseException:
+            mem.close()
+            os.close(fd)
+            unlink_segment(name)
+            raise
+        return cls(name, fd, mem, creator=True)
+
+    @classmethod
+    def _private(cls, size: int, init: Init | None = None) -> Self:
+        """The same layout in this process's anonymous memory (no name, no lock)."""
+        mem = mmap.mmap(-1, size)
+        cls._write_header(mem, init)
+        return cls("", -1, mem, creator=True)
+
+    @classmethod
+    def _attach(cls, name: str) -> Self:
+        """Join the segment another process created, after checking its header.
+
+        :raises RingNotFound: when there is no such segment
+        :raises RingCorrupted: when it is not a segment of this kind and layout
+        """
+        fd, mem = attach_segment(name)
+        problem = cls._check(mem)
+        if problem:
+            mem.close()
+            os.close(fd)
+            raise RingCorrupted(f"segment {name} is not an mpipeline {cls.WHAT}: {problem}")
+        return cls(name, fd, mem, creator=False)
+
+    @classmethod
+    def _write_header(cls, mem: mmap.mmap, init: Init | None) -> None:
+        with memoryview(mem) as mv, mv[: 8 * HEADER_WORDS].cast("Q") as q:
+            q[H_KIND] = cls.KIND
+            pid = os.getpid()
+            q[H_PID] = pid
+            q[H_START] = proc_start_ticks(pid) or 0
+            q[H_CREATED] = time.monotonic_ns()
+            if init is not None:
+                init(mv)
+            # Last: a process that sees the magic sees everything above.
+            q[H_MAGIC] = MAGIC
+
+    @classmethod
+    def _check(cls, mem: mmap.mmap) -> str | None:
+        if len(mem) < 8 * HEADER_WORDS:
+            return f"{len(mem)} bytes is smaller than the header"
+        with memoryview(mem) as mv, mv[: 8 * HEADER_WORDS].cast("Q") as q:
+            if q[H_MAGIC] != MAGIC or q[H_KIND] != cls.KIND:
+                return "wrong magic or kind"
+            return cls._problem(mv, q)
+
+    @classmethod
+    def _problem(cls, mem: memoryview, header: memoryview) -> str | None:
+        """What is wrong with the kind's own words of a segment to attach, or None."""
+        return None
+
+    # Use
+
+    def words(self, start: int = 0, stop: int | None = None) -> memoryview[int]:
+        """Words ``[start, stop)`` of the mapping as u64, released by close."""
+        view = self._slice(start, stop).cast("Q")
+        self._views.append(view)
+        return view
+
+    def doubles(self, start: int = 0, stop: int | None = None) -> memoryview[float]:
+        """Words ``[start, stop)`` of the mapping as f64, released by close."""
+        view = self._slice(start, stop).cast("d")
+        self._views.append(view)
+        return view
+
+    def _slice(self, start: int, stop: int | None) -> memoryview:
+        return self._mv[8 * start : None if stop is None else 8 * stop]
+
+    @property
+    def creator_pid(self) -> int:
+        return int(self._header[H_PID])
+
+    @property
+    def created_ns(self) -> int:
+        return int(self._header[H_CREATED])
+
+    def creator_alive(self) -> bool:
+        return process_alive(self._header[H_PID], self._header[H_START])
+
+    def lock(self) -> None:
+        """Take the segment's flock (cross-process; a private segment needs none)."""
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def unlock(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Unmap (idempotent); the object is unusable afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        for view in reversed(self._views):
+            view.release()
+        self._views.clear()
+        self._mv.release()
+        self._mem.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def unlink(self) -> None:
+        """Remove the segment (creator only: processes still attached keep their mapping)."""
+        if self.creator and self.name:
+            unlink_segment(self.name)
 
 
 def check_name(name: str) -> str:
@@ -177,8 +358,6 @@ def sweep_stale(
     not prove they are ours. Returns the names removed.
     """
     if magic is None:
-        from mpipeline.ring import MAGIC  # the layout owner; imported late to avoid a cycle
-
         magic = MAGIC
     removed: list[str] = []
     try:

@@ -11,10 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from mpipeline.messages import Failed
+from typing import Protocol
 
 
 class ExitCode(enum.IntEnum):
@@ -62,6 +59,14 @@ class ErrorCode(enum.StrEnum):
 
 class MPipelineError(Exception):
     """Root of every error raised on purpose by mpipeline."""
+
+
+class AlreadyRunning(MPipelineError):  # noqa: N818 - reads as the state found
+    """Another supervisor holds the run directory's lock (exit 5)."""
+
+
+class BootError(MPipelineError):
+    """A replica could not get ready; the supervisor must not restart it in a loop (exit 3)."""
 
 
 class ConfigError(MPipelineError):
@@ -150,6 +155,38 @@ class UpstreamError(MPipelineError):
     retry_after_s: float | None = None
 
 
+class UpstreamFailure(UpstreamError):  # noqa: N818 - one failed attempt, not an error type family
+    """One failed attempt, classified for the retry loop and the circuit breaker.
+
+    ``retryable``: another attempt may succeed (5xx, 429, timeouts, a dropped
+    connection before the first token); 400/401/403/404 never do.
+    ``counts``: the failure says the upstream is unhealthy, so it counts toward
+    its circuit (timeouts and connection errors do; a client's bad request and a
+    cancelled call do not). ``retry_after_s`` is the server's Retry-After.
+    ``code`` is what the client finally sees if no retry succeeds.
+
+    The message must never contain an API key, a header or the request body:
+    it reaches logs, the DLQ and the client.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode = ErrorCode.UPSTREAM_ERROR,
+        status: int | None = None,
+        retryable: bool = False,
+        counts: bool = True,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.retryable = retryable
+        self.counts = counts
+        self.retry_after_s = retry_after_s
+
+
 # Message errors
 
 
@@ -157,10 +194,26 @@ class DecodeError(MPipelineError):
     """A ring record is not a valid batch of the messages its edge carries."""
 
 
+class FailedOutcome(Protocol):
+    """What ``RequestFailed`` needs of the ``messages.Failed`` it carries (a
+    protocol, so that this module imports nothing of mpipeline's)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def code(self) -> ErrorCode: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def retry_after_s(self) -> float: ...
+
+
 class RequestFailed(MPipelineError):  # noqa: N818 - reads as an outcome: "request failed"
     """A request ended in an explicit error; ``code``/``stage`` say where and why."""
 
-    def __init__(self, failed: Failed) -> None:
+    def __init__(self, failed: FailedOutcome) -> None:
         super().__init__(f"{failed.code}: {failed.reason} (stage {failed.stage})")
         self.failed = failed
         self.code = failed.code

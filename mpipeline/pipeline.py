@@ -36,6 +36,7 @@ import msgspec
 
 from mpipeline.codec import Codec, pack_records
 from mpipeline.config import PipelineConfig, dump_toml, load, resolve_run_dir
+from mpipeline.control import ControlBlock, ReplicaState, RunState
 from mpipeline.dlq import DLQ_FILE, DeadLetterQueue, gone_letter, letter_for
 from mpipeline.errors import (
     ErrorCode,
@@ -45,7 +46,6 @@ from mpipeline.errors import (
     RingEmpty,
     RingFull,
 )
-from mpipeline.heartbeat import R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.messages import (
     Completed,
     Failed,
@@ -554,7 +554,7 @@ class Pipeline:
         if ctl.raw_state != RunState.RUNNING:
             return f"the pipeline is {ctl.state.name.lower()}"
         for (stage, index), slot in self._replica_slots.items():
-            state = ctl.get(slot, R_STATE)
+            state = ctl.replica_state(slot)
             if state != ReplicaState.READY:
                 return f"replica {stage}-{index} is {_state_name(state)}"
         return None

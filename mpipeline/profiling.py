@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TextIO
 
 from mpipeline import _shm, status
+from mpipeline.control import ReplicaState
 from mpipeline.errors import ConfigError, ExitCode, MPipelineError
-from mpipeline.heartbeat import R_PID, R_STATE, ReplicaState
 
 PY_SPY = "py-spy"
 PR_SET_PDEATHSIG = 1
@@ -99,8 +99,8 @@ def resolve(run: status.Run, name: str) -> Target:
     full = f"{name}-0" if name in stages else name
     if full not in slots:
         raise ConfigError(f"no replica named {name!r}; replicas: {', '.join(slots)}")
-    pid = run.control.get(slots[full], R_PID)
-    state = run.control.get(slots[full], R_STATE)
+    pid = run.control.pid(slots[full])
+    state = run.control.replica_state(slots[full])
     if state not in _PROFILABLE or not _shm.process_alive(pid, 0):
         raise MPipelineError(f"replica {full} is not running now (restarting?); try again")
     return Target(full, pid)

@@ -24,8 +24,8 @@ import uvloop
 from mpipeline import faults as faults_mod
 from mpipeline import logs
 from mpipeline.config import PipelineConfig, load
-from mpipeline.errors import ExitCode
-from mpipeline.heartbeat import R_PID, R_STATE, ControlBlock, ReplicaState
+from mpipeline.control import ControlBlock, ReplicaState
+from mpipeline.errors import BootError, ExitCode
 from mpipeline.metrics import Writer, attach_writer, stage_region
 from mpipeline.runner import StageRunner
 from mpipeline.stages import STAGES, AsyncStage, Stage, StageContext
@@ -34,10 +34,6 @@ from mpipeline.workers import upstream_names
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
-
-
-class BootError(Exception):
-    """The replica could not get ready; the supervisor must not restart it in a loop."""
 
 
 def _die_with_parent(parent: int) -> None:
@@ -129,8 +125,7 @@ def _metrics_writer(spec: ReplicaSpec, cfg: PipelineConfig, segments: str) -> Wr
 
 async def _serve(spec: ReplicaSpec, cfg: PipelineConfig, ctl_name: str) -> None:
     ctl = ControlBlock.attach(ctl_name)
-    ctl.put(spec.slot, R_PID, os.getpid())
-    ctl.put(spec.slot, R_STATE, ReplicaState.BOOTING)
+    ctl.booting(spec.slot, os.getpid())
     faults = faults_mod.for_stage(spec.stage)
     try:
         if faults.boot_error:
@@ -151,12 +146,12 @@ async def _serve(spec: ReplicaSpec, cfg: PipelineConfig, ctl_name: str) -> None:
         raise BootError(f"{type(exc).__name__}: {exc}") from exc
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    ctl.put(spec.slot, R_STATE, ReplicaState.READY)
+    ctl.set_state(spec.slot, ReplicaState.READY)
     log.debug("ready on cpus %s", list(spec.cpus))
     try:
         await runner.run(stop)
     finally:
-        ctl.put(spec.slot, R_STATE, ReplicaState.EXITED)
+        ctl.set_state(spec.slot, ReplicaState.EXITED)
         await stage.stop()
         runner.close()
         ctl.close()

@@ -85,7 +85,7 @@ from mpipeline.errors import (
 # What a record may be made of: anything with a flat byte buffer.
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
-MAGIC = int.from_bytes(b"mplring\x00", "little")
+MAGIC = _shm.MAGIC
 VERSION = 1
 # Header flag: records carry an xxh3 checksum of their payload.
 FLAG_CHECKSUM = 1

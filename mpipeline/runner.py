@@ -35,6 +35,7 @@ import msgspec
 
 from mpipeline.codec import Codec, pack_records
 from mpipeline.config import PipelineConfig
+from mpipeline.control import ControlBlock, RunState
 from mpipeline.errors import (
     DecodeError,
     ErrorCode,
@@ -45,7 +46,6 @@ from mpipeline.errors import (
     RingPoisoned,
     UpstreamError,
 )
-from mpipeline.heartbeat import ControlBlock, RunState
 from mpipeline.messages import (
     EDGE_TYPES,
     Completed,

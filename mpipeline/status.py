@@ -22,19 +22,8 @@ from typing import Any, TextIO
 import msgspec
 
 from mpipeline.config import PipelineConfig, load, resolve_run_dir
+from mpipeline.control import SIGNALLED, ControlBlock, ReplicaState
 from mpipeline.errors import ConfigError, ExitCode, MPipelineError, RingCorrupted, RingNotFound
-from mpipeline.heartbeat import (
-    R_EXIT,
-    R_GENERATION,
-    R_HEARTBEAT,
-    R_INFLIGHT,
-    R_PID,
-    R_PROCESSED,
-    R_RESTARTS,
-    R_STATE,
-    ControlBlock,
-    ReplicaState,
-)
 from mpipeline.ring import Ring
 from mpipeline.supervisor import LOCK_FILE, STATE_FILE
 
@@ -56,8 +45,6 @@ CIRCUIT_COLUMNS = (
     "OPENED",
     "NEXT",
 )
-# The supervisor stores a signal death as 0x10000 | signo in the last-exit slot.
-_SIGNALLED = 0x10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,22 +226,23 @@ def snapshot(run: Run) -> Status:
     gateways = [{**g, "stage": "gateway"} for g in topo.get("gateways", ())]
     for spec in [*gateways, *topo["replicas"]]:
         slot = spec["slot"]
-        beat = ctl.get(slot, R_HEARTBEAT)
+        rec = ctl.record(slot)
+        beat = rec.heartbeat_ns
         replicas.append(
             ReplicaStatus(
                 name=f"{spec['stage']}-{spec['index']}",
                 stage=spec["stage"],
                 index=spec["index"],
                 slot=slot,
-                pid=ctl.get(slot, R_PID),
+                pid=rec.pid,
                 cpus=list(spec["cpus"]),
-                state=_state_name(ctl.get(slot, R_STATE)),
-                processed=ctl.get(slot, R_PROCESSED),
-                in_flight=ctl.get(slot, R_INFLIGHT),
+                state=_state_name(rec.state),
+                processed=rec.processed,
+                in_flight=rec.in_flight,
                 heartbeat_age_s=max(0, now - beat) / 1e9 if beat else None,
-                restarts=ctl.get(slot, R_RESTARTS),
-                generation=ctl.get(slot, R_GENERATION),
-                last_exit=describe_exit(ctl.get(slot, R_EXIT), ctl.get(slot, R_RESTARTS)),
+                restarts=rec.restarts,
+                generation=rec.generation,
+                last_exit=describe_exit(rec.last_exit, rec.restarts),
             )
         )
     edges = [_edge(e) for e in run.state["topology"]["edges"]]
@@ -343,7 +331,7 @@ def describe_exit(raw: int, restarts: int) -> str | None:
     """The control block's last-exit slot in words; None when the replica never exited."""
     if raw == 0 and restarts == 0:
         return None
-    if raw & _SIGNALLED:
+    if raw & SIGNALLED:
         signo = raw & 0xFFFF
         try:
             return f"killed by {signal.Signals(signo).name}"

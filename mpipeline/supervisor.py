@@ -34,19 +34,12 @@ import msgspec
 
 from mpipeline import _shm, topology
 from mpipeline.config import PipelineConfig, resolve_run_dir
-from mpipeline.errors import ExitCode, MPipelineError
-from mpipeline.heartbeat import (
-    R_EXIT,
-    R_GENERATION,
-    R_HEARTBEAT,
-    R_INFLIGHT,
-    R_PID,
-    R_RESTARTS,
-    R_STATE,
+from mpipeline.control import (
     ControlBlock,
     ReplicaState,
     RunState,
 )
+from mpipeline.errors import AlreadyRunning, ExitCode, MPipelineError
 from mpipeline.ring import Ring
 
 if TYPE_CHECKING:
@@ -67,10 +60,6 @@ STATE_FILE = "state.json"
 LOCK_FILE = "supervisor.lock"
 # How long a stopping replica gets between SIGTERM and SIGKILL.
 STOP_GRACE_S = 5.0
-
-
-class AlreadyRunning(MPipelineError):  # noqa: N818
-    pass
 
 
 @dataclass
@@ -284,8 +273,7 @@ class Supervisor:
     def _spawn(self, rep: _Replica) -> None:
         assert self.ctl is not None
         spec = rep.spec
-        self.ctl.put(spec.slot, R_STATE, ReplicaState.BOOTING)
-        self.ctl.put(spec.slot, R_HEARTBEAT, time.monotonic_ns())
+        self.ctl.spawning(spec.slot)
         common = (str(self.config_path), self.ctl.name, os.getpid(), self.log_level)
         if isinstance(spec, topology.GatewaySpec):
             from mpipeline.gateway import replica as gateway_replica
@@ -306,7 +294,7 @@ class Supervisor:
             proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        self.ctl.put(spec.slot, R_PID, proc.pid or 0)
+        self.ctl.spawned(spec.slot, proc.pid or 0)
         rep.process = proc
         rep.ready = False
         rep.restart_at = None
@@ -328,7 +316,7 @@ class Supervisor:
         deadline = time.monotonic() + self.sup.boot_timeout_s
         while True:
             for rep in self.replicas:
-                if not rep.ready and self.ctl.get(rep.spec.slot, R_STATE) == ReplicaState.READY:
+                if not rep.ready and self.ctl.replica_state(rep.spec.slot) == ReplicaState.READY:
                     rep.ready = True
             if all(rep.ready for rep in self.replicas):
                 return True
@@ -407,10 +395,8 @@ class Supervisor:
             proc.close()
             rep.process = None
             slot = rep.spec.slot
-            self.ctl.put(slot, R_STATE, ReplicaState.DOWN)
-            self.ctl.put(slot, R_EXIT, code & 0xFFFF if code >= 0 else 0x10000 | -code)
-            # Tell clients: the requests this replica held will not come back.
-            self.ctl.put(slot, R_GENERATION, self.ctl.get(slot, R_GENERATION) + 1)
+            # Tells clients too: the requests this replica held will not come back.
+            self.ctl.exited(slot, code)
             if code == ExitCode.BOOT_ERROR:
                 log.error("replica %s failed to boot on restart; stopping", rep.spec.name)
                 self._exit_code = ExitCode.BOOT_ERROR
@@ -419,7 +405,7 @@ class Supervisor:
             while rep.restarts and now - rep.restarts[0] > window:
                 rep.restarts.popleft()
             rep.restarts.append(now)
-            self.ctl.put(slot, R_RESTARTS, self.ctl.get(slot, R_RESTARTS) + 1)
+            self.ctl.restarted(slot)
             if len(rep.restarts) > self.sup.restart_intensity:
                 log.error(
                     "replica %s died %d times within %.0fs (last: %s): FATAL",
@@ -456,10 +442,10 @@ class Supervisor:
             if proc is None or rep.killed or proc.exitcode is not None:
                 continue
             slot = rep.spec.slot
-            state = self.ctl.get(slot, R_STATE)
+            state = self.ctl.replica_state(slot)
             if state == ReplicaState.READY:
                 rep.ready = True
-            age = now - self.ctl.get(slot, R_HEARTBEAT)
+            age = now - self.ctl.heartbeat_ns(slot)
             if age <= limit_ns:
                 continue
             if state == ReplicaState.BOOTING:
@@ -468,7 +454,7 @@ class Supervisor:
                     rep.killed = True
                     self._kill(proc)
                 continue
-            busy = self.ctl.get(slot, R_INFLIGHT) > 0 or any(
+            busy = self.ctl.in_flight(slot) > 0 or any(
                 self._ring(name).stats().used_bytes > 0 for name in rep.spec.inputs
             )
             if busy:
@@ -513,7 +499,7 @@ class Supervisor:
             # A ring whose consumer is gone (a client that exited with replies
             # unread) will never drain: it must not hold the shutdown up.
             busy = any(r.stats().used_bytes and r.consumer_alive() for r in self.rings) or any(
-                self.ctl.get(r.spec.slot, R_INFLIGHT) for r in self.replicas
+                self.ctl.in_flight(r.spec.slot) for r in self.replicas
             )
             quiet = 0 if busy else quiet + 1
             if quiet >= 3:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import fcntl
 import math
 import mmap
-import os
 import time
 from typing import Literal
 
@@ -49,12 +48,10 @@ import xxhash
 
 from mpipeline import _shm
 from mpipeline.config import RateLimitConfig
-from mpipeline.errors import RingCorrupted
-from mpipeline.ring import MAGIC
 
-KIND_RATELIMIT = 0x100 | 2
 HEADER_WORDS = 16
-H_MAGIC, H_KIND, H_SLOTS, H_PROBE, _H_SPARE, H_PID, H_START, H_CREATED = range(8)
+# Words 2-3 of the common header (_shm's), then this kind's own.
+H_SLOTS, H_PROBE = _shm.H_WORD2, _shm.H_WORD3
 H_RATE, H_BURST, H_SRATE, H_SBURST, H_TOKENS, H_LAST, H_ADMITTED, H_REFUSED = range(8, 16)
 SLOT_WORDS = 4
 S_KEY, S_TOKENS, S_LAST = range(3)
@@ -87,17 +84,16 @@ def _slots(cfg: RateLimitConfig) -> int:
     return cfg.session_slots if cfg.session_requests_per_s > 0 else 0
 
 
-class RateLimiter:
+class RateLimiter(_shm.Segment):
     """The buckets of one segment; ``acquire`` per request. One event-loop thread per object."""
 
-    def __init__(self, name: str | None, fd: int, mem: mmap.mmap, *, creator: bool) -> None:
-        self.name = name
-        self._fd = fd
-        self._mem = mem
-        self._creator = creator
-        self._mv = memoryview(mem)
-        self._q = self._mv.cast("Q")
-        self._d = self._mv.cast("d")
+    KIND = _shm.Kind.RATELIMIT
+    WHAT = "rate limiter"
+
+    def __init__(self, name: str, fd: int, mem: mmap.mmap, *, creator: bool) -> None:
+        super().__init__(name, fd, mem, creator=creator)
+        self._q = self.words()
+        self._d = self.doubles()
         q, d = self._q, self._d
         # Fixed at creation: plain attributes spare a load per request.
         self._n_slots = int(q[H_SLOTS])
@@ -118,9 +114,7 @@ class RateLimiter:
         :raises FileExistsError: when the name is taken
         :raises RingError: when /dev/shm has no room for it
         """
-        fd, mem = _shm.create_segment(name, segment_size(cfg))
-        _init(mem, cfg)
-        return cls(name, fd, mem, creator=True)
+        return cls._create(name, segment_size(cfg), _initializer(cfg))
 
     @classmethod
     def attach(cls, name: str) -> RateLimiter:
@@ -129,20 +123,21 @@ class RateLimiter:
         :raises RingNotFound: when there is no such segment
         :raises RingCorrupted: when it is not a rate-limit segment
         """
-        fd, mem = _shm.attach_segment(name)
-        problem = _check(mem)
-        if problem:
-            mem.close()
-            os.close(fd)
-            raise RingCorrupted(f"segment {name} is not an mpipeline rate limiter: {problem}")
-        return cls(name, fd, mem, creator=False)
+        return cls._attach(name)
 
     @classmethod
     def private(cls, cfg: RateLimitConfig) -> RateLimiter:
         """Buckets in this process's memory only, for a gateway without a supervisor."""
-        mem = mmap.mmap(-1, segment_size(cfg))
-        _init(mem, cfg)
-        return cls(None, -1, mem, creator=True)
+        return cls._private(segment_size(cfg), _initializer(cfg))
+
+    @classmethod
+    def _problem(cls, mem: memoryview, header: memoryview) -> str | None:
+        slots = header[H_SLOTS]
+        if slots & (slots - 1) if slots else False:
+            return f"{slots} slots is not a power of two"
+        if len(mem) != 8 * (HEADER_WORDS + SLOT_WORDS * slots):
+            return f"{len(mem)} bytes does not fit {slots} slots"
+        return None
 
     # The hot path
 
@@ -253,7 +248,7 @@ class RateLimiter:
             return free, h, sburst
         return shared, 0, shared_tokens
 
-    # Observation and teardown
+    # Observation
 
     @property
     def admitted(self) -> int:
@@ -265,50 +260,20 @@ class RateLimiter:
         """Requests refused since the segment was created, by every process."""
         return int(self._q[H_REFUSED])
 
-    def close(self) -> None:
-        self._q.release()
-        self._d.release()
-        self._mv.release()
-        self._mem.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
-    def unlink(self) -> None:
-        """Remove the segment (creator only; processes still attached keep their mapping)."""
-        if self._creator and self.name is not None:
-            _shm.unlink_segment(self.name)
+def _initializer(cfg: RateLimitConfig) -> _shm.Init:
+    """Writes full buckets and the limits of ``cfg`` into a new segment."""
 
+    def init(mem: memoryview) -> None:
+        burst = bucket_size(cfg.requests_per_s, cfg.burst)
+        with mem.cast("Q") as q, mem.cast("d") as d:
+            q[H_SLOTS] = _slots(cfg)
+            q[H_PROBE] = min(PROBE, _slots(cfg))
+            d[H_RATE] = cfg.requests_per_s
+            d[H_BURST] = burst
+            d[H_SRATE] = cfg.session_requests_per_s
+            d[H_SBURST] = bucket_size(cfg.session_requests_per_s, cfg.session_burst)
+            d[H_TOKENS] = burst
+            d[H_LAST] = time.monotonic()
 
-def _init(mem: mmap.mmap, cfg: RateLimitConfig) -> None:
-    burst = bucket_size(cfg.requests_per_s, cfg.burst)
-    with memoryview(mem) as mv, mv.cast("Q") as q, mv.cast("d") as d:
-        q[H_KIND] = KIND_RATELIMIT
-        q[H_SLOTS] = _slots(cfg)
-        q[H_PROBE] = min(PROBE, _slots(cfg))
-        pid = os.getpid()
-        q[H_PID] = pid
-        q[H_START] = _shm.proc_start_ticks(pid) or 0
-        q[H_CREATED] = time.monotonic_ns()
-        d[H_RATE] = cfg.requests_per_s
-        d[H_BURST] = burst
-        d[H_SRATE] = cfg.session_requests_per_s
-        d[H_SBURST] = bucket_size(cfg.session_requests_per_s, cfg.session_burst)
-        d[H_TOKENS] = burst
-        d[H_LAST] = time.monotonic()
-        q[H_MAGIC] = MAGIC
-
-
-def _check(mem: mmap.mmap) -> str | None:
-    """What is wrong with the header, or None."""
-    if len(mem) < 8 * HEADER_WORDS:
-        return f"{len(mem)} bytes is smaller than the header"
-    with memoryview(mem) as mv, mv[: 8 * HEADER_WORDS].cast("Q") as q:
-        if q[H_MAGIC] != MAGIC or q[H_KIND] != KIND_RATELIMIT:
-            return "wrong magic or kind"
-        slots = q[H_SLOTS]
-        if slots & (slots - 1) if slots else False:
-            return f"{slots} slots is not a power of two"
-        if len(mem) != 8 * (HEADER_WORDS + SLOT_WORDS * slots):
-            return f"{len(mem)} bytes does not fit {slots} slots"
-    return None
+    return init

@@ -20,13 +20,14 @@ import socket
 from typing import Any
 
 from mpipeline.config import PipelineConfig
+from mpipeline.control import ControlBlock, ReplicaState, RunState
+from mpipeline.errors import BootError
 from mpipeline.gateway.app import Gateway, model_name
 from mpipeline.gateway.metrics import GatewayMetrics
 from mpipeline.gateway.ratelimit import RateLimiter
-from mpipeline.heartbeat import R_PID, R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.metrics import attach_writer, gateway_region
 from mpipeline.pipeline import Pipeline
-from mpipeline.replica import BootError, run_child
+from mpipeline.replica import run_child
 from mpipeline.topology import GatewaySpec
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,7 @@ async def _serve(
     state: dict[str, Any],
 ) -> None:
     ctl = ControlBlock.attach(ctl_name)
-    ctl.put(spec.slot, R_PID, os.getpid())
-    ctl.put(spec.slot, R_STATE, ReplicaState.BOOTING)
+    ctl.booting(spec.slot, os.getpid())
     pipeline = Pipeline.for_gateway(state, spec.client)
     limiter: RateLimiter | None = None
     try:
@@ -93,13 +93,13 @@ async def _serve(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    ctl.put(spec.slot, R_STATE, ReplicaState.READY)
+    ctl.set_state(spec.slot, ReplicaState.READY)
     beat = loop.create_task(_beat(spec, cfg, ctl, pipeline, gateway, metrics))
     try:
         await stop.wait()
     finally:
         beat.cancel()
-        ctl.put(spec.slot, R_STATE, ReplicaState.EXITED)
+        ctl.set_state(spec.slot, ReplicaState.EXITED)
         await gateway.close()
         await pipeline.close()
         if limiter is not None:

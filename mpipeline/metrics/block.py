@@ -19,19 +19,15 @@ Region i belongs to the writer in control-block slot i.
 from __future__ import annotations
 
 import mmap
-import os
-import time
 from typing import Protocol, cast
 
 from mpipeline import _shm
-from mpipeline.errors import RingCorrupted
 from mpipeline.metrics.schema import BUCKET_OF_BITS, HIST_SUM, REGION_CELLS, Region
-from mpipeline.ring import MAGIC
 
-KIND_METRICS = 0x100 | 4
 VERSION = 1
-HEADER_WORDS = 8
-H_MAGIC, H_KIND, H_REGIONS, H_REGION_CELLS, H_VERSION, H_PID, H_START, H_CREATED = range(8)
+HEADER_WORDS = _shm.HEADER_WORDS
+# Header words 2-4 (the rest are _shm's).
+H_REGIONS, H_REGION_CELLS, H_VERSION = _shm.H_WORD2, _shm.H_WORD3, _shm.H_WORD4
 
 
 class Cells(Protocol):
@@ -46,55 +42,40 @@ def segment_name(prefix: str) -> str:
     return f"{prefix}-metrics"
 
 
-class MetricsBlock:
+class MetricsBlock(_shm.Segment):
     """A mapped metrics segment: the supervisor creates it, replicas attach."""
 
+    KIND = _shm.Kind.METRICS
+    WHAT = "metrics block"
+
     def __init__(self, name: str, fd: int, mem: mmap.mmap, *, creator: bool) -> None:
-        self.name = name
-        self._fd = fd
-        self._mem = mem
-        self.creator = creator
-        self._mv = memoryview(mem)
-        with self._mv[: 8 * HEADER_WORDS].cast("Q") as q:
-            self.regions = int(q[H_REGIONS])
-        self._doubles = self._mv[8 * HEADER_WORDS :].cast("d")
+        super().__init__(name, fd, mem, creator=creator)
+        self.regions = int(self._header[H_REGIONS])
+        self._doubles = self.doubles(HEADER_WORDS)
         self.cells = cast(Cells, self._doubles)
 
     @classmethod
     def create(cls, name: str, regions: int) -> MetricsBlock:
-        size = 8 * (HEADER_WORDS + regions * REGION_CELLS)
-        fd, mem = _shm.create_segment(name, size)
-        with memoryview(mem) as mv, mv[: 8 * HEADER_WORDS].cast("Q") as q:
-            q[H_KIND] = KIND_METRICS
-            q[H_REGIONS] = regions
-            q[H_REGION_CELLS] = REGION_CELLS
-            q[H_VERSION] = VERSION
-            pid = os.getpid()
-            q[H_PID] = pid
-            q[H_START] = _shm.proc_start_ticks(pid) or 0
-            q[H_CREATED] = time.monotonic_ns()
-            q[H_MAGIC] = MAGIC  # last: a reader that sees the magic sees the rest
-        return cls(name, fd, mem, creator=True)
+        def init(mem: memoryview) -> None:
+            with mem[: 8 * HEADER_WORDS].cast("Q") as q:
+                q[H_REGIONS] = regions
+                q[H_REGION_CELLS] = REGION_CELLS
+                q[H_VERSION] = VERSION
+
+        return cls._create(name, 8 * (HEADER_WORDS + regions * REGION_CELLS), init)
 
     @classmethod
     def attach(cls, name: str) -> MetricsBlock:
         """:raises RingNotFound: no such segment; RingCorrupted: not a metrics block."""
-        fd, mem = _shm.attach_segment(name)
-        ok = len(mem) >= 8 * HEADER_WORDS
-        if ok:
-            with memoryview(mem) as mv, mv[: 8 * HEADER_WORDS].cast("Q") as q:
-                ok = (
-                    q[H_MAGIC] == MAGIC
-                    and q[H_KIND] == KIND_METRICS
-                    and q[H_VERSION] == VERSION
-                    and q[H_REGION_CELLS] == REGION_CELLS
-                    and len(mem) >= 8 * (HEADER_WORDS + q[H_REGIONS] * REGION_CELLS)
-                )
-        if not ok:
-            mem.close()
-            os.close(fd)
-            raise RingCorrupted(f"segment {name} is not an mpipeline metrics block")
-        return cls(name, fd, mem, creator=False)
+        return cls._attach(name)
+
+    @classmethod
+    def _problem(cls, mem: memoryview, header: memoryview) -> str | None:
+        if header[H_VERSION] != VERSION or header[H_REGION_CELLS] != REGION_CELLS:
+            return "another layout version"
+        if len(mem) < 8 * (HEADER_WORDS + header[H_REGIONS] * REGION_CELLS):
+            return f"{len(mem)} bytes cannot hold {header[H_REGIONS]} regions"
+        return None
 
     def writer(self, slot: int, region: Region) -> Writer:
         """The cells of region ``slot``, for the one process that writes them."""
@@ -106,18 +87,6 @@ class MetricsBlock:
         """A copy of region ``slot``'s cells (one memcpy: as consistent as a scrape needs)."""
         base = slot * REGION_CELLS
         return cast(list[float], self._doubles[base : base + REGION_CELLS].tolist())
-
-    def close(self) -> None:
-        self._doubles.release()
-        self._mv.release()
-        self._mem.close()
-        os.close(self._fd)
-
-    def unlink(self) -> None:
-        """Remove the segment (creator only: a reader such as ``mpipeline top`` must
-        never delete a live run's block; attached processes keep their mapping)."""
-        if self.creator:
-            _shm.unlink_segment(self.name)
 
 
 class Writer:

@@ -1,9 +1,9 @@
 """Byte layout of the breaker board segment; ``breaker.py`` and ``_circuit.py`` use it.
 
-In 8-byte words: ``HEADER_WORDS`` of header (magic, kind, slots, buckets,
-slot words, creator pid, creator start ticks, created ns; words 0, 5 and 6
-follow the ring convention so ``_shm.sweep_stale`` removes the segment of a
-dead supervisor), then ``SLOT_WORDS`` per upstream slot:
+In 8-byte words: ``HEADER_WORDS`` of header (``_shm.Segment``'s common eight
+with slots, buckets and slot words as words 2-4, so ``_shm.sweep_stale``
+removes the segment of a dead supervisor; then eight spare), then
+``SLOT_WORDS`` per upstream slot:
 
 ====  ==========================================================
 0-3   name, ASCII, up to ``NAME_BYTES``
@@ -29,16 +29,10 @@ every process of the machine). Every word is written under the board's
 
 from __future__ import annotations
 
-import mmap
-import os
-import time
-
 from mpipeline import _shm
-from mpipeline.ring import MAGIC
 
-KIND_BREAKERS = 0x100 | 3
 HEADER_WORDS = 16
-H_MAGIC, H_KIND, H_SLOTS, H_BUCKETS, H_SLOT_WORDS, H_PID, H_START, H_CREATED = range(8)
+H_SLOTS, H_BUCKETS, H_SLOT_WORDS = _shm.H_WORD2, _shm.H_WORD3, _shm.H_WORD4
 # Time buckets of the failure-rate window: it slides in steps of window_s / BUCKETS.
 BUCKETS = 8
 SLOT_WORDS = 48
@@ -64,29 +58,22 @@ def window(q: memoryview, base: int, current: int) -> tuple[int, int]:
     return calls, failures
 
 
-def init(mem: mmap.mmap, slots: int) -> None:
-    """Write the header of a new board; the magic goes last."""
-    with memoryview(mem) as mv, mv.cast("Q") as q:
-        q[H_KIND] = KIND_BREAKERS
-        q[H_SLOTS] = slots
-        q[H_BUCKETS] = BUCKETS
-        q[H_SLOT_WORDS] = SLOT_WORDS
-        pid = os.getpid()
-        q[H_PID] = pid
-        q[H_START] = _shm.proc_start_ticks(pid) or 0
-        q[H_CREATED] = time.monotonic_ns()
-        q[H_MAGIC] = MAGIC
+def initializer(slots: int) -> _shm.Init:
+    """Writes the header words of a new board of ``slots`` slots."""
+
+    def init(mem: memoryview) -> None:
+        with mem[: 8 * HEADER_WORDS].cast("Q") as q:
+            q[H_SLOTS] = slots
+            q[H_BUCKETS] = BUCKETS
+            q[H_SLOT_WORDS] = SLOT_WORDS
+
+    return init
 
 
-def check(mem: mmap.mmap) -> str | None:
-    """What is wrong with the header, or None."""
-    if len(mem) < 8 * HEADER_WORDS:
-        return f"{len(mem)} bytes is smaller than the header"
-    with memoryview(mem) as mv, mv[: 8 * HEADER_WORDS].cast("Q") as q:
-        if q[H_MAGIC] != MAGIC or q[H_KIND] != KIND_BREAKERS:
-            return "wrong magic or kind"
-        if q[H_BUCKETS] != BUCKETS or q[H_SLOT_WORDS] != SLOT_WORDS:
-            return "another layout version"
-        if len(mem) != segment_size(q[H_SLOTS]):
-            return f"{len(mem)} bytes does not fit {q[H_SLOTS]} slots"
+def problem(mem: memoryview, header: memoryview) -> str | None:
+    """What is wrong with a board's own header words, or None."""
+    if header[H_BUCKETS] != BUCKETS or header[H_SLOT_WORDS] != SLOT_WORDS:
+        return "another layout version"
+    if len(mem) != segment_size(header[H_SLOTS]):
+        return f"{len(mem)} bytes does not fit {header[H_SLOTS]} slots"
     return None

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from mpipeline import _shm
 from mpipeline.config import BreakerConfig
@@ -39,9 +39,6 @@ from mpipeline.resilience._breaker_shm import (
     S_TRANSITIONS,
     window,
 )
-
-if TYPE_CHECKING:
-    from mpipeline.resilience.breaker import BreakerBoard
 
 log = logging.getLogger("mpipeline.resilience.breaker")
 
@@ -108,6 +105,20 @@ class BreakerState:
 DISABLED = Permit(generation=-1)
 
 
+class Board(Protocol):
+    """What a circuit needs of its board (``breaker.BreakerBoard``): the words of
+    its slot, the board's lock, and the shared config and transition hook."""
+
+    cfg: BreakerConfig
+    on_transition: Transition | None
+    _q: memoryview[int]
+    _d: memoryview[float]
+
+    def lock(self) -> None: ...
+    def unlock(self) -> None: ...
+    def state_of(self, name: str, base: int, now: float | None = None) -> BreakerState: ...
+
+
 def probes_needed(cfg: BreakerConfig) -> int:
     """Successful probes, out of ``cfg.probes``, that close the breaker (at least 1)."""
     return max(1, math.ceil(cfg.probe_success_rate * cfg.probes - 1e-9))
@@ -121,7 +132,7 @@ class Breaker:
     the fail-fast path.
     """
 
-    def __init__(self, board: BreakerBoard, name: str, base: int) -> None:
+    def __init__(self, board: Board, name: str, base: int) -> None:
         cfg = board.cfg
         self.name = name
         self.refused = 0
@@ -177,11 +188,11 @@ class Breaker:
                 return Refusal("open", max(until, not_before) - now)
         # Half-open, or open long enough to probe: both change shared state.
         changes: list[tuple[int, int]] = []
-        self._board._lock()
+        self._board.lock()
         try:
             decision = self._decide(now, lease_s, changes)
         finally:
-            self._board._unlock()
+            self._board.unlock()
         self._announce(changes)
         if isinstance(decision, Refusal):
             self.refused += 1
@@ -202,7 +213,7 @@ class Breaker:
             now = _monotonic()
         q, d, base = self._q, self._d, self._base
         changes: list[tuple[int, int]] = []
-        self._board._lock()
+        self._board.lock()
         try:
             word = q[base + S_STATE]
             if word >> 2 == permit.generation:
@@ -218,7 +229,7 @@ class Breaker:
                         q[base + S_SUCCEEDED] += ok
                         self._judge(now, changes)
         finally:
-            self._board._unlock()
+            self._board.unlock()
         self._announce(changes)
 
     def defer(self, until: float) -> None:
@@ -228,12 +239,12 @@ class Breaker:
         the breaker disabled: it is the upstream's own request (Retry-After).
         """
         d, slot = self._d, self._base + S_NOT_BEFORE
-        self._board._lock()
+        self._board.lock()
         try:
             if until > d[slot]:
                 d[slot] = until
         finally:
-            self._board._unlock()
+            self._board.unlock()
 
     @property
     def not_before(self) -> float:
@@ -242,7 +253,7 @@ class Breaker:
 
     def state(self, now: float | None = None) -> BreakerState:
         """This breaker's slot as ``snapshot`` shows it (``now``: for tests)."""
-        return self._board._state(self.name, self._base, now)
+        return self._board.state_of(self.name, self._base, now)
 
     # The state machine, always under the lock
 

@@ -30,14 +30,12 @@ verdict is ignored, exactly as if it had been granted just before the change.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
-import os
 import time
+from typing import Self
 
 from mpipeline import _shm
 from mpipeline.config import BreakerConfig
-from mpipeline.errors import RingCorrupted
 from mpipeline.resilience import _breaker_shm as layout
 from mpipeline.resilience._breaker_shm import (
     HEADER_WORDS,
@@ -68,32 +66,21 @@ from mpipeline.resilience._circuit import (
     probes_needed,
 )
 
-_flock, _LOCK_EX, _LOCK_UN = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
 _monotonic = time.monotonic
 
 
-class BreakerBoard:
+class BreakerBoard(_shm.Segment):
     """The breakers of one segment; one event-loop thread per object."""
 
-    def __init__(
-        self,
-        name: str | None,
-        fd: int,
-        mem: mmap.mmap,
-        cfg: BreakerConfig,
-        *,
-        creator: bool,
-        on_transition: Transition | None = None,
-    ) -> None:
-        self.name = name
-        self.cfg = cfg
-        self.on_transition = on_transition
-        self._fd = fd
-        self._mem = mem
-        self._creator = creator
-        self._mv = memoryview(mem)
-        self._q = self._mv.cast("Q")
-        self._d = self._mv.cast("d")
+    KIND = _shm.Kind.BREAKERS
+    WHAT = "breaker board"
+
+    def __init__(self, name: str, fd: int, mem: mmap.mmap, *, creator: bool) -> None:
+        super().__init__(name, fd, mem, creator=creator)
+        self.cfg = BreakerConfig()
+        self.on_transition: Transition | None = None
+        self._q = self.words()
+        self._d = self.doubles()
         self._slots = int(self._q[layout.H_SLOTS])
         self._breakers: dict[str, Breaker] = {}
 
@@ -106,9 +93,8 @@ class BreakerBoard:
         :raises FileExistsError: when the name is taken
         :raises RingError: when /dev/shm has no room for it
         """
-        fd, mem = _shm.create_segment(name, layout.segment_size(_slots(slots)))
-        layout.init(mem, slots)
-        return cls(name, fd, mem, cfg, creator=True, on_transition=on_transition)
+        size = layout.segment_size(_slots(slots))
+        return cls._create(name, size, layout.initializer(slots))._use(cfg, on_transition)
 
     @classmethod
     def attach(
@@ -119,22 +105,24 @@ class BreakerBoard:
         :raises RingNotFound: when there is no such segment
         :raises RingCorrupted: when it is not a breaker board
         """
-        fd, mem = _shm.attach_segment(name)
-        problem = layout.check(mem)
-        if problem:
-            mem.close()
-            os.close(fd)
-            raise RingCorrupted(f"segment {name} is not an mpipeline breaker board: {problem}")
-        return cls(name, fd, mem, cfg, creator=False, on_transition=on_transition)
+        return cls._attach(name)._use(cfg, on_transition)
 
     @classmethod
     def private(
         cls, cfg: BreakerConfig, slots: int = 64, on_transition: Transition | None = None
     ) -> BreakerBoard:
         """Breakers in this process's memory only (no lock: one thread uses them)."""
-        mem = mmap.mmap(-1, layout.segment_size(_slots(slots)))
-        layout.init(mem, slots)
-        return cls(None, -1, mem, cfg, creator=True, on_transition=on_transition)
+        size = layout.segment_size(_slots(slots))
+        return cls._private(size, layout.initializer(slots))._use(cfg, on_transition)
+
+    @classmethod
+    def _problem(cls, mem: memoryview, header: memoryview) -> str | None:
+        return layout.problem(mem, header)
+
+    def _use(self, cfg: BreakerConfig, on_transition: Transition | None) -> Self:
+        self.cfg = cfg
+        self.on_transition = on_transition
+        return self
 
     def breaker(self, upstream: str) -> Breaker:
         """The breaker of ``upstream``, claiming a free slot the first time any process asks.
@@ -150,11 +138,11 @@ class BreakerBoard:
             raise ValueError(f"upstream name {upstream!r} is not ASCII") from None
         if not 0 < len(raw) <= NAME_BYTES:
             raise ValueError(f"upstream name {upstream!r} must be 1-{NAME_BYTES} bytes")
-        self._lock()
+        self.lock()
         try:
             base = self._find_or_claim(raw)
         finally:
-            self._unlock()
+            self.unlock()
         if base < 0:
             raise ValueError(
                 f"breaker board {self.name} has no free slot for {upstream!r}: "
@@ -188,12 +176,13 @@ class BreakerBoard:
             length = q[base + S_NAME_LEN]
             if length:
                 name = bytes(self._mem[8 * base : 8 * base + length]).decode("ascii", "replace")
-                out.append(self._state(name, base, now))
+                out.append(self.state_of(name, base, now))
         return out
 
-    def _state(self, name: str, base: int, now: float | None = None) -> BreakerState:
+    def state_of(self, name: str, base: int, now: float | None = None) -> BreakerState:
+        """The state of the slot at word ``base`` (``name``: its upstream)."""
         q, d = self._q, self._d
-        self._lock()
+        self.lock()
         try:
             word = q[base + S_STATE]
             state = word & 3
@@ -215,33 +204,10 @@ class BreakerBoard:
                 probes_succeeded=int(q[base + S_SUCCEEDED]),
             )
         finally:
-            self._unlock()
+            self.unlock()
 
     def _width(self) -> float:
         return self.cfg.window_s / layout.BUCKETS
-
-    def _lock(self) -> None:
-        if self._fd >= 0:
-            _flock(self._fd, _LOCK_EX)
-
-    def _unlock(self) -> None:
-        if self._fd >= 0:
-            _flock(self._fd, _LOCK_UN)
-
-    def close(self) -> None:
-        """Unmap; the breakers of this board are unusable afterwards."""
-        self._q.release()
-        self._d.release()
-        self._mv.release()
-        self._mem.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def unlink(self) -> None:
-        """Remove the segment (creator only; processes still attached keep their mapping)."""
-        if self._creator and self.name is not None:
-            _shm.unlink_segment(self.name)
 
 
 def _slots(slots: int) -> int:

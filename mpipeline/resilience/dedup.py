@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from mpipeline.config import DedupConfig
-from mpipeline.errors import ErrorCode
-from mpipeline.workers.base import UpstreamFailure
+from mpipeline.errors import ErrorCode, UpstreamFailure
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import random
 import time
 
 from mpipeline.config import RetryConfig
-from mpipeline.workers.base import UpstreamFailure
+from mpipeline.errors import UpstreamFailure
 
 # How long a deposit or a withdrawal stays in the retry budget, and the slices
 # that age it out (Finagle's defaults: a 10 s window).

@@ -28,8 +28,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TypeVar
 
 from mpipeline.config import TimeoutsConfig
-from mpipeline.errors import ErrorCode
-from mpipeline.workers.base import UpstreamFailure
+from mpipeline.errors import ErrorCode, UpstreamFailure
 
 T = TypeVar("T")
 

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from mpipeline.config import InferenceConfig
-from mpipeline.errors import ErrorCode
+from mpipeline.errors import ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled
 from mpipeline.metrics.block import Cells, Writer
 from mpipeline.resilience import (
@@ -51,7 +51,7 @@ from mpipeline.resilience import (
     delay_s,
     phased,
 )
-from mpipeline.workers.base import Generation, Upstream, UpstreamFailure
+from mpipeline.workers.base import Generation, Upstream
 from mpipeline.workers.pool import Chooser
 
 log = logging.getLogger("mpipeline.inference")

@@ -7,7 +7,8 @@ pipeline that runs echo never loads httpx clients or llama.cpp.
 from __future__ import annotations
 
 from mpipeline.config import InferenceConfig, PoolUpstreamConfig
-from mpipeline.workers.base import Generation, Upstream, UpstreamFailure, WorkerContext
+from mpipeline.errors import UpstreamFailure
+from mpipeline.workers.base import Generation, Upstream, WorkerContext
 from mpipeline.workers.echo import EchoWorker
 
 

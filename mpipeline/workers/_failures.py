@@ -21,8 +21,7 @@ from typing import Any, Final
 import httpx
 import msgspec
 
-from mpipeline.errors import ErrorCode
-from mpipeline.workers.base import UpstreamFailure
+from mpipeline.errors import ErrorCode, UpstreamFailure
 
 __all__ = [
     "ERROR_TYPE_STATUS",

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mpipeline.config import TimeoutsConfig
-from mpipeline.errors import ErrorCode, UpstreamError
 from mpipeline.messages import Assembled
 
 
@@ -41,38 +40,6 @@ class WorkerContext:
     shard: int = 0
     shards: int = 1
     cpus: tuple[int, ...] = ()
-
-
-class UpstreamFailure(UpstreamError):  # noqa: N818 - one failed attempt, not an error type family
-    """One failed attempt, classified for the retry loop and the circuit breaker.
-
-    ``retryable``: another attempt may succeed (5xx, 429, timeouts, a dropped
-    connection before the first token); 400/401/403/404 never do.
-    ``counts``: the failure says the upstream is unhealthy, so it counts toward
-    its circuit (timeouts and connection errors do; a client's bad request and a
-    cancelled call do not). ``retry_after_s`` is the server's Retry-After.
-    ``code`` is what the client finally sees if no retry succeeds.
-
-    The message must never contain an API key, a header or the request body:
-    it reaches logs, the DLQ and the client.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: ErrorCode = ErrorCode.UPSTREAM_ERROR,
-        status: int | None = None,
-        retryable: bool = False,
-        counts: bool = True,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
-        self.retryable = retryable
-        self.counts = counts
-        self.retry_after_s = retry_after_s
 
 
 class Upstream(Protocol):
@@ -111,6 +78,5 @@ __all__ = [
     "LOCAL_TIMEOUTS",
     "Generation",
     "Upstream",
-    "UpstreamFailure",
     "WorkerContext",
 ]

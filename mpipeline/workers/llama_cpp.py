@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 
 from mpipeline.config import LlamaCppConfig
-from mpipeline.errors import ConfigError, ErrorCode
+from mpipeline.errors import ConfigError, ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled, Turn
 from mpipeline.workers import _llama_log
 from mpipeline.workers._chat_format import NO_TEMPLATE, ChatTemplate, pick_template
 from mpipeline.workers._session_cache import SessionCache, SessionState, Tokens, common_prefix
-from mpipeline.workers.base import LOCAL_TIMEOUTS, Generation, UpstreamFailure, WorkerContext
+from mpipeline.workers.base import LOCAL_TIMEOUTS, Generation, WorkerContext
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from mpipeline.heartbeat import R_INFLIGHT, R_RESTARTS, R_STATE, ReplicaState
+from mpipeline.control import R_INFLIGHT, R_RESTARTS, R_STATE, ReplicaState
 from tests.integration.conftest import (
     ConfigFactory,
     SupervisorFactory,

@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mpipeline import _shm
 from mpipeline.config import STAGE_ORDER
+from mpipeline.control import R_RESTARTS
 from mpipeline.errors import ErrorCode, RequestFailed
-from mpipeline.heartbeat import R_RESTARTS
 from mpipeline.pipeline import Pipeline
 from tests.integration.conftest import (
     ConfigFactory,

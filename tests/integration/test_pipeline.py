@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 from mpipeline.config import STAGE_ORDER
+from mpipeline.control import R_PROCESSED, R_RESTARTS
 from mpipeline.errors import ErrorCode, RequestFailed
-from mpipeline.heartbeat import R_PROCESSED, R_RESTARTS
 from mpipeline.messages import Completed, TokenChunk
 from mpipeline.pipeline import Pipeline
 from mpipeline.routing import shard_for

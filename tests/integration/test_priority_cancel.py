@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
+from mpipeline.control import R_INFLIGHT
 from mpipeline.errors import ErrorCode, RequestFailed
-from mpipeline.heartbeat import R_INFLIGHT
 from mpipeline.messages import Priority
 from mpipeline.pipeline import Pipeline
 from tests.integration.conftest import SupervisorFactory

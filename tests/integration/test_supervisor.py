@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from mpipeline import _shm
+from mpipeline.control import RunState
 from mpipeline.errors import ErrorCode, ExitCode, MPipelineError, RequestFailed
-from mpipeline.heartbeat import RunState
 from mpipeline.messages import Completed
 from mpipeline.pipeline import Pipeline
 from mpipeline.supervisor import STATE_FILE

@@ -17,17 +17,15 @@ from multiprocessing.connection import Connection
 import pytest
 
 from mpipeline import _shm
+from mpipeline._shm import H_KIND, H_PID, H_START
+from mpipeline._shm import Kind as _Kind
+from mpipeline.control import ControlBlock
 from mpipeline.errors import RingCorrupted, RingNotFound
-from mpipeline.heartbeat import ControlBlock
 from mpipeline.metrics.block import (
-    H_KIND,
-    H_PID,
     H_REGION_CELLS,
     H_REGIONS,
-    H_START,
     H_VERSION,
     HEADER_WORDS,
-    KIND_METRICS,
     VERSION,
     MetricsBlock,
     attach_writer,
@@ -46,6 +44,8 @@ from mpipeline.metrics.schema import (
 from mpipeline.ring import MAGIC, Ring
 
 JOIN_S = 60.0
+
+KIND_METRICS = _Kind.METRICS
 
 
 @pytest.fixture

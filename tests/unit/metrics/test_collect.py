@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mpipeline import status, topology
 from mpipeline.config import ERROR_RING_BYTES, STAGE_ORDER, BreakerConfig, PipelineConfig
+from mpipeline.control import R_PID, R_RESTARTS, R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.gateway.metrics import GatewayMetrics
-from mpipeline.heartbeat import R_PID, R_RESTARTS, R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.metrics.block import MetricsBlock, Writer, segment_name
 from mpipeline.metrics.collect import Reader, RunCollector, collect, layouts
 from mpipeline.metrics.schema import (

@@ -7,9 +7,8 @@ import asyncio
 
 import pytest
 
-from mpipeline.errors import ErrorCode
+from mpipeline.errors import ErrorCode, UpstreamFailure
 from mpipeline.resilience.dedup import CachedResult, Coalescer, Flight, ResultCache
-from mpipeline.workers.base import UpstreamFailure
 
 WAITERS = 100
 TOKENS = ["a", "b", "c", "d"]

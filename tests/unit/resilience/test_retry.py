@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from mpipeline.config import RetryConfig
-from mpipeline.errors import ErrorCode
+from mpipeline.errors import ErrorCode, UpstreamFailure
 from mpipeline.resilience.retry import (
     BUDGET_TTL_S,
     RetryBudget,
@@ -19,7 +19,6 @@ from mpipeline.resilience.retry import (
     fits_deadline,
     remaining_s,
 )
-from mpipeline.workers.base import UpstreamFailure
 
 CFG = RetryConfig(backoff_initial_s=0.2, backoff_max_s=10.0, max_retries=5)
 T0 = 1_000_000.0

@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator, Awaitable
 import pytest
 
 from mpipeline.config import TimeoutsConfig
-from mpipeline.errors import ErrorCode
+from mpipeline.errors import ErrorCode, UpstreamFailure
 from mpipeline.resilience.timeouts import bounded, phased
-from mpipeline.workers.base import UpstreamFailure
 
 SHORT = 0.05
 LONG = 30.0

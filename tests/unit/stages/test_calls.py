@@ -25,11 +25,11 @@ from mpipeline.config import (
     RetryConfig,
     TimeoutsConfig,
 )
-from mpipeline.errors import ErrorCode
+from mpipeline.errors import ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled, PromptRequest
 from mpipeline.resilience import BreakerBoard
 from mpipeline.stages.calls import ShardCalls
-from mpipeline.workers.base import Generation, UpstreamFailure
+from mpipeline.workers.base import Generation
 
 FAST_RETRY = RetryConfig(backoff_initial_s=0.001, backoff_max_s=0.002, budget_min_per_s=100)
 NO_DEDUP = DedupConfig(coalesce=False, cache_entries=0)

@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 import pytest
 
 from mpipeline.config import AnthropicConfig, PoolUpstreamConfig, TimeoutsConfig
-from mpipeline.errors import ConfigError, ErrorCode
+from mpipeline.errors import ConfigError, ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled, PromptRequest, Turn
 from mpipeline.workers.anthropic import AnthropicUpstream, _conversation, stop_reason
-from mpipeline.workers.base import Generation, UpstreamFailure
+from mpipeline.workers.base import Generation
 from tests.fault_upstream import (
     AnthropicError,
     Behaviour,

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from mpipeline.config import LlamaCppConfig
-from mpipeline.errors import ErrorCode
+from mpipeline.errors import ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled, PromptRequest, Turn
 from mpipeline.workers._chat_format import pick_template
 from mpipeline.workers._session_cache import SessionCache, SessionState
-from mpipeline.workers.base import Generation, Upstream, UpstreamFailure, WorkerContext
+from mpipeline.workers.base import Generation, Upstream, WorkerContext
 from mpipeline.workers.llama_cpp import LlamaCppUpstream
 
 T = TypeVar("T")

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 import pytest
 
 from mpipeline.config import OpenAIConfig, TimeoutsConfig
-from mpipeline.errors import ConfigError, ErrorCode
+from mpipeline.errors import ConfigError, ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled, PromptRequest, Turn
-from mpipeline.workers.base import Generation, UpstreamFailure
+from mpipeline.workers.base import Generation
 from mpipeline.workers.openai import OpenAIUpstream
 from tests.fault_upstream import (
     AnthropicError,

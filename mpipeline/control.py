@@ -7,8 +7,8 @@ generation to learn that a replica was replaced (so the requests it held get
 an explicit error instead of a hang). Keeping it in /dev/shm means a slow
 disk can never stall a heartbeat (gunicorn#1305).
 
-Layout: u64 slots. Header (0-7): magic, kind, replicas, clients, state,
-supervisor pid, supervisor start ticks, started ns. Then 8 slots per replica
+Layout: u64 slots. Header (0-7, ``_shm.Segment``'s): magic, kind, replicas,
+clients, run state, supervisor pid, supervisor start ticks, started ns. Then 8 slots per replica
 (pid, generation, heartbeat ns, processed, in flight, state, last exit,
 restarts) and 8 per client (pid, start ticks, cancel count, spare), then a
 cancel board of ``CANCEL_SLOTS`` u64 per client. Each replica slot has one
@@ -24,29 +24,32 @@ between streamed chunks. A newer cancel may overwrite an older one in the
 same slot: cancelling is best effort (the client has already answered the
 caller), and a full 64-bit hash never cancels the wrong request by accident
 in practice.
+
+Only this module knows the slot numbers: the supervisor, replicas, clients
+and readers use the typed accessors below (``get``/``put`` with the ``R_*``
+names are the raw form, for tests and tools that poke one word).
 """
 
 from __future__ import annotations
 
 import enum
 import mmap
-import os
 import time
+from dataclasses import dataclass
 
 import xxhash
 
 from mpipeline import _shm
-from mpipeline.errors import RingCorrupted
-from mpipeline.ring import MAGIC
 
-KIND_CONTROL = 0x100 | 1
-HEADER_SLOTS = 8
 SLOT_WIDTH = 8
-H_MAGIC, H_KIND, H_REPLICAS, H_CLIENTS, H_STATE, H_PID, H_START, H_STARTED = range(8)
+# Header words 2-4 (the rest are _shm's).
+H_REPLICAS, H_CLIENTS, H_STATE = _shm.H_WORD2, _shm.H_WORD3, _shm.H_WORD4
 R_PID, R_GENERATION, R_HEARTBEAT, R_PROCESSED, R_INFLIGHT, R_STATE, R_EXIT, R_RESTARTS = range(8)
 C_PID, C_START, C_CANCELS = range(3)
 # Recent cancellations remembered per client.
 CANCEL_SLOTS = 1024
+# A signal death is stored in the last-exit slot as this bit | signo.
+SIGNALLED = 0x10000
 
 
 class RunState(enum.IntEnum):
@@ -65,47 +68,49 @@ class ReplicaState(enum.IntEnum):
     EXITED = 4
 
 
-class ControlBlock:
+@dataclass(frozen=True, slots=True)
+class ReplicaRecord:
+    """One replica slot, read at once (for status, top and /metrics)."""
+
+    pid: int
+    generation: int
+    heartbeat_ns: int
+    processed: int
+    in_flight: int
+    state: int
+    last_exit: int
+    restarts: int
+
+
+class ControlBlock(_shm.Segment):
     """Typed access to the control segment; cheap enough to call per heartbeat."""
 
+    KIND = _shm.Kind.CONTROL
+    WHAT = "control block"
+
     def __init__(self, name: str, fd: int, mem: mmap.mmap, *, creator: bool) -> None:
-        self.name = name
-        self._fd = fd
-        self._mem = mem
-        self._creator = creator
-        self._mv = memoryview(mem)
-        self._q = self._mv.cast("Q")
+        super().__init__(name, fd, mem, creator=creator)
+        self._q = self.words()
         self.n_replicas: int = self._q[H_REPLICAS]
         self.n_clients: int = self._q[H_CLIENTS]
-        self._boards = HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + self.n_clients)
+        self._clients = _shm.HEADER_WORDS + SLOT_WIDTH * self.n_replicas
+        self._boards = self._clients + SLOT_WIDTH * self.n_clients
 
     @classmethod
     def create(cls, name: str, n_replicas: int, n_clients: int) -> ControlBlock:
-        size = 8 * (HEADER_SLOTS + SLOT_WIDTH * (n_replicas + n_clients) + CANCEL_SLOTS * n_clients)
-        fd, mem = _shm.create_segment(name, size)
-        with memoryview(mem) as mv, mv.cast("Q") as q:
-            q[H_KIND] = KIND_CONTROL
-            q[H_REPLICAS] = n_replicas
-            q[H_CLIENTS] = n_clients
-            pid = os.getpid()
-            q[H_PID] = pid
-            q[H_START] = _shm.proc_start_ticks(pid) or 0
-            q[H_STARTED] = time.monotonic_ns()
-            q[H_MAGIC] = MAGIC
-        return cls(name, fd, mem, creator=True)
+        slots = _shm.HEADER_WORDS + SLOT_WIDTH * (n_replicas + n_clients)
+
+        def init(mem: memoryview) -> None:
+            with mem[: 8 * _shm.HEADER_WORDS].cast("Q") as q:
+                q[H_REPLICAS] = n_replicas
+                q[H_CLIENTS] = n_clients
+
+        return cls._create(name, 8 * (slots + CANCEL_SLOTS * n_clients), init)
 
     @classmethod
     def attach(cls, name: str) -> ControlBlock:
-        fd, mem = _shm.attach_segment(name)
-        ok = len(mem) >= 8 * HEADER_SLOTS
-        if ok:
-            with memoryview(mem) as mv, mv[: 8 * HEADER_SLOTS].cast("Q") as q:
-                ok = q[H_MAGIC] == MAGIC and q[H_KIND] == KIND_CONTROL
-        if not ok:
-            mem.close()
-            os.close(fd)
-            raise RingCorrupted(f"segment {name} is not an mpipeline control block")
-        return cls(name, fd, mem, creator=False)
+        """:raises RingNotFound: no such segment; RingCorrupted: not a control block."""
+        return cls._attach(name)
 
     # Run-wide
 
@@ -124,21 +129,21 @@ class ControlBlock:
 
     @property
     def supervisor_pid(self) -> int:
-        return int(self._q[H_PID])
+        return self.creator_pid
 
     def supervisor_alive(self) -> bool:
-        return _shm.process_alive(self._q[H_PID], self._q[H_START])
+        return self.creator_alive()
 
     @property
     def started_ns(self) -> int:
-        return int(self._q[H_STARTED])
+        return self.created_ns
 
-    # Replica slots
+    # Replica slots: raw words
 
     def _base(self, slot: int) -> int:
         if not 0 <= slot < self.n_replicas:
             raise IndexError(f"replica slot {slot} out of range({self.n_replicas})")
-        return HEADER_SLOTS + SLOT_WIDTH * slot
+        return _shm.HEADER_WORDS + SLOT_WIDTH * slot
 
     def get(self, slot: int, field: int) -> int:
         return int(self._q[self._base(slot) + field])
@@ -146,8 +151,62 @@ class ControlBlock:
     def put(self, slot: int, field: int, value: int) -> None:
         self._q[self._base(slot) + field] = value
 
+    # Replica slots: what each side does
+
+    def record(self, slot: int) -> ReplicaRecord:
+        base = self._base(slot)
+        return ReplicaRecord(*(int(v) for v in self._q[base : base + SLOT_WIDTH]))
+
+    def pid(self, slot: int) -> int:
+        return self.get(slot, R_PID)
+
+    def replica_state(self, slot: int) -> int:
+        """The slot's ``ReplicaState`` as an int (an unknown value stays readable)."""
+        return self.get(slot, R_STATE)
+
+    def in_flight(self, slot: int) -> int:
+        return self.get(slot, R_INFLIGHT)
+
+    def heartbeat_ns(self, slot: int) -> int:
+        return self.get(slot, R_HEARTBEAT)
+
+    def spawning(self, slot: int) -> None:
+        """The supervisor is about to start a process for ``slot``: booting, as of now.
+
+        Before the start, not after: a quick replica may report READY at once.
+        """
+        self.put(slot, R_STATE, ReplicaState.BOOTING)
+        self.put(slot, R_HEARTBEAT, time.monotonic_ns())
+
+    def spawned(self, slot: int, pid: int) -> None:
+        """The process the supervisor started for ``slot`` is ``pid``."""
+        self.put(slot, R_PID, pid)
+
+    def booting(self, slot: int, pid: int) -> None:
+        """A replica process announces itself (its own pid, before it is ready)."""
+        self.put(slot, R_PID, pid)
+        self.put(slot, R_STATE, ReplicaState.BOOTING)
+
+    def set_state(self, slot: int, state: ReplicaState) -> None:
+        self.put(slot, R_STATE, state)
+
+    def exited(self, slot: int, code: int) -> None:
+        """The supervisor reaped the slot's process (``code``: <0 for a signal death).
+
+        The generation moves on, which tells every client that the requests
+        this replica held will not come back.
+        """
+        base = self._base(slot)
+        q = self._q
+        q[base + R_STATE] = ReplicaState.DOWN
+        q[base + R_EXIT] = code & 0xFFFF if code >= 0 else SIGNALLED | -code
+        q[base + R_GENERATION] += 1
+
+    def restarted(self, slot: int) -> None:
+        self._q[self._base(slot) + R_RESTARTS] += 1
+
     def beat(self, slot: int, processed: int, inflight: int) -> None:
-        base = HEADER_SLOTS + SLOT_WIDTH * slot
+        base = _shm.HEADER_WORDS + SLOT_WIDTH * slot
         q = self._q
         q[base + R_PROCESSED] = processed
         q[base + R_INFLIGHT] = inflight
@@ -155,12 +214,13 @@ class ControlBlock:
 
     def generations(self) -> list[int]:
         q = self._q
-        return [q[HEADER_SLOTS + SLOT_WIDTH * s + R_GENERATION] for s in range(self.n_replicas)]
+        first = _shm.HEADER_WORDS + R_GENERATION
+        return [q[first + SLOT_WIDTH * s] for s in range(self.n_replicas)]
 
     # Client slots
 
     def client_put(self, client: int, field: int, value: int) -> None:
-        self._q[HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + client) + field] = value
+        self._q[self._clients + SLOT_WIDTH * client + field] = value
 
     # Cancel board
 
@@ -170,14 +230,13 @@ class ControlBlock:
             raise IndexError(f"client slot {client} out of range({self.n_clients})")
         h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
         self._q[self._boards + CANCEL_SLOTS * client + h % CANCEL_SLOTS] = h
-        count = HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + client) + C_CANCELS
-        self._q[count] += 1
+        self._q[self._clients + SLOT_WIDTH * client + C_CANCELS] += 1
 
     def cancels(self, client: int) -> int:
         """How many cancels ``client`` ever posted: 0 lets a stage skip hashing."""
         if not 0 <= client < self.n_clients:
             return 0
-        return int(self._q[HEADER_SLOTS + SLOT_WIDTH * (self.n_replicas + client) + C_CANCELS])
+        return int(self._q[self._clients + SLOT_WIDTH * client + C_CANCELS])
 
     def cancelled(self, client: int, request_id: str) -> bool:
         """True when ``client`` cancelled ``request_id``; one hash and one load."""
@@ -185,13 +244,3 @@ class ControlBlock:
             return False
         h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
         return bool(self._q[self._boards + CANCEL_SLOTS * client + h % CANCEL_SLOTS] == h)
-
-    def close(self) -> None:
-        self._q.release()
-        self._mv.release()
-        self._mem.close()
-        os.close(self._fd)
-
-    def unlink(self) -> None:
-        if self._creator:
-            _shm.unlink_segment(self.name)
