@@ -11,7 +11,6 @@ process of the tree, no ``/dev/shm`` segment of the supervisor's run.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -23,13 +22,12 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from mpipeline import _shm
+from mpipeline import _shm, rundir
 from mpipeline._bench_cpu import pin
 from mpipeline.benchmark import config_for_cores
 from mpipeline.config import PipelineConfig
 from mpipeline.control import ControlBlock
 from mpipeline.errors import MPipelineError
-from mpipeline.supervisor import STATE_FILE
 
 GATEWAY = "gateway"
 PEER = "uvicorn+starlette"
@@ -124,9 +122,10 @@ class Server:
         self._wait_ready()
         self.processes()
         if self.run_dir is not None:
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                state = json.loads((self.run_dir / STATE_FILE).read_text())
-                self.run_id = str(state["run_id"])
+            with contextlib.suppress(OSError, MPipelineError):
+                info = rundir.read_state(self.run_dir)
+                if info is not None:
+                    self.run_id = info.run_id
 
     def _wait_ready(self) -> None:
         assert self.proc is not None
@@ -163,19 +162,18 @@ class Server:
         if self.run_dir is None:
             return {}
         try:
-            state = json.loads((self.run_dir / STATE_FILE).read_text())
-            ctl = ControlBlock.attach(state["control"])
-        except (OSError, ValueError, KeyError, MPipelineError):
+            info = rundir.read_state(self.run_dir)
+            if info is None:
+                return {}
+            ctl = ControlBlock.attach(info.control)
+        except (OSError, MPipelineError):
             return {}
         try:
-            topo = state["topology"]
+            topo = info.topology
             names = {ctl.supervisor_pid: "supervisor"}
-            for spec in [*topo.get("gateways", []), *topo["replicas"]]:
-                stage = spec.get("stage", "gateway")
-                names[ctl.pid(spec["slot"])] = f"{stage}-{spec['index']}"
+            names.update({ctl.pid(spec.slot): spec.name for spec in topo.gateways})
+            names.update({ctl.pid(spec.slot): spec.name for spec in topo.replicas})
             return names
-        except (KeyError, TypeError):
-            return {}
         finally:
             ctl.close()
 

@@ -172,7 +172,7 @@ def handle_replay(args: argparse.Namespace) -> int:
     out, err = sys.stdout, sys.stderr  # looked up now, so a test can capture them
     import asyncio
 
-    from mpipeline.status import lock_holder
+    from mpipeline.rundir import lock_holder
 
     if bool(args.ids) == bool(args.all):
         err.write("mpipeline dlq replay: name the records to replay, or --all (not both)\n")
@@ -280,7 +280,7 @@ async def _resubmit(p: Pipeline, item: Listed, deadline_ms: float | None) -> Rep
 def _dlq_path(args: argparse.Namespace, err: TextIO) -> Path | None:
     from mpipeline.dlq import DLQ_FILE
     from mpipeline.errors import ConfigError
-    from mpipeline.status import find_run_dir
+    from mpipeline.rundir import find_run_dir
 
     try:
         return find_run_dir(args.run_dir, args.config) / DLQ_FILE

@@ -26,11 +26,12 @@ import msgspec
 import uvloop
 
 from mpipeline import _bench_report as rep
-from mpipeline import status
+from mpipeline import rundir
 from mpipeline._bench_baseline import AsyncioPipeline
 from mpipeline._bench_cpu import CpuMeter, pin
 from mpipeline._bench_load import Load, Phase, Progress, Target, closed_loop, open_loop
 from mpipeline.config import PipelineConfig, active_stages, pinning
+from mpipeline.metrics.snapshot import snapshot
 from mpipeline.pipeline import Pipeline
 
 MetricsMode = Literal["on", "off", "both"]
@@ -190,8 +191,8 @@ def stage_pinning(cfg: PipelineConfig, cores: list[int]) -> dict[str, list[int]]
 
 def replica_pids(run_dir: Path) -> dict[str, int]:
     """``{"supervisor": pid, "rag-0": pid, ...}`` of the pipeline running in ``run_dir``."""
-    with status.connect(run_dir) as run:
-        snap = status.snapshot(run)
+    with rundir.connect(run_dir) as run:
+        snap = snapshot(run)
         return {"supervisor": run.control.supervisor_pid} | {r.name: r.pid for r in snap.replicas}
 
 

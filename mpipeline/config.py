@@ -399,33 +399,6 @@ def dump_toml(cfg: PipelineConfig) -> str:
     return _toml.write_toml(msgspec.to_builtins(cfg))
 
 
-def resolve_run_dir(cfg: PipelineConfig) -> Path:
-    """``run_dir``, else ``<base>/<run_dir_name(cfg)>``.
-
-    The base is ``$XDG_RUNTIME_DIR/mpipeline``, or ``/tmp/mpipeline-<uid>``
-    without it. One directory per pipeline, not per user: two pipelines of one
-    user (two ports, two names) keep their lock, state and DLQ apart.
-    """
-    if cfg.run_dir:
-        return Path(cfg.run_dir).expanduser()
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "mpipeline" if runtime else Path(f"/tmp/mpipeline-{os.getuid()}")
-    return base / run_dir_name(cfg)
-
-
-def run_dir_name(cfg: PipelineConfig) -> str:
-    """``name``, else ``port-<gateway.port>``, else ``default`` (no fixed port).
-
-    Keyed by the port because two pipelines on one port cannot run at once
-    anyway; ``name`` separates any two.
-    """
-    if cfg.name:
-        return cfg.name
-    if cfg.gateway.replicas and cfg.gateway.port:
-        return f"port-{cfg.gateway.port}"
-    return "default"
-
-
 def active_stages(cfg: PipelineConfig) -> list[tuple[str, StageConfig]]:
     """The stages the topology runs, in flow order: rag is left out when disabled."""
     skip = () if cfg.stages.rag.enabled else ("rag",)

@@ -20,7 +20,6 @@ import fcntl
 import functools
 import heapq
 import itertools
-import json
 import os
 import secrets
 import subprocess
@@ -34,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 
+from mpipeline import rundir
 from mpipeline.codec import Codec, pack_records
-from mpipeline.config import PipelineConfig, dump_toml, load, resolve_run_dir
+from mpipeline.config import PipelineConfig, dump_toml, load
 from mpipeline.control import ControlBlock, ReplicaState, RunState
 from mpipeline.dlq import DLQ_FILE, DeadLetterQueue, gone_letter, letter_for
 from mpipeline.errors import (
@@ -57,7 +57,7 @@ from mpipeline.messages import (
 )
 from mpipeline.ring import Ring
 from mpipeline.routing import request_key, shard_for
-from mpipeline.supervisor import LOCK_FILE, STATE_FILE
+from mpipeline.rundir import RunInfo
 from mpipeline.topology import ClientSpec, edge_label
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class Pipeline:
         self._tasks: list[asyncio.Task[None]] = []
         self._ctl: ControlBlock | None = None
         self._slot_fd = -1
-        self._state: dict[str, Any] | None = None
+        self._info: RunInfo | None = None
         self._slot: int | None = None
         self._ids = itertools.count()
         self._prefix = ""
@@ -137,17 +137,15 @@ class Pipeline:
         return p
 
     @classmethod
-    def for_gateway(
-        cls, state: dict[str, Any], client: int, *, timeout_s: float = 30.0
-    ) -> Pipeline:
+    def for_gateway(cls, info: RunInfo, client: int, *, timeout_s: float = 30.0) -> Pipeline:
         """The client of gateway replica ``client``, from the supervisor's own state.
 
         A gateway boots before ``state.json`` exists (it is written once every
         replica is ready), so the supervisor hands it the same description.
         """
-        p = cls(None, run_dir=state["run_dir"], timeout_s=timeout_s)
+        p = cls(None, run_dir=info.run_dir, timeout_s=timeout_s)
         p._owns_supervisor = False
-        p._state = state
+        p._info = info
         p._slot = client
         return p
 
@@ -170,8 +168,8 @@ class Pipeline:
             if self._owns_supervisor:
                 await self._start_supervisor()
             assert self._run_dir_arg is not None
-            state = self._state or await self._read_state(self._run_dir_arg)
-            self._connect(state)
+            info = self._info or await self._read_state(self._run_dir_arg)
+            self._connect(info)
             self._dlq = DeadLetterQueue(self._run_dir_arg / DLQ_FILE)
         except BaseException:
             await self.close()
@@ -186,8 +184,8 @@ class Pipeline:
             cfg = cfg_arg
         else:
             cfg = load(Path(cfg_arg if cfg_arg is not None else "config/pipeline.toml"))
-        run_dir = self._run_dir_arg or resolve_run_dir(cfg)
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run_dir = self._run_dir_arg or rundir.resolve_run_dir(cfg)
+        rundir.make(run_dir)
         self._run_dir_arg = run_dir
         if isinstance(cfg_arg, PipelineConfig) or cfg_arg is None:
             path = run_dir / "pipeline.toml"
@@ -213,9 +211,8 @@ class Pipeline:
             stderr=self._stderr,
         )
 
-    async def _read_state(self, run_dir: Path) -> dict[str, Any]:
+    async def _read_state(self, run_dir: Path) -> RunInfo:
         deadline = time.monotonic() + self.boot_timeout_s
-        path = run_dir / STATE_FILE
         while True:
             if self._proc is not None and self._proc.poll() is not None:
                 code = self._proc.returncode
@@ -229,11 +226,15 @@ class Pipeline:
                 raise MPipelineError(
                     f"the supervisor exited with code {code}:\n{hint}{self._stderr_tail()}"
                 )
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                state: dict[str, Any] = json.loads(path.read_text())
-                if self._proc is None or state.get("pid") == self._proc.pid:
-                    return state
-            if self._proc is None and not (run_dir / LOCK_FILE).exists():
+            try:
+                info = rundir.read_state(run_dir)
+            except MPipelineError:
+                if self._proc is None:
+                    raise
+                info = None  # a killed run's old file: ours replaces it once ready
+            if info is not None and (self._proc is None or info.pid == self._proc.pid):
+                return info
+            if self._proc is None and not (run_dir / rundir.LOCK_FILE).exists():
                 raise MPipelineError(f"no supervisor is running in {run_dir}")
             if time.monotonic() > deadline:
                 raise MPipelineError(f"the pipeline in {run_dir} was not ready in time")
@@ -246,28 +247,20 @@ class Pipeline:
         data: bytes = self._stderr.read()
         return data.decode(errors="replace")[-4000:]
 
-    def _connect(self, state: dict[str, Any]) -> None:
-        topo = state["topology"]
-        clients = [
-            ClientSpec(
-                index=int(c["index"]),
-                ingress=tuple(c["ingress"]),
-                returns=tuple(c["returns"]),
-                errors=tuple(c["errors"]),
-            )
-            for c in topo["clients"]
-        ]
+    def _connect(self, info: RunInfo) -> None:
+        topo = info.topology
+        clients = list(topo.clients)
         assert self._run_dir_arg is not None
-        n_gateways = len(topo.get("gateways", ()))
+        n_gateways = len(topo.gateways)
         if self._slot is not None:
             candidates = [clients[self._slot]]
         else:
             candidates = clients[n_gateways:]  # the gateways' slots are theirs alone
         spec = self._claim_slot(self._run_dir_arg, candidates)
         self._client = spec
-        self._stages = [(s, n) for s, n in topo["stages"]]
-        self._replica_slots = {(r["stage"], r["index"]): r["slot"] for r in topo["replicas"]}
-        self._ctl = ControlBlock.attach(state["control"])
+        self._stages = list(topo.stages)
+        self._replica_slots = {(r.stage, r.index): r.slot for r in topo.replicas}
+        self._ctl = ControlBlock.attach(info.control)
         self._generations = self._ctl.generations()
         self._ingress = [Ring.attach(n) for n in spec.ingress]
         self._rings_in = [Ring.attach(n) for n in (*spec.returns, *spec.errors)]

@@ -5,7 +5,7 @@ access), so the replica runs unmodified and is never restarted; the price is
 that the kernel must allow the attach (RELIABILITY 2.7). When it does not,
 this says which setting refused it and how to change it. Either way the
 pipeline is only read: the replica's pid comes from the control block through
-``status.connect``, and nothing is written to it or to any ring.
+``rundir.connect``, and nothing is written to it or to any ring.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from mpipeline import _shm, status
+from mpipeline import _shm, rundir
 from mpipeline.control import ReplicaState
 from mpipeline.errors import ConfigError, ExitCode, MPipelineError
 
@@ -85,16 +85,16 @@ class Hot:
 # Finding the replica and py-spy
 
 
-def resolve(run: status.Run, name: str) -> Target:
+def resolve(run: rundir.Run, name: str) -> Target:
     """Map ``STAGE`` (replica 0) or ``STAGE-N`` to the replica's current pid.
 
     :raises ConfigError: when no replica has that name (the CLI exits 2).
     :raises MPipelineError: when the replica is down, e.g. between restarts.
     """
-    topo = run.state["topology"]
-    slots = {f"{r['stage']}-{r['index']}": r["slot"] for r in topo["replicas"]}
+    topo = run.info.topology
+    slots = {r.name: r.slot for r in topo.replicas}
     # Gateway replicas beat in the control block like stages and are profiled alike.
-    slots.update({f"gateway-{g['index']}": g["slot"] for g in topo.get("gateways", ())})
+    slots.update({g.name: g.slot for g in topo.gateways})
     stages = {full.rsplit("-", 1)[0] for full in slots}
     full = f"{name}-0" if name in stages else name
     if full not in slots:
@@ -311,8 +311,8 @@ def main(
 ) -> int:
     """``mpipeline profile``: 0 on a profile, 2 for an unknown replica, 1 for anything else."""
     try:
-        where = status.find_run_dir(run_dir, config)
-        with status.connect(where) as run:
+        where = rundir.find_run_dir(run_dir, config)
+        with rundir.connect(where) as run:
             target = resolve(run, name)
         py_spy = find_py_spy()
         why = preflight()

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
-import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,15 +23,13 @@ import secrets
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from mpipeline import _shm, topology
-from mpipeline.config import PipelineConfig, resolve_run_dir
+from mpipeline import _shm, rundir, topology
+from mpipeline.config import PipelineConfig
 from mpipeline.control import (
     ControlBlock,
     ReplicaState,
@@ -48,7 +44,6 @@ if TYPE_CHECKING:
     from mpipeline.metrics.collect import RunCollector
     from mpipeline.metrics.server import MetricsServer
     from mpipeline.resilience import BreakerBoard
-    from mpipeline.status import Run
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +51,6 @@ HANDLED_SIGNALS = (
     signal.SIGINT,  # Ctrl-C: drain, then exit 0
     signal.SIGTERM,  # service manager stop: the same
 )
-STATE_FILE = "state.json"
-LOCK_FILE = "supervisor.lock"
 # How long a stopping replica gets between SIGTERM and SIGKILL.
 STOP_GRACE_S = 5.0
 
@@ -90,7 +83,7 @@ class Supervisor:
     def __init__(self, cfg: PipelineConfig, config_path: Path, run_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path.resolve()
-        self.run_dir = run_dir or resolve_run_dir(cfg)
+        self.run_dir = run_dir or rundir.resolve_run_dir(cfg)
         self.sup = cfg.supervisor
         self.run_id = secrets.token_hex(4)
         self.topo = topology.build(cfg, self.run_id)
@@ -112,10 +105,12 @@ class Supervisor:
         self.metrics_server: MetricsServer | None = None
         self._collector: RunCollector | None = None
         # What /metrics reads, set once the state is published (the server thread reads it).
-        self._published: Run | None = None
+        self._published: rundir.Run | None = None
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._lock_fd = -1
+        self._lock = rundir.RunLock(self.run_dir)
+        # What gateways get at spawn and state.json says once the run is up.
+        self.info: rundir.RunInfo | None = None
         self._stopping = False
         self._force = False
         self._exit_code = ExitCode.OK
@@ -124,7 +119,7 @@ class Supervisor:
     # Entry point
 
     def run(self) -> int:
-        self._lock()
+        self._lock.acquire()
         try:
             if self.topo.gateways:
                 from mpipeline.gateway.server import bind
@@ -137,6 +132,7 @@ class Supervisor:
             if removed:
                 log.info("removed %d stale segments", len(removed))
             self._create_segments()
+            self.info = self._run_info()
             self._install_signals()
             try:
                 if not self._boot():
@@ -164,25 +160,6 @@ class Supervisor:
         return int(self._exit_code)
 
     # Setup
-
-    def _lock(self) -> None:
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self.run_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise AlreadyRunning(
-                f"another supervisor is already running in {self.run_dir} (pid {other}). "
-                "To run a second pipeline beside it, give this one its own run dir: "
-                "--run-dir DIR, or `name` or `run_dir` in the config. To use the running "
-                f"one from Python: Pipeline.attach({str(self.run_dir)!r})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def _serve_metrics(self) -> None:
         """Bind /metrics before any segment exists, like the gateway: a busy port
@@ -235,29 +212,33 @@ class Supervisor:
         host, port = self.listener.getsockname()[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def _write_state(self) -> None:
-        from mpipeline.status import Run
+    def _run_info(self) -> rundir.RunInfo:
+        """The run as gateways and state.json describe it (segments exist; URLs are bound)."""
         from mpipeline.workers import upstream_names
 
-        state = {
-            "pid": os.getpid(),
-            "run_id": self.run_id,
-            "config": str(self.config_path),
-            "control": self.ctl.name if self.ctl else None,
-            "breakers": self.breakers.name if self.breakers else None,
-            "breaker_config": msgspec.to_builtins(self.cfg.stages.inference.breaker),
-            "gateway_url": self.gateway_url,
-            "metrics": self.metrics.name if self.metrics else None,
-            "metrics_url": self.metrics_server.url if self.metrics_server else None,
-            "upstreams": upstream_names(self.cfg.stages.inference),
-            "topology": asdict(self.topo),
-        }
-        tmp = self.run_dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.chmod(0o600)
-        tmp.replace(self.run_dir / STATE_FILE)
-        if self.ctl is not None:
-            self._published = Run(self.run_dir, state, self.ctl)
+        assert self.ctl is not None
+        breakers = self.breakers
+        return rundir.RunInfo(
+            pid=os.getpid(),
+            run_id=self.run_id,
+            run_dir=str(self.run_dir),
+            config=str(self.config_path),
+            control=self.ctl.name,
+            ratelimit=self.limiter.name if self.limiter else None,
+            breakers=breakers.name if breakers else None,
+            breaker_config=self.cfg.stages.inference.breaker,
+            metrics=self.metrics.name if self.metrics else None,
+            gateway_url=self.gateway_url,
+            metrics_url=self.metrics_server.url if self.metrics_server else None,
+            upstreams=upstream_names(self.cfg.stages.inference),
+            topology=self.topo,
+        )
+
+    def _write_state(self) -> None:
+
+        assert self.info is not None and self.ctl is not None
+        rundir.write_state(self.info)
+        self._published = rundir.Run(self.run_dir, self.info, self.ctl)
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -281,7 +262,7 @@ class Supervisor:
             assert self.listener is not None
             # spawn pickles the socket as a duplicated fd passed to the child.
             target: Any = gateway_replica.main
-            args: tuple[Any, ...] = (spec, *common, self.listener, self._client_state())
+            args: tuple[Any, ...] = (spec, *common, self.listener, self.info)
         else:
             from mpipeline import replica
 
@@ -299,15 +280,6 @@ class Supervisor:
         rep.ready = False
         rep.restart_at = None
         rep.killed = False
-
-    def _client_state(self) -> dict[str, Any]:
-        """What a gateway's pipeline client needs; state.json does not exist while it boots."""
-        return {
-            "run_dir": str(self.run_dir),
-            "control": self.ctl.name if self.ctl else None,
-            "ratelimit": self.limiter.name if self.limiter else None,
-            "topology": asdict(self.topo),
-        }
 
     def _boot(self) -> bool:
         assert self.ctl is not None
@@ -544,8 +516,7 @@ class Supervisor:
         if self.metrics_server is not None:
             self.metrics_server.stop()
             self.metrics_server = None
-        with contextlib.suppress(FileNotFoundError):
-            (self.run_dir / STATE_FILE).unlink()
+        rundir.remove_state(self.run_dir)
         for ring in self.rings:
             ring.close()
             ring.unlink()
@@ -572,8 +543,7 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         os.close(self._wake_r)
         os.close(self._wake_w)
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
+        self._lock.release()
 
 
 def main(

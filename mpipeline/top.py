@@ -26,9 +26,10 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Sparkline, Static
 
 from mpipeline import _top_render as draw
-from mpipeline import status
+from mpipeline import rundir
 from mpipeline.errors import ConfigError, ExitCode, MPipelineError
 from mpipeline.metrics.collect import Reader
+from mpipeline.metrics.snapshot import snapshot
 from mpipeline.top_model import Frame, Model, View
 
 DEFAULT_INTERVAL_S = 1.0
@@ -55,8 +56,8 @@ class RunSource:
     def __call__(self) -> Frame:
         at, wall = time.monotonic(), time.time()
         try:
-            with status.connect(self.run_dir) as run:
-                snap = status.snapshot(run)
+            with rundir.connect(self.run_dir) as run:
+                snap = snapshot(run)
                 families = self._reader.collect(run)
         except (MPipelineError, OSError) as exc:
             # The run may vanish between two reads: say so and try again next time.
@@ -210,7 +211,7 @@ def main(
 ) -> int:
     """``mpipeline top``: 0 on quit; ``--once``: 1 when no run is there; 2: bad config."""
     try:
-        where = status.find_run_dir(run_dir, config)
+        where = rundir.find_run_dir(run_dir, config)
     except ConfigError as exc:
         err.write(f"mpipeline top: invalid configuration:\n{exc}\n")
         return int(ExitCode.USAGE)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import Metric
 
 from mpipeline.config import STAGE_ORDER
-from mpipeline.status import CircuitStatus, EdgeStatus, ReplicaStatus, Status
+from mpipeline.metrics.snapshot import CircuitStatus, EdgeStatus, ReplicaStatus, Status
 
 # Stages in the order a request meets them; the gateway is the edge of the run.
 FLOW = ("gateway", *STAGE_ORDER)

@@ -27,7 +27,7 @@ from typing import Self
 
 import msgspec
 
-from mpipeline import status as status_mod
+from mpipeline import rundir
 from mpipeline.config import GatewayConfig, PipelineConfig
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
 from mpipeline.gateway import openai, schemas, sse, websocket
@@ -38,6 +38,7 @@ from mpipeline.gateway.ratelimit import RateLimiter, retry_after_s
 from mpipeline.gateway.schemas import ChunkOut, ErrorBody, ErrorDetail, Problem, PromptBody
 from mpipeline.gateway.server import HttpServer, bind
 from mpipeline.messages import Completed, TokenChunk, Turn
+from mpipeline.metrics.snapshot import snapshot
 from mpipeline.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -295,8 +296,8 @@ class Gateway:
             "requests": dict(self._pipeline.stats),
         }
         try:
-            with status_mod.connect(run_dir) as run:
-                pipeline = asdict(status_mod.snapshot(run))
+            with rundir.connect(run_dir) as run:
+                pipeline = asdict(snapshot(run))
         except MPipelineError as exc:
             body = {"gateway": gateway, "pipeline": None, "error": str(exc)}
             response.send(503, _ENCODE(body))

@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-from typing import Any
 
 from mpipeline.config import PipelineConfig
 from mpipeline.control import ControlBlock, ReplicaState, RunState
@@ -28,6 +27,7 @@ from mpipeline.gateway.ratelimit import RateLimiter
 from mpipeline.metrics import attach_writer, gateway_region
 from mpipeline.pipeline import Pipeline
 from mpipeline.replica import run_child
+from mpipeline.rundir import RunInfo
 from mpipeline.topology import GatewaySpec
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def main(
     parent: int,
     log_level: int,
     sock: socket.socket,
-    state: dict[str, Any],
+    info: RunInfo,
 ) -> None:
     """Entry point of a gateway process (the spawn target)."""
     run_child(
@@ -53,7 +53,7 @@ def main(
         config_path,
         parent,
         log_level,
-        lambda cfg: _serve(spec, cfg, ctl_name, sock, state),
+        lambda cfg: _serve(spec, cfg, ctl_name, sock, info),
     )
 
 
@@ -62,16 +62,16 @@ async def _serve(
     cfg: PipelineConfig,
     ctl_name: str,
     sock: socket.socket,
-    state: dict[str, Any],
+    info: RunInfo,
 ) -> None:
     ctl = ControlBlock.attach(ctl_name)
     ctl.booting(spec.slot, os.getpid())
-    pipeline = Pipeline.for_gateway(state, spec.client)
+    pipeline = Pipeline.for_gateway(info, spec.client)
     limiter: RateLimiter | None = None
     try:
         await pipeline.start()
-        if state.get("ratelimit"):
-            limiter = RateLimiter.attach(state["ratelimit"])
+        if info.ratelimit:
+            limiter = RateLimiter.attach(info.ratelimit)
         gateway = Gateway(
             pipeline,
             cfg.gateway,
@@ -79,7 +79,7 @@ async def _serve(
             drain_timeout_s=STOP_GRACE_S,
             limiter=limiter,
         )
-        metrics = _metrics(spec, cfg, ctl_name, state)
+        metrics = _metrics(spec, cfg, ctl_name, info)
         if metrics is not None:
             pipeline.use_metrics(metrics)
             gateway.use_metrics(metrics)
@@ -108,13 +108,13 @@ async def _serve(
 
 
 def _metrics(
-    spec: GatewaySpec, cfg: PipelineConfig, ctl_name: str, state: dict[str, Any]
+    spec: GatewaySpec, cfg: PipelineConfig, ctl_name: str, info: RunInfo
 ) -> GatewayMetrics | None:
     """This replica's region of the run's metrics block (None when metrics are off)."""
     if not cfg.metrics.enabled:
         return None
-    clients = {c["index"]: c for c in state["topology"]["clients"]}
-    region = gateway_region(spec.name, clients[spec.client]["ingress"])
+    clients = {c.index: c for c in info.topology.clients}
+    region = gateway_region(spec.name, clients[spec.client].ingress)
     writer = attach_writer(ctl_name.removesuffix("-control"), spec.slot, region)
     return None if writer is None else GatewayMetrics(writer, spec.name)
 

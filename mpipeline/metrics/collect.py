@@ -1,7 +1,7 @@
 """Everything ``/metrics`` serves, read at scrape time from a running supervisor.
 
 Nothing is pushed: the replicas' counters come from the metrics block, ring
-depths straight from the ring headers (``status.snapshot``), restarts and
+depths straight from the ring headers (``metrics.snapshot``), restarts and
 liveness from the control block, circuits from the breaker board, CPU and
 memory from psutil. So a scrape costs the pipeline nothing, a wedged replica
 cannot delay it, and ``mpipeline top`` reads exactly what Prometheus reads.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 from prometheus_client.core import (
@@ -23,7 +22,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from mpipeline import status
 from mpipeline.errors import RingCorrupted, RingNotFound
 from mpipeline.metrics.block import MetricsBlock
 from mpipeline.metrics.schema import (
@@ -38,6 +36,8 @@ from mpipeline.metrics.schema import (
     gateway_region,
     stage_region,
 )
+from mpipeline.metrics.snapshot import Status, snapshot
+from mpipeline.rundir import Run, RunInfo
 from mpipeline.topology import edge_label
 
 # As the breaker board numbers them, and as the dashboard's value mappings read them.
@@ -63,20 +63,18 @@ class WriterLayout:
     region: Region
 
 
-def layouts(state: dict[str, Any]) -> list[WriterLayout]:
+def layouts(info: RunInfo) -> list[WriterLayout]:
     """Every writer's region, from a run's published state (as the writers built them)."""
-    topo = state["topology"]
-    upstreams = list(state.get("upstreams") or ())
+    topo = info.topology
     out = []
-    for spec in topo["replicas"]:
-        name = f"{spec['stage']}-{spec['index']}"
-        region = stage_region(spec["stage"], name, spec["outputs"], upstreams)
-        out.append(WriterLayout(spec["slot"], region))
-    clients = {c["index"]: c for c in topo.get("clients", ())}
-    for spec in topo.get("gateways", ()):
-        ingress = clients.get(spec["client"], {}).get("ingress", ())
-        region = gateway_region(f"gateway-{spec['index']}", ingress)
-        out.append(WriterLayout(spec["slot"], region))
+    for spec in topo.replicas:
+        region = stage_region(spec.stage, spec.name, spec.outputs, info.upstreams)
+        out.append(WriterLayout(spec.slot, region))
+    clients = {c.index: c for c in topo.clients}
+    for gw in topo.gateways:
+        client = clients.get(gw.client)
+        region = gateway_region(gw.name, client.ingress if client is not None else ())
+        out.append(WriterLayout(gw.slot, region))
     return out
 
 
@@ -99,10 +97,10 @@ class Reader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def collect(self, run: status.Run) -> list[Metric]:
-        snap = status.snapshot(run)
+    def collect(self, run: Run) -> list[Metric]:
+        snap = snapshot(run)
         families = _Families()
-        self._cells(run.state, families)
+        self._cells(run.info, families)
         _rings(snap, families)
         _circuits(snap, families)
         self._replicas(snap, families)
@@ -110,8 +108,8 @@ class Reader:
 
     # From the metrics block
 
-    def _attach(self, state: dict[str, Any]) -> MetricsBlock | None:
-        name = state.get("metrics")
+    def _attach(self, info: RunInfo) -> MetricsBlock | None:
+        name = info.metrics
         if self._block is not None and self._block.name == name:
             return self._block
         if not name:
@@ -125,12 +123,12 @@ class Reader:
         self._own_block = True
         return self._block
 
-    def _cells(self, state: dict[str, Any], families: _Families) -> None:
-        block = self._attach(state)
+    def _cells(self, info: RunInfo, families: _Families) -> None:
+        block = self._attach(info)
         if block is None:
             return
         totals: dict[Key, list[float]] = {}
-        for writer in layouts(state):
+        for writer in layouts(info):
             if writer.slot >= block.regions:
                 continue
             cells = block.read(writer.slot)
@@ -163,7 +161,7 @@ class Reader:
 
     # From psutil and the control block
 
-    def _replicas(self, snap: status.Status, families: _Families) -> None:
+    def _replicas(self, snap: Status, families: _Families) -> None:
         alive: set[int] = set()
         for r in snap.replicas:
             labels = [r.stage, r.name]
@@ -198,7 +196,7 @@ class Reader:
         return proc
 
 
-def collect(run: status.Run) -> list[Metric]:
+def collect(run: Run) -> list[Metric]:
     """One-shot read of every family (``mpipeline top``, tests)."""
     with Reader() as reader:
         return reader.collect(run)
@@ -211,7 +209,7 @@ class RunCollector(Collector):
     while the pipeline boots gets every family declared and no samples.
     """
 
-    def __init__(self, reader: Reader, current: Callable[[], status.Run | None]) -> None:
+    def __init__(self, reader: Reader, current: Callable[[], Run | None]) -> None:
         self._reader = reader
         self._current = current
         self._lock = threading.Lock()
@@ -265,7 +263,7 @@ def _le(bound: float) -> str:
     return repr(bound)
 
 
-def _rings(snap: status.Status, families: _Families) -> None:
+def _rings(snap: Status, families: _Families) -> None:
     for e in snap.edges:
         labels = [edge_label(e.name)]
         families.put("ring_capacity_bytes", labels, e.capacity)
@@ -279,7 +277,7 @@ def _rings(snap: status.Status, families: _Families) -> None:
         families.put("ring_records", [*labels, "out"], ring.records_out)
 
 
-def _circuits(snap: status.Status, families: _Families) -> None:
+def _circuits(snap: Status, families: _Families) -> None:
     for c in snap.circuits:
         state = c.state
         if state == "open" and c.retry_in_s <= 0:

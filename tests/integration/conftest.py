@@ -28,7 +28,7 @@ import pytest
 from mpipeline import _shm
 from mpipeline.config import STAGE_ORDER, PipelineConfig, dump_toml
 from mpipeline.control import R_PID, R_STATE, ControlBlock, ReplicaState, RunState
-from mpipeline.supervisor import LOCK_FILE, STATE_FILE
+from mpipeline.rundir import LOCK_FILE, STATE_FILE
 
 # Generous for a loaded 2-core CI box; a boot normally takes about a second.
 BOOT_TIMEOUT_S = 30.0

@@ -25,7 +25,7 @@ from mpipeline import profiling
 from mpipeline.cli import main
 from mpipeline.errors import ExitCode, MPipelineError
 from mpipeline.pipeline import Pipeline
-from mpipeline.supervisor import LOCK_FILE, STATE_FILE
+from mpipeline.rundir import LOCK_FILE, STATE_FILE
 from tests.integration.conftest import SupervisorFactory, SupervisorProcess
 
 pytestmark = pytest.mark.integration

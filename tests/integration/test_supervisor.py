@@ -26,7 +26,7 @@ from mpipeline.control import RunState
 from mpipeline.errors import ErrorCode, ExitCode, MPipelineError, RequestFailed
 from mpipeline.messages import Completed
 from mpipeline.pipeline import Pipeline
-from mpipeline.supervisor import STATE_FILE
+from mpipeline.rundir import STATE_FILE
 from tests.integration.conftest import (
     ConfigFactory,
     SupervisorFactory,

@@ -8,7 +8,6 @@ import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
@@ -570,31 +569,6 @@ def test_toml_scalars() -> None:
 
 
 # Run dir
-
-
-def test_resolve_run_dir(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert config.resolve_run_dir(PipelineConfig(run_dir="/srv/mpl")) == Path("/srv/mpl")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert config.resolve_run_dir(PipelineConfig()) == Path("/run/user/1000/mpipeline/port-8080")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", "")
-    base = Path(f"/tmp/mpipeline-{os.getuid()}")
-    assert config.resolve_run_dir(PipelineConfig()) == base / "port-8080"
-
-
-def test_each_pipeline_of_a_user_gets_its_own_run_dir(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two pipelines of one user never share a lock, a state file or a DLQ."""
-    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    base = Path(f"/tmp/mpipeline-{os.getuid()}")
-
-    def run_dir(**fields: Any) -> Path:
-        return config.resolve_run_dir(msgspec.convert(fields, PipelineConfig))
-
-    assert run_dir(gateway={"port": 8081}) == base / "port-8081"
-    assert run_dir(name="staging", gateway={"port": 8081}) == base / "staging"
-    # No fixed port to tell it by: a library-only or port-0 pipeline.
-    assert run_dir(gateway={"replicas": 0}) == base / "default"
-    assert run_dir(gateway={"port": 0}) == base / "default"
-    assert run_dir(name="a", run_dir="/srv/x") == Path("/srv/x")
 
 
 @pytest.mark.parametrize("name", ["../up", "a/b", "UPPER", ".hidden", "x" * 65, " "])

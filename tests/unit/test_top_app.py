@@ -21,7 +21,7 @@ from mpipeline import top
 from mpipeline._top_render import bar, sparkline
 from mpipeline.cli import main as cli_main
 from mpipeline.errors import ExitCode
-from mpipeline.status import (
+from mpipeline.metrics.snapshot import (
     CircuitStatus,
     EdgeStatus,
     ReplicaStatus,

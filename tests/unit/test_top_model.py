@@ -12,7 +12,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from mpipeline.status import EdgeStatus, ReplicaStatus, RingCounters, Status
+from mpipeline.metrics.snapshot import EdgeStatus, ReplicaStatus, RingCounters, Status
 from mpipeline.top_model import (
     Frame,
     Model,

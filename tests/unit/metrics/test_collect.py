@@ -1,10 +1,11 @@
 """The collector over a real run's segments, without a supervisor or any replica.
 
-A ``status.Run`` is put together the way the supervisor publishes one: the
-topology's rings, a control block, a metrics block and ``state.json``'s dict
-(JSON round-tripped). The writers are built with exactly the regions and
-helpers the replicas use, so a disagreement between what a replica writes and
-what ``/metrics`` reads shows up here as a wrong or missing number.
+A ``rundir.Run`` is put together the way the supervisor publishes one: the
+topology's rings, a control block, a metrics block and ``state.json`` (kept as
+a JSON round-tripped dict that a test may edit, decoded on each read). The
+writers are built with exactly the regions and helpers the replicas use, so
+a disagreement between what a replica writes and what ``/metrics`` reads
+shows up here as a wrong or missing number.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from mpipeline import status, topology
+from mpipeline import rundir, topology
 from mpipeline.config import ERROR_RING_BYTES, STAGE_ORDER, BreakerConfig, PipelineConfig
 from mpipeline.control import R_PID, R_RESTARTS, R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.gateway.metrics import GatewayMetrics
@@ -107,8 +108,14 @@ class FakeRun:
                 }
             )
         )
-        self.run = status.Run(run_dir, self.state, self.ctl)
+        self.run_dir = run_dir
         self._stack = stack
+
+    @property
+    def run(self) -> rundir.Run:
+        """The run as readers see it, from ``state`` as it is now."""
+        info = msgspec.convert({"run_dir": str(self.run_dir), **self.state}, rundir.RunInfo)
+        return rundir.Run(self.run_dir, info, self.ctl)
 
     @staticmethod
     def _drop(seg: ControlBlock | MetricsBlock | BreakerBoard) -> None:
@@ -430,7 +437,7 @@ def test_circuits_from_the_breaker_board(run: FakeRun) -> None:
 
 
 def test_layouts_of_the_published_state_match_the_writers(run: FakeRun) -> None:
-    by_slot = {w.slot: w.region for w in layouts(run.state)}
+    by_slot = {w.slot: w.region for w in layouts(run.run.info)}
     for spec in run.topo.replicas:
         assert by_slot[spec.slot].cells == run.stage(spec.name).region.cells
     for gw in run.topo.gateways:

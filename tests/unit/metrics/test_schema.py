@@ -43,6 +43,7 @@ from mpipeline.metrics.schema import (
     stage_region,
     status_label,
 )
+from mpipeline.rundir import RunInfo
 from mpipeline.workers import upstream_names
 
 # Integer upper bounds of the finite buckets, in ns: what BUCKET_BOUNDS_S says in seconds.
@@ -247,6 +248,12 @@ def _config(**replicas: int) -> PipelineConfig:
     return msgspec.structs.replace(cfg, stages=stages)
 
 
+def _info(state: dict[str, Any]) -> RunInfo:
+    """``layouts`` reads the typed state; the tests edit its dict form first."""
+    head = {"pid": 1, "run_id": "", "run_dir": "", "config": "", "control": ""}
+    return msgspec.convert({**head, **state}, RunInfo)
+
+
 def _state(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
     """``state.json`` as the supervisor writes it (the parts layouts read), JSON round-tripped."""
     topo = topology.build(cfg, run_id, cpus=[0, 1, 2, 3])
@@ -276,7 +283,7 @@ def test_layouts_match_what_writers_build(replicas: dict[str, int]) -> None:
     cfg = _config(**replicas)
     run_id = secrets.token_hex(4)
     state = _state(cfg, run_id)
-    got = {w.slot: w.region for w in layouts(state)}
+    got = {w.slot: w.region for w in layouts(_info(state))}
     want = _writers_view(cfg, run_id)
     assert sorted(got) == sorted(want) == list(range(len(want)))
     for slot, region in want.items():
@@ -288,11 +295,13 @@ def test_layouts_match_what_writers_build(replicas: dict[str, int]) -> None:
 def test_layouts_are_deterministic() -> None:
     cfg = _config(inference=2, gateway=2)
     state = _state(cfg, "abcd1234")
-    first = [(w.slot, w.region.cells) for w in layouts(state)]
-    second = [(w.slot, w.region.cells) for w in layouts(_state(cfg, "abcd1234"))]
+    first = [(w.slot, w.region.cells) for w in layouts(_info(state))]
+    second = [(w.slot, w.region.cells) for w in layouts(_info(_state(cfg, "abcd1234")))]
     assert first == second
     # Another run id names other rings but keeps every offset.
-    other = [(w.slot, sorted(w.region.cells.values())) for w in layouts(_state(cfg, "ffff0000"))]
+    other = [
+        (w.slot, sorted(w.region.cells.values())) for w in layouts(_info(_state(cfg, "ffff0000")))
+    ]
     assert other == [(slot, sorted(cells.values())) for slot, cells in first]
 
 
@@ -301,7 +310,7 @@ def test_layouts_without_upstreams_or_gateways() -> None:
     cfg = _config(gateway=0)
     state = _state(cfg, "0badf00d")
     del state["upstreams"]
-    regions = {w.slot: w.region for w in layouts(state)}
+    regions = {w.slot: w.region for w in layouts(_info(state))}
     inference = next(r for r in state["topology"]["replicas"] if r["stage"] == "inference")
     keys = {k for k, _ in regions[inference["slot"]].items()}
     assert not any(name == "upstream_calls" for name, _ in keys)
