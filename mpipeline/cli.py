@@ -314,7 +314,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.connections is not None or args.wrk_cpus is not None:
         print("mpipeline bench: --connections and --wrk-cpus need --http", file=sys.stderr)
         return ExitCode.USAGE
-    from mpipeline import benchmark
+    from mpipeline.bench import cores as benchmark
 
     opts = benchmark.options(
         quick=args.quick,
@@ -336,7 +336,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_http(args: argparse.Namespace) -> int:
-    from mpipeline import _bench_http
+    from mpipeline.bench import over_http as _bench_http
 
     misfits = {
         "--requests": args.requests is not None,
@@ -378,7 +378,7 @@ def _bench_logging() -> None:
 
 def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # _cli_dlq imports only argparse and the stdlib; its handlers load the runtime.
-    from mpipeline import _cli_dlq
+    from mpipeline.ops import dlq as _cli_dlq
 
     _cli_dlq.add_parser(commands, _add_where)
 
@@ -453,13 +453,13 @@ def _positive_int(text: str) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from mpipeline import status
+    from mpipeline.ops import status
 
     return status.main(args.run_dir, args.config, as_json=args.json, out=sys.stdout, err=sys.stderr)
 
 
 def _top(args: argparse.Namespace) -> int:
-    from mpipeline import top
+    from mpipeline.ops import top
 
     return top.main(
         args.run_dir,
@@ -472,7 +472,7 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from mpipeline import profiling
+    from mpipeline.ops import profile as profiling
 
     how = profiling.Sampling(args.duration, args.rate, args.idle, args.nonblocking)
     return profiling.main(

@@ -1,4 +1,4 @@
-"""Fault injection for tests: ``MPIPELINE_FAULTS="stage:kind=arg,..."``.
+"""Fault injection for tests: ``MPIPELINE_FAULTS="stage:kind=arg,..."``, and the stage wrapper.
 
 Honoured only when ``MPIPELINE_TESTING=1`` as well, so a stray variable in
 production does nothing. Kinds: ``boot_error`` (fail before ready),
@@ -9,7 +9,13 @@ for inputs containing TEXT), ``hang_after=N`` (block the loop after N).
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
+
+from mpipeline.messages import Message, PromptRequest, request_of
+from mpipeline.stages.base import AsyncStage, Stage
 
 
 @dataclass(frozen=True)
@@ -44,3 +50,42 @@ def for_stage(stage: str, env: dict[str, str] | None = None) -> Faults:
         else:
             raise ValueError(f"unknown fault {kind!r} in MPIPELINE_FAULTS")
     return Faults(**kw)  # type: ignore[arg-type]
+
+
+# Wrapping a stage (test builds only: replica.py wraps when any fault is set)
+
+
+def _check(faults: Faults, seen: int, msg: Message) -> None:
+    if faults.crash_after is not None and seen > faults.crash_after:
+        os._exit(70)
+    if faults.hang_after is not None and seen > faults.hang_after:
+        time.sleep(3600)  # block the event loop: alive but hung
+    req = request_of(msg)
+    if faults.raise_on and isinstance(req, PromptRequest) and faults.raise_on in req.input:
+        raise RuntimeError("injected raise_on fault")
+
+
+def wrap(stage: Stage[Any, Any] | AsyncStage[Any, Any], faults: Faults) -> Any:
+    seen = 0
+    if isinstance(stage, AsyncStage):
+        inner_handle = stage.handle
+
+        async def handle(msg: Message) -> AsyncIterator[Message]:
+            nonlocal seen
+            seen += 1
+            _check(faults, seen, msg)
+            async for out in inner_handle(msg):
+                yield out
+
+        stage.handle = handle  # type: ignore[method-assign]
+        return stage
+    inner = stage.process
+
+    def process(msg: Message) -> Iterable[Message]:
+        nonlocal seen
+        seen += 1
+        _check(faults, seen, msg)
+        return inner(msg)
+
+    stage.process = process  # type: ignore[method-assign]
+    return stage

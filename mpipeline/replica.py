@@ -134,9 +134,7 @@ async def _serve(spec: ReplicaSpec, cfg: PipelineConfig, ctl_name: str) -> None:
         metrics = _metrics_writer(spec, cfg, segments)
         stage = build_stage(spec, cfg, segments, metrics)
         if faults.any:
-            from mpipeline._faulty import wrap
-
-            stage = wrap(stage, faults)
+            stage = faults_mod.wrap(stage, faults)
         await stage.start()
         runner = StageRunner(spec, cfg, stage, ctl, metrics)
         runner.attach()

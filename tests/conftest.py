@@ -18,8 +18,10 @@ from mpipeline import _shm
 LEAK_GRACE_S = 2.0
 LEAK_POLL_S = 0.02
 # How often the watcher looks for new segments while a test runs: often enough
-# to see every creator alive (a supervisor lives for a second at least).
-WATCH_POLL_S = 0.05
+# to see every creator alive (a supervisor lives for a second at least), seldom
+# enough to stay out of tests that measure this process's CPU (0.1 % of a core;
+# at 50 ms it was 0.4 % and an idle-ring test that allows 1 % failed once).
+WATCH_POLL_S = 0.25
 
 
 def _segments() -> set[str]:

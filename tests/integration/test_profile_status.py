@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from mpipeline import profiling
 from mpipeline.cli import main
 from mpipeline.errors import ExitCode, MPipelineError
+from mpipeline.ops import profile as profiling
 from mpipeline.pipeline import Pipeline
 from mpipeline.rundir import LOCK_FILE, STATE_FILE
 from tests.integration.conftest import SupervisorFactory, SupervisorProcess

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from mpipeline.top import RunSource, TopApp
+from mpipeline.ops.top import RunSource, TopApp
 from tests._screen import screen_text
 from tests.integration.conftest import SupervisorFactory, SupervisorProcess, wait_until
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from mpipeline import _bench_http as bh
-from mpipeline import _bench_http_report as hr
-from mpipeline import _bench_probe as probe
-from mpipeline._bench_report import machine
-from mpipeline._bench_servers import GATEWAY, PEER, gateway_config
-from mpipeline._bench_wrk import WRK_MARKER, WrkStats, parse_wrk, wrk_command, wrk_script
+from mpipeline.bench import http_report as hr
+from mpipeline.bench import over_http as bh
+from mpipeline.bench import probe as probe
+from mpipeline.bench.report import machine
+from mpipeline.bench.servers import GATEWAY, PEER, gateway_config
+from mpipeline.bench.wrk import WRK_MARKER, WrkStats, parse_wrk, wrk_command, wrk_script
 from mpipeline.cli import main as cli_main
 
 # What wrk 4.1 prints with the bench's script: its own text, then done()'s line.
@@ -78,7 +78,7 @@ def test_wrk_script_posts_unique_prompts_and_prints_json() -> None:
     assert '"stream":true' not in plain
     assert 'wrk.method = "POST"' in plain
     assert "function done(" in plain and WRK_MARKER in plain
-    # 11-byte prefix: 2-digit thread id, 8-digit counter, a space (as _bench_load's prompts).
+    # 11-byte prefix: 2-digit thread id, 8-digit counter, a space (as bench.load's prompts).
     assert '"%02d%08d %s"' in plain
     streaming = wrk_script(body, stream=True, max_tokens=1)
     assert '"stream":true,"max_tokens":1' in streaming

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpipeline.benchmark import (
+from mpipeline.bench.cores import (
     WINDOW_PER_FRONT_REPLICA,
     command_line,
     config_for_cores,

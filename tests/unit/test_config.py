@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpipeline import _config_toml, config
+from mpipeline import config
 from mpipeline.config import ConfigError, ConfigIssue, PipelineConfig
+from mpipeline.config import _toml as _config_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "config" / "pipeline.toml"

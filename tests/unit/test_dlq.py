@@ -28,7 +28,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from mpipeline import _cli_dlq
 from mpipeline.cli import main
 from mpipeline.dlq import (
     DLQ_FILE,
@@ -43,6 +42,7 @@ from mpipeline.dlq import (
 )
 from mpipeline.errors import ErrorCode, ExitCode, MPipelineError, RequestFailed
 from mpipeline.messages import Completed, Failed, Priority, PromptRequest, Usage
+from mpipeline.ops import dlq as _cli_dlq
 from mpipeline.pipeline import Pipeline, _Pending
 
 CANARY = "sk-canary-9f8e7d6c5b4a"

@@ -17,8 +17,6 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from textual.pilot import Pilot
 from textual.widgets import Sparkline
 
-from mpipeline import top
-from mpipeline._top_render import bar, sparkline
 from mpipeline.cli import main as cli_main
 from mpipeline.errors import ExitCode
 from mpipeline.metrics.snapshot import (
@@ -28,8 +26,10 @@ from mpipeline.metrics.snapshot import (
     RingCounters,
     Status,
 )
-from mpipeline.top import HelpScreen, TopApp
-from mpipeline.top_model import Frame
+from mpipeline.ops import top
+from mpipeline.ops._top_render import bar, sparkline
+from mpipeline.ops.top import HelpScreen, TopApp
+from mpipeline.ops.top_model import Frame
 from tests._screen import screen_text
 
 STAGES = ("gateway", "rag", "assemble", "inference", "post", "stream")

@@ -13,7 +13,7 @@ from prometheus_client.core import (
 )
 
 from mpipeline.metrics.snapshot import EdgeStatus, ReplicaStatus, RingCounters, Status
-from mpipeline.top_model import (
+from mpipeline.ops.top_model import (
     Frame,
     Model,
     bucket_delta,

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import msgspec
 
-from mpipeline._bench_cpu import CpuMeter, ProcessCpu
+from mpipeline.bench.cpu import CpuMeter, ProcessCpu
 from mpipeline.messages import Completed
 
 # Prompt bytes and output tokens of the echo workload.

@@ -7,7 +7,7 @@ fixed rates (open loop, for latency), and reads the CPU time of every
 process. The load generator runs in this process, pinned to the same ``c``
 cores as the pipeline: it plays the gateway, so it is part of the budget.
 Then the same stage code runs as a single-process asyncio pipeline on one
-core (``_bench_baseline``), and the ratio shows what the design buys.
+core (``bench.baseline``), and the ratio shows what the design buys.
 
 Counts beyond the CPU affinity are skipped with a message, so the same
 command runs unchanged on 2 or 64 cores.
@@ -25,11 +25,11 @@ from typing import Literal
 import msgspec
 import uvloop
 
-from mpipeline import _bench_report as rep
 from mpipeline import rundir
-from mpipeline._bench_baseline import AsyncioPipeline
-from mpipeline._bench_cpu import CpuMeter, pin
-from mpipeline._bench_load import Load, Phase, Progress, Target, closed_loop, open_loop
+from mpipeline.bench import report as rep
+from mpipeline.bench.baseline import AsyncioPipeline
+from mpipeline.bench.cpu import CpuMeter, pin
+from mpipeline.bench.load import Load, Phase, Progress, Target, closed_loop, open_loop
 from mpipeline.config import PipelineConfig, active_stages, pinning
 from mpipeline.metrics.snapshot import snapshot
 from mpipeline.pipeline import Pipeline

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import msgspec
 
-from mpipeline._bench_load import prompt_body, prompts, summarize
-from mpipeline._bench_servers import HOST, PATH
+from mpipeline.bench.load import prompt_body, prompts, summarize
+from mpipeline.bench.servers import HOST, PATH
 
 PROBE_CONNECTIONS = 4
 # Pause between time-to-first-byte requests, so each meets an idle system.

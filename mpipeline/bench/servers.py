@@ -1,7 +1,7 @@
 """The systems ``mpipeline bench --http`` measures, as subprocesses it starts and stops.
 
 The gateway is the whole pipeline started the way an operator would (one
-command, one config file); the peer is ``_bench_peer``. Both are started
+command, one config file); the peer is ``bench.peer``. Both are started
 with this process's affinity narrowed to the cores under test, so they and
 every child inherit it, and both are stopped with SIGTERM like a service
 manager would. Stopping also checks that nothing outlived the run: no
@@ -23,8 +23,8 @@ import msgspec
 import psutil
 
 from mpipeline import _shm, rundir
-from mpipeline._bench_cpu import pin
-from mpipeline.benchmark import config_for_cores
+from mpipeline.bench.cores import config_for_cores
+from mpipeline.bench.cpu import pin
 from mpipeline.config import PipelineConfig
 from mpipeline.control import ControlBlock
 from mpipeline.errors import MPipelineError
@@ -85,7 +85,7 @@ def gateway_command(config: Path, run_dir: Path) -> list[str]:
 
 
 def peer_command(config: Path, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "mpipeline._bench_peer", "--config", str(config)]
+    cmd = [sys.executable, "-m", "mpipeline.bench.peer", "--config", str(config)]
     return [*cmd, "--host", HOST, "--port", str(port)]
 
 

@@ -9,7 +9,7 @@ the same config file, so the two answer the same bytes for the same work
 and the difference is the architecture, not the workload. It does only what
 the bench needs: no auth, no deadlines, no OpenAI route.
 
-Run as ``python -m mpipeline._bench_peer --config FILE --port N``; SIGTERM
+Run as ``python -m mpipeline.bench.peer --config FILE --port N``; SIGTERM
 stops it. ``GET /readyz`` answers 200 once it listens.
 """
 
@@ -127,7 +127,7 @@ def _result(req: PromptRequest, text: str, gen: Generation) -> schemas.PromptRes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mpipeline._bench_peer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mpipeline.bench.peer", description=__doc__)
     parser.add_argument("--config", type=Path, default=Path("config/pipeline.toml"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from mpipeline._bench_load import Phase
+from mpipeline.bench.load import Phase
 
 # The targets of the bench issue, checked on the 2-core row when there is one.
 TARGET_RPS = 100_000.0

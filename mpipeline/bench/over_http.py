@@ -7,7 +7,7 @@ then SSE streams (``"stream": true``; wrk reads the chunked body to its end).
 Then it probes latency at a low fixed rate with a small raw-socket client,
 and restarts the pipeline with a 20 ms per-token echo delay to time the first
 SSE ``data`` line against the worker's first token. The same four
-measurements run on the peer (``_bench_peer``: one uvicorn+Starlette process
+measurements run on the peer (``bench.peer``: one uvicorn+Starlette process
 calling the same echo worker), pinned to the same cores, in the same run, so
 the ratio compares like with like on whatever the machine is doing.
 
@@ -44,12 +44,12 @@ from typing import Any
 
 import uvloop
 
-from mpipeline import _bench_report as rep
-from mpipeline._bench_cpu import CpuMeter, pin
-from mpipeline._bench_http_report import HttpReport, HttpRun, LoadPhase, table, verdicts, write_json
-from mpipeline._bench_load import OUTPUT_TOKENS, PROMPT_BYTES, prompt_body
-from mpipeline._bench_probe import Probe, latency_probe, ttfb_probe
-from mpipeline._bench_servers import (
+from mpipeline.bench import report as rep
+from mpipeline.bench.cpu import CpuMeter, pin
+from mpipeline.bench.http_report import HttpReport, HttpRun, LoadPhase, table, verdicts, write_json
+from mpipeline.bench.load import OUTPUT_TOKENS, PROMPT_BYTES, prompt_body
+from mpipeline.bench.probe import Probe, latency_probe, ttfb_probe
+from mpipeline.bench.servers import (
     GATEWAY,
     PEER,
     Server,
@@ -58,7 +58,7 @@ from mpipeline._bench_servers import (
     gateway_config,
     peer_command,
 )
-from mpipeline._bench_wrk import run_wrk, wrk_command, wrk_script, wrk_version
+from mpipeline.bench.wrk import run_wrk, wrk_command, wrk_script, wrk_version
 from mpipeline.config import dump_toml
 
 DEFAULT_DURATION_S = 5

@@ -25,12 +25,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Sparkline, Static
 
-from mpipeline import _top_render as draw
 from mpipeline import rundir
 from mpipeline.errors import ConfigError, ExitCode, MPipelineError
 from mpipeline.metrics.collect import Reader
 from mpipeline.metrics.snapshot import snapshot
-from mpipeline.top_model import Frame, Model, View
+from mpipeline.ops import _top_render as draw
+from mpipeline.ops.top_model import Frame, Model, View
 
 DEFAULT_INTERVAL_S = 1.0
 # Fewer than this many seconds between reads would cost more than it shows.

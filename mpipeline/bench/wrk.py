@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from mpipeline._bench_cpu import pin
+from mpipeline.bench.cpu import pin
 
 # Distinct requests each wrk thread cycles through: building each request in
 # Lua would cost wrk more than the echo costs the server.

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import msgspec
 
-from mpipeline import _bench_report as rep
-from mpipeline._bench_cpu import ProcessCpu
-from mpipeline._bench_probe import Probe
-from mpipeline._bench_servers import GATEWAY, PEER
-from mpipeline._bench_wrk import WrkStats
+from mpipeline.bench import report as rep
+from mpipeline.bench.cpu import ProcessCpu
+from mpipeline.bench.probe import Probe
+from mpipeline.bench.servers import GATEWAY, PEER
+from mpipeline.bench.wrk import WrkStats
 
 # The targets, checked on the 2-core rows.
 TARGET_CORES = 2
