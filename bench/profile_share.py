@@ -36,13 +36,13 @@ BUCKETS = (
 def bucket(stack: str) -> str:
     """The bucket of a sample: its innermost frame that belongs to one."""
     for frame in reversed(stack.split(";")):
-        if "ring.py" in frame or "_doorbell.py" in frame or "_shm.py" in frame:
+        if any(part in frame for part in ("/ring/", "ring.py", "_doorbell.py", "_shm.py")):
             return BUCKETS[0]
         if "codec.py" in frame:
             return BUCKETS[1]
         if any(part in frame for part in ("/stages/", "/workers/", "routing.py", "retrieval")):
             return BUCKETS[2]
-        if "runner.py" in frame:
+        if "/runner/" in frame or "runner.py" in frame:
             return BUCKETS[3]
     return BUCKETS[4]
 
