@@ -37,7 +37,7 @@ from mpipeline.gateway.metrics import GatewayMetrics
 from mpipeline.gateway.ratelimit import RateLimiter, retry_after_s
 from mpipeline.gateway.schemas import ChunkOut, ErrorBody, ErrorDetail, Problem, PromptBody
 from mpipeline.gateway.server import HttpServer, bind
-from mpipeline.messages import Completed, TokenChunk, Turn
+from mpipeline.messages import Completed, TokenChunk
 from mpipeline.metrics.snapshot import snapshot
 from mpipeline.pipeline import Pipeline
 
@@ -318,19 +318,12 @@ class Gateway:
         if refused is not None:
             response.send_reply(refused)
             return
-        options = sse.Options(
-            session_id=session,
-            metadata=body.metadata or None,
-            priority=schemas.PRIORITIES[body.priority],
-            deadline_ms=body.deadline_ms,
-            max_tokens=body.max_tokens,
-            history=[Turn(role=t.role, content=t.content) for t in body.history] or None,
-        )
+        options = schemas.request_options(body, session)
         if body.stream:
-            events = sse.pipeline_events(self._pipeline, body.input, **options)
+            events = sse.pipeline_events(self._pipeline, body.input, options)
             await sse.respond(response, events, _PromptRenderer(), self._keepalive_s)
             return
-        done = await self._pipeline.submit(body.input, **options)
+        done = await self._pipeline.submit(body.input, options)
         result = schemas.prompt_result(done, time.monotonic_ns())
         response.send(200, _ENCODE(result), (("x-request-id", done.request_id),))
 

@@ -27,8 +27,8 @@ from mpipeline.errors import RequestFailed
 from mpipeline.gateway import schemas, sse
 from mpipeline.gateway.exchange import Reply, Request, Response
 from mpipeline.gateway.schemas import Problem
-from mpipeline.messages import Completed, Priority, TokenChunk, Turn
-from mpipeline.pipeline import Pipeline
+from mpipeline.messages import Completed, TokenChunk, Turn
+from mpipeline.pipeline import Pipeline, RequestOptions
 
 # OpenAI accepts at most four stop sequences.
 MAX_STOPS = 4
@@ -208,19 +208,14 @@ class ChatCompletions:
         max_tokens = body.max_completion_tokens or body.max_tokens
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
         created = int(time.time())
-        options = sse.Options(
-            session_id=session,
-            metadata=body.metadata,
-            priority=Priority.NORMAL,
-            deadline_ms=None,
-            max_tokens=max_tokens,
-            history=history,
+        options = RequestOptions(
+            session_id=session, metadata=body.metadata, max_tokens=max_tokens, history=history
         )
         if not body.stream:
-            done = await self._pipeline.submit(text, **options)
+            done = await self._pipeline.submit(text, options)
             response.send(200, self._completion(done, stops, created, body.model))
             return
-        events = sse.pipeline_events(self._pipeline, text, **options)
+        events = sse.pipeline_events(self._pipeline, text, options)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         renderer = _ChunkRenderer(body.model, created, stops, include_usage)
         await sse.respond(response, events, renderer, self._keepalive_s)

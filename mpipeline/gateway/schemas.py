@@ -20,7 +20,8 @@ from msgspec import Meta
 
 from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import _json_errors
-from mpipeline.messages import Completed, Priority
+from mpipeline.messages import Completed, Priority, Turn
+from mpipeline.pipeline import RequestOptions
 
 T = TypeVar("T")
 
@@ -143,6 +144,21 @@ def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T | Problem:
         return Problem(_json_errors.describe(bytes(body)))
     except RecursionError:
         return Problem("invalid JSON: nested too deeply")
+
+
+def request_options(body: PromptBody, session: str | None) -> RequestOptions:
+    """How to run a native request (``POST /v1/prompt`` and a WebSocket message).
+
+    ``session`` is the body's ``session_id`` or the route's own (a header).
+    """
+    return RequestOptions(
+        session_id=session,
+        metadata=body.metadata or None,
+        priority=PRIORITIES[body.priority],
+        deadline_ms=body.deadline_ms,
+        max_tokens=body.max_tokens,
+        history=[Turn(role=t.role, content=t.content) for t in body.history] or None,
+    )
 
 
 def validation_problem(text: str) -> Problem:

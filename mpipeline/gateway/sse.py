@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from typing import Protocol, TypedDict, TypeVar
+from typing import Protocol, TypeVar
 
 from mpipeline.errors import RequestFailed
 from mpipeline.gateway.exchange import Response
-from mpipeline.messages import Completed, Priority, TokenChunk, Turn
-from mpipeline.pipeline import Pipeline
+from mpipeline.messages import Completed, TokenChunk
+from mpipeline.pipeline import Pipeline, RequestOptions
 
 T = TypeVar("T")
 
@@ -30,17 +30,6 @@ KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
 Event = TokenChunk | Completed
-
-
-class Options(TypedDict):
-    """What a route passes to ``Pipeline.submit_nowait`` besides the input text."""
-
-    session_id: str | None
-    metadata: dict[str, str] | None
-    priority: Priority
-    deadline_ms: float | None
-    max_tokens: int | None
-    history: list[Turn] | None
 
 
 class Renderer(Protocol):
@@ -93,15 +82,7 @@ async def with_keepalive(
 
 
 def pipeline_events(
-    pipeline: Pipeline,
-    text: str,
-    *,
-    session_id: str | None,
-    metadata: dict[str, str] | None,
-    priority: Priority,
-    deadline_ms: float | None,
-    max_tokens: int | None,
-    history: list[Turn] | None,
+    pipeline: Pipeline, text: str, options: RequestOptions
 ) -> AsyncGenerator[Event, None]:
     """The request's chunks, then its ``Completed`` (``Pipeline.stream_events``).
 
@@ -111,15 +92,7 @@ def pipeline_events(
 
     :raises RequestFailed: as ``Pipeline.stream``, possibly after some chunks
     """
-    return pipeline.stream_events(
-        text,
-        session_id=session_id,
-        metadata=metadata,
-        priority=priority,
-        deadline_ms=deadline_ms,
-        max_tokens=max_tokens,
-        history=history,
-    )
+    return pipeline.stream_events(text, options)
 
 
 async def respond(

@@ -67,7 +67,8 @@ from mpipeline.gateway.schemas import (
     PromptBody,
     PromptResult,
 )
-from mpipeline.messages import Completed, Priority, TokenChunk
+from mpipeline.messages import Completed, TokenChunk
+from mpipeline.pipeline import RequestOptions
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,7 @@ class Streams(Protocol):
     """What a session needs of the pipeline client (``Pipeline`` is one)."""
 
     def stream_events(
-        self,
-        text: str,
-        *,
-        session_id: str | None,
-        metadata: dict[str, str] | None,
-        priority: Priority,
-        deadline_ms: float | None,
-        max_tokens: int | None,
+        self, text: str, options: RequestOptions | None = None, /
     ) -> AsyncIterator[Event]: ...
 
 
@@ -336,14 +330,7 @@ class Session:
         ref = body.ref
         events = cast(
             AsyncGenerator[Event, None],
-            self._streams.stream_events(
-                body.input,
-                session_id=body.session_id,
-                metadata=body.metadata or None,
-                priority=schemas.PRIORITIES[body.priority],
-                deadline_ms=body.deadline_ms,
-                max_tokens=body.max_tokens,
-            ),
+            self._streams.stream_events(body.input, schemas.request_options(body, body.session_id)),
         )
         request_id: str | None = None
         try:

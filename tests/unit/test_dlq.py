@@ -43,7 +43,8 @@ from mpipeline.dlq import (
 from mpipeline.errors import ErrorCode, ExitCode, MPipelineError, RequestFailed
 from mpipeline.messages import Completed, Failed, Priority, PromptRequest, Usage
 from mpipeline.ops import dlq as _cli_dlq
-from mpipeline.pipeline import Pipeline, _Pending
+from mpipeline.pipeline import Pipeline
+from mpipeline.pipeline._inflight import Pending
 
 CANARY = "sk-canary-9f8e7d6c5b4a"
 
@@ -409,7 +410,7 @@ def test_parse_since() -> None:
 
 def _client(path: Path) -> Pipeline:
     p = Pipeline(None, run_dir=path.parent)
-    p._prefix = "abc0-"
+    p._table.prefix = "abc0-"
     return p
 
 
@@ -420,19 +421,21 @@ def test_a_failure_reaches_the_caller_only_after_its_record_is_fsynced(
 
     async def go() -> None:
         p = _client(path)
-        p._dlq = DeadLetterQueue(path)
+        p._table.dlq = DeadLetterQueue(path)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Completed] = loop.create_future()
         req = _request("abc0-7", deadline_ns=3_000_000_000)
-        p._inflight[req.request_id] = _Pending(req, req.deadline_ns, future, 1_000_000_000)
+        p._inflight[req.request_id] = Pending(req, req.deadline_ns, future, 1_000_000_000)
         future.add_done_callback(lambda _f: spy.events.append("answered"))
-        p._resolve_failed(p._failed("abc0-7", "s1", ErrorCode.DEADLINE_EXCEEDED, "too late"))
+        p._table.resolve_failed(
+            p._table.failed("abc0-7", "s1", ErrorCode.DEADLINE_EXCEEDED, "too late")
+        )
         assert p.inflight == 0  # out of the table at once: nothing answers it twice
-        p._resolve_failed(p._failed("abc0-7", "s1", ErrorCode.SHUTTING_DOWN, "again"))
+        p._table.resolve_failed(p._table.failed("abc0-7", "s1", ErrorCode.SHUTTING_DOWN, "again"))
         with pytest.raises(RequestFailed) as caught:
             await future
         assert caught.value.code is ErrorCode.DEADLINE_EXCEEDED
-        await p._dlq.aclose()
+        await p._table.dlq.aclose()
 
     asyncio.run(go())
     assert spy.events == ["write", "fsync", "answered"]
@@ -447,12 +450,14 @@ def test_results_for_an_earlier_client_of_the_slot_are_recorded_as_client_gone(
 ) -> None:
     async def go() -> Pipeline:
         p = _client(path)
-        p._dlq = DeadLetterQueue(path)
+        p._table.dlq = DeadLetterQueue(path)
         usage = Usage(prompt_tokens=1, completion_tokens=1)
         done = Completed(request_id="fff0-1", session_id=None, reply_to=0, text="hi", usage=usage)
-        p._deliver(done)  # an earlier process's request
-        p._deliver(msgspec.structs.replace(done, request_id="abc0-1"))  # ours, already answered
-        await p._dlq.aclose()
+        p._table.deliver(done)  # an earlier process's request
+        p._table.deliver(
+            msgspec.structs.replace(done, request_id="abc0-1")
+        )  # ours, already answered
+        await p._table.dlq.aclose()
         return p
 
     p = asyncio.run(go())

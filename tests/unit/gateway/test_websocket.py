@@ -24,7 +24,8 @@ from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import websocket
 from mpipeline.gateway.exchange import Reply, Request, Response, Switch
 from mpipeline.gateway.server import HttpServer, bind
-from mpipeline.messages import Completed, Failed, Priority, TokenChunk, Usage
+from mpipeline.messages import Completed, Failed, Priority, TokenChunk, Turn, Usage
+from mpipeline.pipeline import RequestOptions
 
 LIMIT = 1000
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -46,17 +47,13 @@ class FakeStreams:
         self.closed: list[str] = []
         self.step = 0.0
         self.yielded = 0
+        self.options: list[RequestOptions | None] = []
 
     async def stream_events(
-        self,
-        text: str,
-        *,
-        session_id: str | None,
-        metadata: dict[str, str] | None,
-        priority: Priority,
-        deadline_ms: float | None,
-        max_tokens: int | None,
+        self, text: str, options: RequestOptions | None = None, /
     ) -> AsyncIterator[TokenChunk | Completed]:
+        self.options.append(options)
+        session_id = options.session_id if options is not None else None
         rid = f"r{next(self.ids)}"
         self.started.append(rid)
         try:
@@ -257,6 +254,41 @@ def test_handshake_then_a_streamed_request() -> None:
             assert {m["ref"] for m in await client.until_done()} == {None}
 
     run(main)
+
+
+def test_a_message_carries_every_request_option_history_included() -> None:
+    """The WebSocket builds the same RequestOptions as POST /v1/prompt (it had lost
+    ``history``)."""
+    streams = FakeStreams()
+
+    async def main() -> None:
+        async with session(streams) as (_, client):
+            client.send_json(
+                {
+                    "input": "now",
+                    "session_id": "s1",
+                    "metadata": {"k": "v"},
+                    "priority": "high",
+                    "deadline_ms": 5000,
+                    "max_tokens": 3,
+                    "history": [
+                        {"role": "user", "content": "before"},
+                        {"role": "assistant", "content": "reply"},
+                    ],
+                }
+            )
+            await client.until_done()
+
+    run(main)
+    want = RequestOptions(
+        session_id="s1",
+        metadata={"k": "v"},
+        priority=Priority.HIGH,
+        deadline_ms=5000.0,
+        max_tokens=3,
+        history=[Turn(role="user", content="before"), Turn(role="assistant", content="reply")],
+    )
+    assert streams.options == [want]
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@
 plays the gateway's part in the calling process: it claims a client slot,
 writes requests to the first stage's rings and reads results, chunks and
 errors from its return and error rings. ``Pipeline.attach(run_dir)`` joins a
-supervisor that is already running instead.
+supervisor that is already running instead (``_launch.py`` does both).
 
 The client owns the promise that every accepted request ends in exactly one
 outcome: it keeps an in-flight table with deadlines, fails requests whose
@@ -15,53 +15,29 @@ with ``stage_restarted``, and fails everything if the supervisor goes away.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
-import functools
-import heapq
 import itertools
 import os
 import secrets
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self, Unpack
 
 import msgspec
 
-from mpipeline import rundir
 from mpipeline.codec import Codec, pack_records
-from mpipeline.config import PipelineConfig, dump_toml, load
+from mpipeline.config import PipelineConfig
 from mpipeline.control import ControlBlock, ReplicaState, RunState
-from mpipeline.dlq import DLQ_FILE, DeadLetterQueue, gone_letter, letter_for
-from mpipeline.errors import (
-    ErrorCode,
-    ExitCode,
-    MPipelineError,
-    RequestFailed,
-    RingEmpty,
-    RingFull,
-)
-from mpipeline.messages import (
-    Completed,
-    Failed,
-    Priority,
-    PromptRequest,
-    ToGateway,
-    TokenChunk,
-    Turn,
-)
+from mpipeline.dlq import DLQ_FILE, DeadLetterQueue
+from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty, RingFull
+from mpipeline.messages import Completed, PromptRequest, ToGateway, TokenChunk, Turn
+from mpipeline.pipeline._inflight import ClientMetrics, Inflight, Pending
+from mpipeline.pipeline._launch import Launched, claim_slot, wait_for_state
+from mpipeline.pipeline._options import RequestFields, RequestOptions, merged
 from mpipeline.ring import Ring
 from mpipeline.routing import request_key, shard_for
 from mpipeline.rundir import RunInfo
-from mpipeline.topology import ClientSpec, edge_label
-
-if TYPE_CHECKING:
-    from mpipeline.gateway.metrics import GatewayMetrics
+from mpipeline.topology import edge_label
 
 # The client answers a request itself this long after its deadline, so the
 # pipeline's own, more specific, expiry error normally arrives first.
@@ -71,18 +47,6 @@ _WATCH_S = 0.02
 # most a quarter of the record, so small rings still take short prompts).
 _ENVELOPE_BYTES = 4096
 _IDLE_WAIT_S = 0.25
-
-
-@dataclass(slots=True)
-class _Pending:
-    request: PromptRequest
-    deadline_ns: int
-    future: asyncio.Future[Completed]
-    accepted_ns: int
-    chunks: asyncio.Queue[TokenChunk] | None = None
-    # Set for requests with their own deadline_ms; the rest expire in submit order.
-    custom_deadline: bool = False
-    route: dict[str, int] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -99,12 +63,13 @@ class Pipeline:
         self.timeout_s = timeout_s
         self.boot_timeout_s = boot_timeout_s
         self._owns_supervisor = True
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._stderr: Any = None
+        self._launched: Launched | None = None
         self._rings: list[Ring] = []
         self._ingress: list[Ring] = []
-        self._inflight: dict[str, _Pending] = {}
-        self._deadlines: list[tuple[int, str]] = []
+        self.stats = {"submitted": 0, "completed": 0, "failed": 0, "late": 0, "gone": 0}
+        self._table = Inflight(self.stats)
+        # The table's requests by id (the name tests and tools look at).
+        self._inflight = self._table.pending
         self._outbox: list[list[PromptRequest]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flushing: asyncio.Task[None] | None = None
@@ -118,13 +83,10 @@ class Pipeline:
         self._closed = False
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder: Codec[Any] = Codec(ToGateway)
-        self.stats = {"submitted": 0, "completed": 0, "failed": 0, "late": 0, "gone": 0}
-        self._dlq: DeadLetterQueue | None = None
-        self._metrics: GatewayMetrics | None = None
 
-    def use_metrics(self, metrics: GatewayMetrics) -> None:
+    def use_metrics(self, metrics: ClientMetrics) -> None:
         """Count errors, first tokens and sheds in a gateway replica's metrics region."""
-        self._metrics = metrics
+        self._table.metrics = metrics
 
     @classmethod
     def attach(cls, run_dir: str | os.PathLike[str], *, timeout_s: float = 30.0) -> Pipeline:
@@ -166,86 +128,21 @@ class Pipeline:
         """
         try:
             if self._owns_supervisor:
-                await self._start_supervisor()
+                self._launched, self._run_dir_arg = Launched.start(
+                    self._config_arg, self._run_dir_arg
+                )
             assert self._run_dir_arg is not None
-            info = self._info or await self._read_state(self._run_dir_arg)
+            info = self._info or await wait_for_state(
+                self._run_dir_arg, self._launched, self.boot_timeout_s
+            )
             self._connect(info)
-            self._dlq = DeadLetterQueue(self._run_dir_arg / DLQ_FILE)
+            self._table.dlq = DeadLetterQueue(self._run_dir_arg / DLQ_FILE)
         except BaseException:
             await self.close()
             raise
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._receive(r)) for r in self._rings_in]
         self._tasks.append(loop.create_task(self._watch()))
-
-    async def _start_supervisor(self) -> None:
-        cfg_arg = self._config_arg
-        if isinstance(cfg_arg, PipelineConfig):
-            cfg = cfg_arg
-        else:
-            cfg = load(Path(cfg_arg if cfg_arg is not None else "config/pipeline.toml"))
-        run_dir = self._run_dir_arg or rundir.resolve_run_dir(cfg)
-        rundir.make(run_dir)
-        self._run_dir_arg = run_dir
-        if isinstance(cfg_arg, PipelineConfig) or cfg_arg is None:
-            path = run_dir / "pipeline.toml"
-            path.write_text(dump_toml(cfg))
-        else:
-            path = Path(cfg_arg)
-        self._stderr = tempfile.TemporaryFile()
-        # Popen returns as soon as the child exists; readiness is awaited below.
-        self._proc = subprocess.Popen(  # noqa: ASYNC220
-            [
-                sys.executable,
-                "-m",
-                "mpipeline",
-                "run",
-                "--config",
-                str(path),
-                "--run-dir",
-                str(run_dir),
-                "--parent-pid",
-                str(os.getpid()),
-            ],
-            stdin=subprocess.DEVNULL,
-            stderr=self._stderr,
-        )
-
-    async def _read_state(self, run_dir: Path) -> RunInfo:
-        deadline = time.monotonic() + self.boot_timeout_s
-        while True:
-            if self._proc is not None and self._proc.poll() is not None:
-                code = self._proc.returncode
-                hint = ""
-                if code == ExitCode.ALREADY_RUNNING:
-                    hint = (
-                        f"a pipeline is already running in {run_dir}: join it with "
-                        f"Pipeline.attach({str(run_dir)!r}), or give this one its own "
-                        "run_dir (or config name)\n"
-                    )
-                raise MPipelineError(
-                    f"the supervisor exited with code {code}:\n{hint}{self._stderr_tail()}"
-                )
-            try:
-                info = rundir.read_state(run_dir)
-            except MPipelineError:
-                if self._proc is None:
-                    raise
-                info = None  # a killed run's old file: ours replaces it once ready
-            if info is not None and (self._proc is None or info.pid == self._proc.pid):
-                return info
-            if self._proc is None and not (run_dir / rundir.LOCK_FILE).exists():
-                raise MPipelineError(f"no supervisor is running in {run_dir}")
-            if time.monotonic() > deadline:
-                raise MPipelineError(f"the pipeline in {run_dir} was not ready in time")
-            await asyncio.sleep(0.02)
-
-    def _stderr_tail(self) -> str:
-        if self._stderr is None:
-            return ""
-        self._stderr.seek(0)
-        data: bytes = self._stderr.read()
-        return data.decode(errors="replace")[-4000:]
 
     def _connect(self, info: RunInfo) -> None:
         topo = info.topology
@@ -256,7 +153,7 @@ class Pipeline:
             candidates = [clients[self._slot]]
         else:
             candidates = clients[n_gateways:]  # the gateways' slots are theirs alone
-        spec = self._claim_slot(self._run_dir_arg, candidates)
+        spec, self._slot_fd = claim_slot(self._run_dir_arg, candidates, self._slot)
         self._client = spec
         self._stages = list(topo.stages)
         self._replica_slots = {(r.stage, r.index): r.slot for r in topo.replicas}
@@ -270,26 +167,8 @@ class Pipeline:
         # pid, slot and a per-client nonce: a later client in the same process on
         # the same slot must never take a late result for one of its own.
         self._prefix = f"{os.getpid():x}{spec.index}{secrets.token_hex(2)}-"
-
-    def _claim_slot(self, run_dir: Path, clients: list[ClientSpec]) -> ClientSpec:
-        # flock, not a pid in shared memory: the kernel frees it when we die.
-        for spec in clients:
-            fd = os.open(
-                run_dir / f"client-{spec.index}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self._slot_fd = fd
-            return spec
-        if self._slot is not None:
-            raise MPipelineError(f"client slot {self._slot} of {run_dir} is taken")
-        raise MPipelineError(
-            f"all {len(clients)} API client slots of {run_dir} are taken "
-            "(raise gateway.api_clients)"
-        )
+        self._table.reply_to = spec.index
+        self._table.prefix = self._prefix
 
     async def close(self) -> None:
         if self._closed:
@@ -298,21 +177,17 @@ class Pipeline:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._fail_all(ErrorCode.SHUTTING_DOWN, "the client closed")
-        if self._dlq is not None:
-            await self._dlq.aclose()  # those failures are recorded before we exit
+        self._table.fail_all(ErrorCode.SHUTTING_DOWN, "the client closed")
+        if self._table.dlq is not None:
+            await self._table.dlq.aclose()  # those failures are recorded before we exit
         for ring in self._rings:
             ring.close()
         if self._ctl is not None:
             self._ctl.close()
         if self._slot_fd >= 0:
             os.close(self._slot_fd)
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.terminate()
-            await asyncio.get_running_loop().run_in_executor(None, self._proc.wait)
-        if self._stderr is not None:
-            self._stderr.close()
+        if self._launched is not None:
+            await self._launched.stop()
 
     @property
     def supervisor_pid(self) -> int | None:
@@ -324,22 +199,13 @@ class Pipeline:
 
     # Requests
 
-    def _new_request(
-        self,
-        text: str,
-        session_id: str | None,
-        metadata: dict[str, str] | None,
-        priority: Priority,
-        deadline_ms: float | None,
-        max_tokens: int | None,
-        stream: bool,
-        history: Sequence[Turn] | None = None,
-    ) -> _Pending:
+    def _new_request(self, text: str, opts: RequestOptions, stream: bool) -> Pending:
         if self._closed or self._ctl is None:
             raise MPipelineError("the pipeline client is closed")
+        session_id = opts.session_id
         if self._ctl.raw_state != RunState.RUNNING:
             raise RequestFailed(
-                self._failed(
+                self._table.failed(
                     "",
                     session_id,
                     ErrorCode.SHUTTING_DOWN,
@@ -348,12 +214,12 @@ class Pipeline:
             )
         max_record = self._ingress[0].max_record
         limit = max_record - min(_ENVELOPE_BYTES, max_record // 4)
-        turns = history or ()
+        turns = opts.history or ()
         size = len(text) + sum(len(t.content) + 16 for t in turns)
         # Four bytes per character bound the UTF-8 size: encode only near the limit.
         if size * 4 > limit and _utf8_size(text, turns) > limit:
             raise RequestFailed(
-                self._failed(
+                self._table.failed(
                     "",
                     session_id,
                     ErrorCode.TOO_LARGE,
@@ -361,27 +227,25 @@ class Pipeline:
                 )
             )
         now = time.monotonic_ns()
+        deadline_ms = opts.deadline_ms
         timeout = self.timeout_s if deadline_ms is None else deadline_ms / 1000.0
         req = PromptRequest(
             request_id=f"{self._prefix}{next(self._ids)}",
             session_id=session_id,
             input=text,
-            metadata=metadata or {},
-            priority=priority,
+            metadata=opts.metadata or {},
+            priority=opts.priority,
             deadline_ns=now + int(timeout * 1e9),
             reply_to=self._client.index,
             stream=stream,
-            max_tokens=max_tokens,
-            history=list(history) if history else [],
+            max_tokens=opts.max_tokens,
+            history=list(turns),
         )
         loop = asyncio.get_running_loop()
-        pending = _Pending(
-            req, req.deadline_ns, loop.create_future(), now, asyncio.Queue() if stream else None
-        )
-        self._inflight[req.request_id] = pending
-        if deadline_ms is not None:
-            pending.custom_deadline = True
-            heapq.heappush(self._deadlines, (req.deadline_ns, req.request_id))
+        chunks: asyncio.Queue[TokenChunk] | None = asyncio.Queue() if stream else None
+        pending = Pending(req, req.deadline_ns, loop.create_future(), now, chunks)
+        pending.custom_deadline = deadline_ms is not None
+        self._table.add(pending)
         self.stats["submitted"] += 1
         n = len(self._outbox)
         self._outbox[0 if n == 1 else shard_for(request_key(req, self._first_stage), n)].append(req)
@@ -390,24 +254,16 @@ class Pipeline:
         return pending
 
     async def submit(
-        self,
-        text: str,
-        *,
-        session_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        priority: Priority = Priority.NORMAL,
-        deadline_ms: float | None = None,
-        max_tokens: int | None = None,
-        history: Sequence[Turn] | None = None,
+        self, text: str, options: RequestOptions | None = None, /, **fields: Unpack[RequestFields]
     ) -> Completed:
         """Run one request through the pipeline and return its result.
+
+        ``options`` (or the same fields as keywords) say how; see ``RequestOptions``.
 
         :raises RequestFailed: when the request ended in an explicit error
             (shed, expired, stage error, replica restarted, shutting down).
         """
-        pending = self._new_request(
-            text, session_id, metadata, priority, deadline_ms, max_tokens, False, history
-        )
+        pending = self._new_request(text, merged(options, fields), False)
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -416,15 +272,7 @@ class Pipeline:
             raise
 
     def submit_nowait(
-        self,
-        text: str,
-        *,
-        session_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        priority: Priority = Priority.NORMAL,
-        deadline_ms: float | None = None,
-        max_tokens: int | None = None,
-        history: Sequence[Turn] | None = None,
+        self, text: str, options: RequestOptions | None = None, /, **fields: Unpack[RequestFields]
     ) -> asyncio.Future[Completed]:
         """Send one request and return the future of its result, without awaiting it.
 
@@ -437,48 +285,21 @@ class Pipeline:
             (invalid, or the pipeline is not running).
         :raises MPipelineError: if the client is closed.
         """
-        pending = self._new_request(
-            text, session_id, metadata, priority, deadline_ms, max_tokens, False, history
-        )
-        return pending.future
+        return self._new_request(text, merged(options, fields), False).future
 
     async def stream(
-        self,
-        text: str,
-        *,
-        session_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        priority: Priority = Priority.NORMAL,
-        deadline_ms: float | None = None,
-        max_tokens: int | None = None,
-        history: Sequence[Turn] | None = None,
+        self, text: str, options: RequestOptions | None = None, /, **fields: Unpack[RequestFields]
     ) -> AsyncIterator[TokenChunk]:
         """Yield token chunks as the model makes them; ends when the request completes.
 
         :raises RequestFailed: as ``submit``, possibly after some chunks.
         """
-        async for event in self.stream_events(
-            text,
-            session_id=session_id,
-            metadata=metadata,
-            priority=priority,
-            deadline_ms=deadline_ms,
-            max_tokens=max_tokens,
-            history=history,
-        ):
+        async for event in self.stream_events(text, merged(options, fields)):
             if type(event) is TokenChunk:
                 yield event
 
     async def stream_events(
-        self,
-        text: str,
-        *,
-        session_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        priority: Priority = Priority.NORMAL,
-        deadline_ms: float | None = None,
-        max_tokens: int | None = None,
-        history: Sequence[Turn] | None = None,
+        self, text: str, options: RequestOptions | None = None, /, **fields: Unpack[RequestFields]
     ) -> AsyncGenerator[TokenChunk | Completed, None]:
         """Like ``stream``, then the final ``Completed`` (usage, finish reason, timings).
 
@@ -487,9 +308,7 @@ class Pipeline:
 
         :raises RequestFailed: as ``submit``, possibly after some chunks.
         """
-        pending = self._new_request(
-            text, session_id, metadata, priority, deadline_ms, max_tokens, True, history
-        )
+        pending = self._new_request(text, merged(options, fields), True)
         queue = pending.chunks
         assert queue is not None
         future = pending.future
@@ -529,7 +348,9 @@ class Pipeline:
         if self._ctl is not None:
             self._ctl.cancel(self._client.index, request_id)
         session = pending.request.session_id
-        self._resolve_failed(self._failed(request_id, session, ErrorCode.CLIENT_CANCELLED, reason))
+        self._table.resolve_failed(
+            self._table.failed(request_id, session, ErrorCode.CLIENT_CANCELLED, reason)
+        )
         return True
 
     @property
@@ -600,11 +421,11 @@ class Pipeline:
                         await ring.put(record, timeout=timeout)
                     except RingFull:
                         edge = edge_label(ring.name)
-                        if self._metrics is not None:
-                            self._metrics.shed(edge, len(part))
+                        if self._table.metrics is not None:
+                            self._table.metrics.shed(edge, len(part))
                         for req in part:
-                            self._resolve_failed(
-                                self._failed(
+                            self._table.resolve_failed(
+                                self._table.failed(
                                     req.request_id,
                                     req.session_id,
                                     ErrorCode.RING_FULL,
@@ -616,6 +437,7 @@ class Pipeline:
 
     async def _receive(self, ring: Ring) -> None:
         decode = self._decoder.decode_many
+        deliver = self._table.deliver
         while True:
             views = ring.get_many(256)
             if not views:
@@ -625,104 +447,7 @@ class Pipeline:
                     continue
             for view in views:
                 for msg in decode(view):
-                    self._deliver(msg)
-
-    def _deliver(self, msg: TokenChunk | Completed | Failed) -> None:
-        pending = self._inflight.get(msg.request_id)
-        if pending is None:
-            if not isinstance(msg, TokenChunk) and not msg.request_id.startswith(self._prefix):
-                self._client_gone(msg)
-            else:
-                self.stats["late"] += 1  # already answered (expired, restarted): never twice
-            return
-        if type(msg) is TokenChunk:
-            if pending.chunks is not None:
-                pending.chunks.put_nowait(msg)
-            if msg.index == 0 and self._metrics is not None:
-                self._metrics.first_token(pending.accepted_ns)
-            return
-        if type(msg) is Completed:
-            del self._inflight[msg.request_id]
-            self.stats["completed"] += 1
-            future = pending.future
-            if not future.done():  # done: the caller cancelled its wait
-                future.set_result(msg)
-        else:
-            assert isinstance(msg, Failed)
-            self._dead_letter(pending, msg)
-
-    def _failed(
-        self,
-        request_id: str,
-        session_id: str | None,
-        code: ErrorCode,
-        reason: str,
-        stage: str = "client",
-    ) -> Failed:
-        return Failed(
-            request_id=request_id,
-            session_id=session_id,
-            reply_to=self._client.index if self._ctl else 0,
-            code=code,
-            reason=reason,
-            stage=stage,
-        )
-
-    def _resolve_failed(self, failed: Failed) -> None:
-        pending = self._inflight.get(failed.request_id)
-        if pending is not None:
-            self._dead_letter(pending, failed)
-
-    def _dead_letter(self, pending: _Pending, failed: Failed) -> None:
-        """End an accepted request in ``failed``: its DLQ record first, then the error.
-
-        The entry leaves the in-flight table at once, so whatever arrives for
-        it while the record is written finds nothing to answer twice. The
-        caller hears of the error only once the record is fsynced: an error a
-        client saw always has its record, even if this process dies next.
-        """
-        del self._inflight[failed.request_id]
-        self.stats["failed"] += 1
-        if self._metrics is not None:
-            self._metrics.failed(failed.stage, failed.code)
-        answer = functools.partial(_answer_failed, pending.future, failed)
-        if self._dlq is None:  # never started: nothing was accepted through a ring
-            answer(None)
-            return
-        budget_ms = (pending.deadline_ns - pending.accepted_ns) / 1e6
-        letter = letter_for(pending.request, failed, budget_ms)
-        self._dlq.record((letter,)).add_done_callback(answer)
-
-    def _client_gone(self, msg: Completed | Failed) -> None:
-        """An outcome for a request of an earlier process on this slot (its client is gone)."""
-        self.stats["gone"] += 1
-        if self._dlq is not None:
-            self._dlq.record((gone_letter(msg),))
-
-    def _fail_all(self, code: ErrorCode, reason: str) -> None:
-        for rid, p in list(self._inflight.items()):
-            self._resolve_failed(self._failed(rid, p.request.session_id, code, reason))
-
-    def _expired(self, cutoff: int) -> list[str]:
-        """In-flight requests whose deadline is before ``cutoff``, without a full scan.
-
-        Requests on the default timeout expire in submit order, which is the
-        table's insertion order: scan from the front and stop at the first
-        live one. Requests with their own deadline sit in a heap.
-        """
-        out = []
-        for rid, p in self._inflight.items():
-            if p.custom_deadline:
-                continue
-            if p.deadline_ns > cutoff:
-                break
-            out.append(rid)
-        heap = self._deadlines
-        while heap and heap[0][0] <= cutoff:
-            _, rid = heapq.heappop(heap)
-            if rid in self._inflight:
-                out.append(rid)
-        return out
+                    deliver(msg)
 
     async def _watch(self) -> None:
         """Deadlines, replaced replicas and a vanished supervisor, every 20 ms."""
@@ -731,33 +456,18 @@ class Pipeline:
         grace = int(DEADLINE_GRACE_S * 1e9)
         while True:
             await asyncio.sleep(_WATCH_S)
-            now = time.monotonic_ns()
-            for rid in self._expired(now - grace):
-                session = self._inflight[rid].request.session_id
-                reason = "no answer before the deadline"
-                failed = self._failed(rid, session, ErrorCode.DEADLINE_EXCEEDED, reason)
-                self._resolve_failed(failed)
+            self._table.expire(time.monotonic_ns() - grace)
             gens = ctl.generations()
             if gens != self._generations:
+                replicas = dict(self._stages)
                 for (stage, index), slot in self._replica_slots.items():
                     if gens[slot] != self._generations[slot]:
-                        self._fail_through(stage, index)
+                        self._table.fail_through(stage, index, replicas[stage])
                 self._generations = gens
             state = ctl.state
             if state in (RunState.STOPPED, RunState.FATAL) or not ctl.supervisor_alive():
-                self._fail_all(ErrorCode.SHUTTING_DOWN, f"the pipeline is {state.name.lower()}")
-
-    def _fail_through(self, stage: str, index: int) -> None:
-        """Fail every in-flight request whose route passes the replaced replica."""
-        n = dict(self._stages)[stage]
-        reason = f"replica {stage}-{index} was restarted while holding this request"
-        for rid, p in list(self._inflight.items()):
-            if shard_for(request_key(p.request, stage), n) == index:
-                self._resolve_failed(
-                    self._failed(
-                        rid, p.request.session_id, ErrorCode.STAGE_RESTARTED, reason, stage
-                    )
-                )
+                reason = f"the pipeline is {state.name.lower()}"
+                self._table.fail_all(ErrorCode.SHUTTING_DOWN, reason)
 
 
 def _state_name(value: int) -> str:
@@ -765,11 +475,6 @@ def _state_name(value: int) -> str:
         return ReplicaState(value).name.lower()
     except ValueError:
         return f"in state {value}"
-
-
-def _answer_failed(future: asyncio.Future[Completed], failed: Failed, _recorded: object) -> None:
-    if not future.done():  # done: the caller cancelled its wait
-        future.set_exception(RequestFailed(failed))
 
 
 def _retrieve(future: asyncio.Future[Completed]) -> None:
