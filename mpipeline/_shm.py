@@ -23,7 +23,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -63,7 +63,9 @@ HEADER_WORDS = 8
 H_MAGIC, H_KIND, H_WORD2, H_WORD3, H_WORD4, H_PID, H_START, H_CREATED = range(HEADER_WORDS)
 
 
-# Writes a kind's own words into a new segment (given the whole mapping as bytes).
+# A kind's own u64 words of a new segment, by index; and, for what is not a
+# u64 (doubles), a function given the whole mapping as bytes.
+Words = Mapping[int, int]
 Init = Callable[[memoryview], None]
 
 
@@ -71,9 +73,8 @@ class Segment:
     """A mapped segment with the common header: create, attach, lock, close, unlink.
 
     The control block, the breaker board, the rate limiter and the metrics
-    block are all one of these: a subclass sets ``KIND`` and ``WHAT``, writes
-    its own words with the ``init`` it passes to ``_create`` and checks them in
-    ``_problem``. Only the
+    block are all one of these: a subclass sets ``KIND`` and ``WHAT``, gives
+    its own words to ``_create`` and checks them in ``_problem``. Only the
     creator ever unlinks; ``close`` releases every view the object made with
     ``words`` or ``doubles`` before unmapping, which ``mmap.close`` requires.
     """
@@ -97,15 +98,18 @@ class Segment:
     # Construction (subclasses wrap these in their own create/attach)
 
     @classmethod
-    def _create(cls, name: str, size: int, init: Init | None = None) -> Self:
-        """A new segment ``name`` of ``size`` bytes; ``init`` writes the kind's own words.
+    def _create(
+        cls, name: str, size: int, words: Words | None = None, init: Init | None = None
+    ) -> Self:
+        """A new segment ``name`` of ``size`` bytes with the kind's own ``words``
+        (u64 word index to value) and whatever else ``init`` writes.
 
         :raises FileExistsError: when the name is taken
         :raises RingError: when /dev/shm has no room for it
         """
         fd, mem = create_segment(name, size)
         try:
-            cls._write_header(mem, init)
+            cls._write_header(mem, words, init)
         except BaseException:
             mem.close()
             os.close(fd)
@@ -114,10 +118,10 @@ class Segment:
         return cls(name, fd, mem, creator=True)
 
     @classmethod
-    def _private(cls, size: int, init: Init | None = None) -> Self:
+    def _private(cls, size: int, words: Words | None = None, init: Init | None = None) -> Self:
         """The same layout in this process's anonymous memory (no name, no lock)."""
         mem = mmap.mmap(-1, size)
-        cls._write_header(mem, init)
+        cls._write_header(mem, words, init)
         return cls("", -1, mem, creator=True)
 
     @classmethod
@@ -136,13 +140,15 @@ class Segment:
         return cls(name, fd, mem, creator=False)
 
     @classmethod
-    def _write_header(cls, mem: mmap.mmap, init: Init | None) -> None:
-        with memoryview(mem) as mv, mv[: 8 * HEADER_WORDS].cast("Q") as q:
+    def _write_header(cls, mem: mmap.mmap, words: Words | None, init: Init | None) -> None:
+        with memoryview(mem) as mv, mv.cast("Q") as q:
             q[H_KIND] = cls.KIND
             pid = os.getpid()
             q[H_PID] = pid
             q[H_START] = proc_start_ticks(pid) or 0
             q[H_CREATED] = time.monotonic_ns()
+            for word, value in (words or {}).items():
+                q[word] = value
             if init is not None:
                 init(mv)
             # Last: a process that sees the magic sees everything above.

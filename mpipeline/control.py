@@ -99,13 +99,8 @@ class ControlBlock(_shm.Segment):
     @classmethod
     def create(cls, name: str, n_replicas: int, n_clients: int) -> ControlBlock:
         slots = _shm.HEADER_WORDS + SLOT_WIDTH * (n_replicas + n_clients)
-
-        def init(mem: memoryview) -> None:
-            with mem[: 8 * _shm.HEADER_WORDS].cast("Q") as q:
-                q[H_REPLICAS] = n_replicas
-                q[H_CLIENTS] = n_clients
-
-        return cls._create(name, 8 * (slots + CANCEL_SLOTS * n_clients), init)
+        size = 8 * (slots + CANCEL_SLOTS * n_clients)
+        return cls._create(name, size, {H_REPLICAS: n_replicas, H_CLIENTS: n_clients})
 
     @classmethod
     def attach(cls, name: str) -> ControlBlock:

@@ -114,7 +114,7 @@ class RateLimiter(_shm.Segment):
         :raises FileExistsError: when the name is taken
         :raises RingError: when /dev/shm has no room for it
         """
-        return cls._create(name, segment_size(cfg), _initializer(cfg))
+        return cls._create(name, segment_size(cfg), _words(cfg), _doubles(cfg))
 
     @classmethod
     def attach(cls, name: str) -> RateLimiter:
@@ -128,7 +128,7 @@ class RateLimiter(_shm.Segment):
     @classmethod
     def private(cls, cfg: RateLimitConfig) -> RateLimiter:
         """Buckets in this process's memory only, for a gateway without a supervisor."""
-        return cls._private(segment_size(cfg), _initializer(cfg))
+        return cls._private(segment_size(cfg), _words(cfg), _doubles(cfg))
 
     @classmethod
     def _problem(cls, mem: memoryview, header: memoryview) -> str | None:
@@ -261,14 +261,16 @@ class RateLimiter(_shm.Segment):
         return int(self._q[H_REFUSED])
 
 
-def _initializer(cfg: RateLimitConfig) -> _shm.Init:
+def _words(cfg: RateLimitConfig) -> _shm.Words:
+    return {H_SLOTS: _slots(cfg), H_PROBE: min(PROBE, _slots(cfg))}
+
+
+def _doubles(cfg: RateLimitConfig) -> _shm.Init:
     """Writes full buckets and the limits of ``cfg`` into a new segment."""
 
     def init(mem: memoryview) -> None:
         burst = bucket_size(cfg.requests_per_s, cfg.burst)
-        with mem.cast("Q") as q, mem.cast("d") as d:
-            q[H_SLOTS] = _slots(cfg)
-            q[H_PROBE] = min(PROBE, _slots(cfg))
+        with mem.cast("d") as d:
             d[H_RATE] = cfg.requests_per_s
             d[H_BURST] = burst
             d[H_SRATE] = cfg.session_requests_per_s

@@ -56,13 +56,8 @@ class MetricsBlock(_shm.Segment):
 
     @classmethod
     def create(cls, name: str, regions: int) -> MetricsBlock:
-        def init(mem: memoryview) -> None:
-            with mem[: 8 * HEADER_WORDS].cast("Q") as q:
-                q[H_REGIONS] = regions
-                q[H_REGION_CELLS] = REGION_CELLS
-                q[H_VERSION] = VERSION
-
-        return cls._create(name, 8 * (HEADER_WORDS + regions * REGION_CELLS), init)
+        words = {H_REGIONS: regions, H_REGION_CELLS: REGION_CELLS, H_VERSION: VERSION}
+        return cls._create(name, 8 * (HEADER_WORDS + regions * REGION_CELLS), words)
 
     @classmethod
     def attach(cls, name: str) -> MetricsBlock:

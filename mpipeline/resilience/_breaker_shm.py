@@ -58,16 +58,9 @@ def window(q: memoryview, base: int, current: int) -> tuple[int, int]:
     return calls, failures
 
 
-def initializer(slots: int) -> _shm.Init:
-    """Writes the header words of a new board of ``slots`` slots."""
-
-    def init(mem: memoryview) -> None:
-        with mem[: 8 * HEADER_WORDS].cast("Q") as q:
-            q[H_SLOTS] = slots
-            q[H_BUCKETS] = BUCKETS
-            q[H_SLOT_WORDS] = SLOT_WORDS
-
-    return init
+def header_words(slots: int) -> _shm.Words:
+    """The header words of a new board of ``slots`` slots."""
+    return {H_SLOTS: slots, H_BUCKETS: BUCKETS, H_SLOT_WORDS: SLOT_WORDS}
 
 
 def problem(mem: memoryview, header: memoryview) -> str | None:

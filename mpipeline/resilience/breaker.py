@@ -94,7 +94,7 @@ class BreakerBoard(_shm.Segment):
         :raises RingError: when /dev/shm has no room for it
         """
         size = layout.segment_size(_slots(slots))
-        return cls._create(name, size, layout.initializer(slots))._use(cfg, on_transition)
+        return cls._create(name, size, layout.header_words(slots))._use(cfg, on_transition)
 
     @classmethod
     def attach(
@@ -113,7 +113,7 @@ class BreakerBoard(_shm.Segment):
     ) -> BreakerBoard:
         """Breakers in this process's memory only (no lock: one thread uses them)."""
         size = layout.segment_size(_slots(slots))
-        return cls._private(size, layout.initializer(slots))._use(cfg, on_transition)
+        return cls._private(size, layout.header_words(slots))._use(cfg, on_transition)
 
     @classmethod
     def _problem(cls, mem: memoryview, header: memoryview) -> str | None:

@@ -162,3 +162,41 @@ def _validate_header(
             problems.append(f"epoch {q[S_EPOCH]}, expected {expect_epoch} (stale attach)")
         if problems:
             raise RingCorrupted(f"ring {name}: " + "; ".join(problems))
+
+
+# What ``mpipeline.ring`` re-exports.
+__all__ = [
+    "DEFAULT_SPIN_S",
+    "FLAG_CHECKSUM",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_CAPACITY",
+    "MIN_CAPACITY",
+    "S_BYTES_IN",
+    "S_BYTES_OUT",
+    "S_CAPACITY",
+    "S_CONSUMER_PID",
+    "S_CONSUMER_START",
+    "S_CONSUMER_WAIT",
+    "S_CORRUPT",
+    "S_CREATOR_PID",
+    "S_CREATOR_START",
+    "S_DATA_OFFSET",
+    "S_EPOCH",
+    "S_FULL",
+    "S_HIGH_WATER",
+    "S_MAGIC",
+    "S_MAX_RECORD",
+    "S_POISONED",
+    "S_PRODUCER_PID",
+    "S_PRODUCER_START",
+    "S_PRODUCER_WAIT",
+    "S_READ",
+    "S_RECORDS_IN",
+    "S_RECORDS_OUT",
+    "S_VERSION",
+    "S_WRITE",
+    "VERSION",
+    "Buffer",
+    "RingStats",
+]
