@@ -24,6 +24,8 @@ from mpipeline.errors import ErrorCode
 
 __all__ = [
     "EDGE_TYPES",
+    "FLOW",
+    "STAGE_ORDER",
     "Assembled",
     "Completed",
     "Failed",
@@ -199,16 +201,22 @@ ToPost: TypeAlias = TokenChunk | Completed | Failed
 ToStream: TypeAlias = ToPost
 ToGateway: TypeAlias = TokenChunk | Completed | Failed
 
-EDGE_TYPES: Final[Mapping[str, Any]] = MappingProxyType(
+# The stage registry: the stages between the gateway's ingress and its return
+# rings, in flow order, each with what its input ring carries. The one list of
+# stage names: config's tables, the stage classes (stages.STAGES), topology and
+# the metrics schema are checked against or built from it.
+FLOW: Final[Mapping[str, Any]] = MappingProxyType(
     {
         "rag": ToRag,
         "assemble": ToAssemble,
         "inference": ToInference,
         "post": ToPost,
         "stream": ToStream,
-        "gateway": ToGateway,
     }
 )
+STAGE_ORDER: Final = tuple(FLOW)
+# What each consumer's input ring carries: the stages, and the gateway's return rings.
+EDGE_TYPES: Final[Mapping[str, Any]] = MappingProxyType({**FLOW, "gateway": ToGateway})
 
 
 def request_of(msg: Message) -> PromptRequest | None:

@@ -13,10 +13,10 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from mpipeline.messages import STAGE_ORDER
+
 MIB = 1 << 20
 GIB = 1 << 30
-# The stages between the gateway's ingress and its return rings, in flow order.
-STAGE_ORDER = ("rag", "assemble", "inference", "post", "stream")
 # Smaller rings hold too few records to be worth a segment.
 RING_MIN_BYTES = 4096
 # One segment above this is a typo; /dev/shm rarely holds it.
@@ -306,6 +306,10 @@ class StagesConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True
     inference: InferenceConfig = msgspec.field(default_factory=InferenceConfig)
     post: PostConfig = msgspec.field(default_factory=PostConfig)
     stream: StreamConfig = msgspec.field(default_factory=StreamConfig)
+
+
+if tuple(StagesConfig.__struct_fields__) != STAGE_ORDER:  # pragma: no cover - a dev's slip
+    raise ImportError(f"[stages.*] tables {StagesConfig.__struct_fields__} != {STAGE_ORDER}")
 
 
 class PipelineConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

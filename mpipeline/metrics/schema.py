@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mpipeline.errors import ErrorCode
+from mpipeline.messages import STAGE_ORDER
 from mpipeline.topology import edge_label
 
 PREFIX = "mpipeline_"
@@ -197,7 +198,7 @@ STATUSES = (
     "other",
 )
 # Stages a Failed can name, plus "gateway" for errors raised at the gateway.
-ERROR_STAGES = ("gateway", "rag", "assemble", "inference", "post", "stream", "other")
+ERROR_STAGES = ("gateway", *STAGE_ORDER, "other")
 CODES = (*(str(c) for c in ErrorCode), "other")
 DEDUP_KINDS = ("coalesced", "cached")
 DIRECTIONS = ("in", "out")

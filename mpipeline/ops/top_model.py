@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import Metric
 
-from mpipeline.config import STAGE_ORDER
+from mpipeline.messages import STAGE_ORDER
 from mpipeline.metrics.snapshot import CircuitStatus, EdgeStatus, ReplicaStatus, Status
 
 # Stages in the order a request meets them; the gateway is the edge of the run.

@@ -1,7 +1,8 @@
-"""The stage kinds, by name. Adding one: a module here and an entry below."""
+"""The stage kinds, by name: one class each, in the flow order of ``messages.FLOW``."""
 
 from __future__ import annotations
 
+from mpipeline.messages import STAGE_ORDER
 from mpipeline.stages.assemble import Assemble
 from mpipeline.stages.base import AsyncStage, BaseStage, Stage, StageContext
 from mpipeline.stages.inference import Inference
@@ -10,11 +11,9 @@ from mpipeline.stages.rag import Rag
 from mpipeline.stages.stream import Stream
 
 STAGES: dict[str, type[BaseStage]] = {  # type: ignore[type-arg]
-    "rag": Rag,
-    "assemble": Assemble,
-    "inference": Inference,
-    "post": Post,
-    "stream": Stream,
+    cls.name: cls for cls in (Rag, Assemble, Inference, Post, Stream)
 }
+if tuple(STAGES) != STAGE_ORDER:  # pragma: no cover - a dev's slip
+    raise ImportError(f"stage classes {tuple(STAGES)} != messages.STAGE_ORDER {STAGE_ORDER}")
 
 __all__ = ["STAGES", "AsyncStage", "BaseStage", "Stage", "StageContext"]
