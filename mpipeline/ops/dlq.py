@@ -19,11 +19,12 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mpipeline.errors import ExitCode, MPipelineError
+from mpipeline.ops.args import add_where
 
 if TYPE_CHECKING:
     from mpipeline.dlq import Listed, ReplayMarker
@@ -37,11 +38,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def add_parser(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    add_where: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    """The ``dlq`` command; ``add_where`` adds the usual ``--run-dir | --config``."""
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The ``dlq`` command and its actions."""
     dlq = commands.add_parser(
         "dlq",
         help="list, show and replay failed requests",
