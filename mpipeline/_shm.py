@@ -186,6 +186,10 @@ class Segment:
         return self._mv[8 * start : None if stop is None else 8 * stop]
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def creator_pid(self) -> int:
         return int(self._header[H_PID])
 

@@ -1,18 +1,19 @@
 """Supervisor: creates every ring, spawns and pins every replica, keeps them alive.
 
-The only code that calls ``multiprocessing``, ``os.kill`` or reaps children.
-It blocks on process sentinels plus a signal pipe (no sleep-polling), restarts
-a crashed replica one-for-one with exponential backoff, gives up loudly
-(FATAL) after too many restarts in a window, halts when a replica fails to
-boot (gunicorn's exit 3), kills a replica whose heartbeat stalls while its
-input is waiting, and on SIGTERM/SIGINT stops intake, drains, stops the
-stages in flow order and removes every segment it made. A second signal
-skips the drain. A flock on the run directory keeps a second supervisor out.
+With ``_replicas.py``, the only code that calls ``multiprocessing``,
+``os.kill`` or reaps children; ``_segments.py`` makes and removes the shared
+memory. It blocks on process sentinels plus a signal pipe (no
+sleep-polling), restarts a crashed replica one-for-one with exponential
+backoff, gives up loudly (FATAL) after too many restarts in a window, halts
+when a replica fails to boot (gunicorn's exit 3), kills a replica whose
+heartbeat stalls while its input is waiting, and on SIGTERM/SIGINT stops
+intake, drains, stops the stages in flow order and removes every segment it
+made. A second signal skips the drain. A flock on the run directory keeps a
+second supervisor out.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import multiprocessing
@@ -23,60 +24,24 @@ import secrets
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipeline import _shm, rundir, topology
 from mpipeline.config import PipelineConfig
-from mpipeline.control import (
-    ControlBlock,
-    ReplicaState,
-    RunState,
-)
-from mpipeline.errors import AlreadyRunning, ExitCode, MPipelineError
-from mpipeline.ring import Ring
+from mpipeline.control import ControlBlock, ReplicaState, RunState
+from mpipeline.errors import ExitCode, MPipelineError
+from mpipeline.supervisor._replicas import HANDLED_SIGNALS, Replica, describe_exit, hung, kill
+from mpipeline.supervisor._segments import RunSegments
 
 if TYPE_CHECKING:
-    from mpipeline.gateway.ratelimit import RateLimiter
-    from mpipeline.metrics import MetricsBlock
     from mpipeline.metrics.collect import RunCollector
     from mpipeline.metrics.server import MetricsServer
-    from mpipeline.resilience import BreakerBoard
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mpipeline.supervisor")
 
-HANDLED_SIGNALS = (
-    signal.SIGINT,  # Ctrl-C: drain, then exit 0
-    signal.SIGTERM,  # service manager stop: the same
-)
 # How long a stopping replica gets between SIGTERM and SIGKILL.
 STOP_GRACE_S = 5.0
-
-
-@dataclass
-class _Replica:
-    spec: topology.ReplicaSpec | topology.GatewaySpec
-    process: BaseProcess | None = None
-    restarts: collections.deque[float] = field(default_factory=collections.deque)
-    restart_at: float | None = None
-    ready: bool = False
-    # SIGKILL sent for a missed heartbeat: its sentinel fires before it can be
-    # reaped, so the loop comes round again and must not kill (and log) twice.
-    killed: bool = False
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        name = signal.Signals(-code).name
-        hint = " (killed: out of memory, or by hand?)" if code == -signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    with contextlib.suppress(ValueError):
-        return f"exit {code} ({ExitCode(code).name})"
-    return f"exit {code}"
 
 
 class Supervisor:
@@ -92,16 +57,12 @@ class Supervisor:
             *self.topo.replicas,
             *self.topo.gateways,
         ]
-        self.replicas = [_Replica(spec) for spec in specs]
-        self.rings: list[Ring] = []
+        self.replicas = [Replica(spec) for spec in specs]
         # Bound here and handed to every gateway replica (no SO_REUSEPORT): a
         # restarted gateway serves the same socket, so the port never closes.
         self.listener: socket.socket | None = None
-        # Token buckets every gateway shares, so a limit holds across replicas.
-        self.limiter: RateLimiter | None = None
-        self.breakers: BreakerBoard | None = None
+        self.segments: RunSegments | None = None
         self.ctl: ControlBlock | None = None
-        self.metrics: MetricsBlock | None = None
         self.metrics_server: MetricsServer | None = None
         self._collector: RunCollector | None = None
         # What /metrics reads, set once the state is published (the server thread reads it).
@@ -131,7 +92,8 @@ class Supervisor:
             removed = _shm.sweep_stale()
             if removed:
                 log.info("removed %d stale segments", len(removed))
-            self._create_segments()
+            self.segments = RunSegments.create(self.cfg, self.topo)
+            self.ctl = self.segments.ctl
             self.info = self._run_info()
             self._install_signals()
             try:
@@ -179,32 +141,6 @@ class Supervisor:
             ) from None
         self.metrics_server = server
 
-    def _create_segments(self) -> None:
-        from mpipeline.metrics import MetricsBlock, segment_name
-
-        self.ctl = ControlBlock.create(
-            f"mpl-{self.run_id}-control", len(self.replicas), len(self.topo.clients)
-        )
-        if self.cfg.metrics.enabled:
-            # Every replica counts in its own region, indexed by its control slot.
-            name = segment_name(f"mpl-{self.run_id}")
-            self.metrics = MetricsBlock.create(name, len(self.replicas))
-        if self.topo.gateways and self.cfg.gateway.rate_limit.enabled:
-            from mpipeline.gateway.ratelimit import RateLimiter
-
-            self.limiter = RateLimiter.create(
-                f"mpl-{self.run_id}-ratelimit", self.cfg.gateway.rate_limit
-            )
-        inference = self.cfg.stages.inference
-        if inference.remote:
-            # One circuit per upstream for every shard: one shard's failures
-            # make them all fail fast.
-            from mpipeline.resilience import BreakerBoard
-
-            self.breakers = BreakerBoard.create(f"mpl-{self.run_id}-breakers", inference.breaker)
-        for edge in self.topo.edges:
-            self.rings.append(Ring.create(edge.capacity, edge.name))
-
     @property
     def gateway_url(self) -> str | None:
         if self.listener is None:
@@ -216,18 +152,18 @@ class Supervisor:
         """The run as gateways and state.json describe it (segments exist; URLs are bound)."""
         from mpipeline.workers import upstream_names
 
-        assert self.ctl is not None
-        breakers = self.breakers
+        seg = self.segments
+        assert seg is not None
         return rundir.RunInfo(
             pid=os.getpid(),
             run_id=self.run_id,
             run_dir=str(self.run_dir),
             config=str(self.config_path),
-            control=self.ctl.name,
-            ratelimit=self.limiter.name if self.limiter else None,
-            breakers=breakers.name if breakers else None,
+            control=seg.ctl.name,
+            ratelimit=seg.limiter.name if seg.limiter else None,
+            breakers=seg.breakers.name if seg.breakers else None,
             breaker_config=self.cfg.stages.inference.breaker,
-            metrics=self.metrics.name if self.metrics else None,
+            metrics=seg.metrics.name if seg.metrics else None,
             gateway_url=self.gateway_url,
             metrics_url=self.metrics_server.url if self.metrics_server else None,
             upstreams=upstream_names(self.cfg.stages.inference),
@@ -235,7 +171,6 @@ class Supervisor:
         )
 
     def _write_state(self) -> None:
-
         assert self.info is not None and self.ctl is not None
         rundir.write_state(self.info)
         self._published = rundir.Run(self.run_dir, self.info, self.ctl)
@@ -251,7 +186,7 @@ class Supervisor:
 
     # Processes
 
-    def _spawn(self, rep: _Replica) -> None:
+    def _spawn(self, rep: Replica) -> None:
         assert self.ctl is not None
         spec = rep.spec
         self.ctl.spawning(spec.slot)
@@ -261,25 +196,14 @@ class Supervisor:
 
             assert self.listener is not None
             # spawn pickles the socket as a duplicated fd passed to the child.
-            target: Any = gateway_replica.main
-            args: tuple[Any, ...] = (spec, *common, self.listener, self.info)
+            proc = rep.start(
+                self.ctx, gateway_replica.main, (spec, *common, self.listener, self.info)
+            )
         else:
             from mpipeline import replica
 
-            target, args = replica.main, (spec, *common)
-        proc = self.ctx.Process(target=target, args=args, name=f"mpipeline-{spec.name}")
-        # Children inherit the mask: a Ctrl-C during their start stays pending
-        # until they have set SIGINT to ignored, instead of a traceback.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(HANDLED_SIGNALS))
-        try:
-            proc.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            proc = rep.start(self.ctx, replica.main, (spec, *common))
         self.ctl.spawned(spec.slot, proc.pid or 0)
-        rep.process = proc
-        rep.ready = False
-        rep.restart_at = None
-        rep.killed = False
 
     def _boot(self) -> bool:
         assert self.ctl is not None
@@ -298,7 +222,7 @@ class Supervisor:
                     log.error(
                         "replica %s failed to boot (%s); stopping",
                         rep.spec.name,
-                        _describe_exit(rep.process.exitcode),
+                        describe_exit(rep.process.exitcode),
                     )
                     self._exit_code = ExitCode.BOOT_ERROR
                     return False
@@ -359,13 +283,9 @@ class Supervisor:
         assert self.ctl is not None
         now = time.monotonic()
         for rep in self.replicas:
-            proc = rep.process
-            if proc is None or proc.exitcode is None:
+            code = rep.reap()
+            if code is None:
                 continue
-            code = proc.exitcode
-            proc.join(0)
-            proc.close()
-            rep.process = None
             slot = rep.spec.slot
             # Tells clients too: the requests this replica held will not come back.
             self.ctl.exited(slot, code)
@@ -373,26 +293,20 @@ class Supervisor:
                 log.error("replica %s failed to boot on restart; stopping", rep.spec.name)
                 self._exit_code = ExitCode.BOOT_ERROR
                 return
-            window = self.sup.restart_period_s
-            while rep.restarts and now - rep.restarts[0] > window:
-                rep.restarts.popleft()
-            rep.restarts.append(now)
+            delay = rep.died(now, self.sup)
             self.ctl.restarted(slot)
-            if len(rep.restarts) > self.sup.restart_intensity:
+            if delay is None:
                 log.error(
                     "replica %s died %d times within %.0fs (last: %s): FATAL",
                     rep.spec.name,
-                    len(rep.restarts),
-                    window,
-                    _describe_exit(code),
+                    len(rep.deaths),
+                    self.sup.restart_period_s,
+                    describe_exit(code),
                 )
                 self.ctl.state = RunState.FATAL
                 self._exit_code = ExitCode.FATAL
                 return
-            delay = min(
-                self.sup.backoff_initial_s * 2 ** (len(rep.restarts) - 1), self.sup.backoff_max_s
-            )
-            why = "killed for missing heartbeats" if rep.killed else _describe_exit(code)
+            why = "killed for missing heartbeats" if rep.killed else describe_exit(code)
             log.warning("replica %s died (%s); restarting in %.2fs", rep.spec.name, why, delay)
             rep.restart_at = now + delay
 
@@ -406,49 +320,14 @@ class Supervisor:
                 self._spawn(rep)
 
     def _check_liveness(self) -> None:
-        assert self.ctl is not None
-        limit_ns = int(self.sup.liveness_timeout_s * 1e9)
+        assert self.ctl is not None and self.segments is not None
         now = time.monotonic_ns()
         for rep in self.replicas:
-            proc = rep.process
-            if proc is None or rep.killed or proc.exitcode is not None:
-                continue
-            slot = rep.spec.slot
-            state = self.ctl.replica_state(slot)
-            if state == ReplicaState.READY:
-                rep.ready = True
-            age = now - self.ctl.heartbeat_ns(slot)
-            if age <= limit_ns:
-                continue
-            if state == ReplicaState.BOOTING:
-                if age > int(self.sup.boot_timeout_s * 1e9):
-                    log.error("replica %s stuck booting; killing it", rep.spec.name)
-                    rep.killed = True
-                    self._kill(proc)
-                continue
-            busy = self.ctl.in_flight(slot) > 0 or any(
-                self._ring(name).stats().used_bytes > 0 for name in rep.spec.inputs
-            )
-            if busy:
-                log.error(
-                    "replica %s is hung (no heartbeat for %.1fs with work waiting); killing it",
-                    rep.spec.name,
-                    age / 1e9,
-                )
+            why = hung(rep, self.ctl, self.segments.rings, self.sup, now)
+            if why is not None and rep.process is not None:
+                log.error("replica %s %s; killing it", rep.spec.name, why)
                 rep.killed = True
-                self._kill(proc)
-
-    def _ring(self, name: str) -> Ring:
-        for ring in self.rings:
-            if ring.name == name:
-                return ring
-        raise KeyError(name)
-
-    @staticmethod
-    def _kill(proc: BaseProcess) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if proc.pid is not None:
-                os.kill(proc.pid, signal.SIGKILL)
+                kill(rep.process)
 
     # Shutdown
 
@@ -470,7 +349,9 @@ class Supervisor:
             self._restart_due()
             # A ring whose consumer is gone (a client that exited with replies
             # unread) will never drain: it must not hold the shutdown up.
-            busy = any(r.stats().used_bytes and r.consumer_alive() for r in self.rings) or any(
+            assert self.segments is not None
+            rings = self.segments.rings.values()
+            busy = any(r.stats().used_bytes and r.consumer_alive() for r in rings) or any(
                 self.ctl.in_flight(r.spec.slot) for r in self.replicas
             )
             quiet = 0 if busy else quiet + 1
@@ -490,15 +371,13 @@ class Supervisor:
         for stage in ("gateway", *(name for name, _ in self.topo.stages)):
             procs = [r.process for r in self.replicas if r.spec.stage == stage and r.process]
             for proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    if proc.pid is not None and proc.exitcode is None:
-                        os.kill(proc.pid, signal.SIGKILL if self._force else signal.SIGTERM)
+                kill(proc, signal.SIGKILL if self._force else signal.SIGTERM)
             deadline = time.monotonic() + (1.0 if self._force else STOP_GRACE_S)
             for proc in procs:
                 proc.join(max(0.0, deadline - time.monotonic()))
                 if proc.exitcode is None:
                     log.warning("%s did not stop in time; killing it", proc.name)
-                    self._kill(proc)
+                    kill(proc)
                     proc.join(1.0)
         for rep in self.replicas:
             if rep.process is not None:
@@ -517,75 +396,11 @@ class Supervisor:
             self.metrics_server.stop()
             self.metrics_server = None
         rundir.remove_state(self.run_dir)
-        for ring in self.rings:
-            ring.close()
-            ring.unlink()
-        self.rings.clear()
-        if self.limiter is not None:
-            self.limiter.close()
-            self.limiter.unlink()
-            self.limiter = None
-        if self.breakers is not None:
-            self.breakers.close()
-            self.breakers.unlink()
-            self.breakers = None
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics.unlink()
-            self.metrics = None
-        if self.ctl is not None:
-            # Give attached clients a moment to read the final state.
-            time.sleep(0.05)
-            self.ctl.close()
-            self.ctl.unlink()
+        if self.segments is not None:
+            self.segments.remove()
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._lock.release()
-
-
-def main(
-    config_path: Path,
-    run_dir: Path | None = None,
-    parent_pid: int | None = None,
-    log_level: int = logging.INFO,
-) -> int:
-    """``mpipeline run``: validate, then supervise in the foreground until stopped."""
-    from mpipeline import config as config_mod
-    from mpipeline import logs
-    from mpipeline.errors import ConfigError
-
-    logs.setup(log_level, os.environ.get(logs.FORMAT_ENV, "auto"), stage="supervisor", replica=None)
-    try:
-        cfg = config_mod.load(config_path)
-    except ConfigError as exc:
-        log.error("invalid configuration:\n%s", exc)
-        return int(ExitCode.USAGE)
-    if cfg.gateway.replicas and cfg.gateway.auth_token_env:
-        from mpipeline.gateway.auth import BearerAuth
-
-        try:
-            BearerAuth.from_env(cfg.gateway.auth_token_env)  # refuse before anything starts
-        except ConfigError as exc:
-            log.error("%s", exc)
-            return int(ExitCode.USAGE)
-    for warning in config_mod.warnings(cfg):
-        log.warning("%s", warning)
-    if parent_pid is not None:
-        # Run on behalf of a Pipeline object: drain and exit when its process dies.
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:
-            return int(ExitCode.FAILURE)
-    try:
-        sup = Supervisor(cfg, config_path, run_dir)
-        return sup.run()
-    except AlreadyRunning as exc:
-        log.error("%s", exc)
-        return int(ExitCode.ALREADY_RUNNING)
-    except MPipelineError as exc:
-        log.error("%s", exc)
-        return int(ExitCode.FAILURE)
