@@ -100,6 +100,35 @@ class Topology:
         return dict(self.stages)[stage]
 
 
+def _replica_specs(
+    stages: list[tuple[str, int, int]],
+    plan: dict[str, list[int]],
+    inputs: dict[str, list[str]],
+    outputs: dict[str, list[str]],
+    errors: dict[str, list[str]],
+) -> list[ReplicaSpec]:
+    """Every stage replica in flow order, its control slot its position."""
+    replicas: list[ReplicaSpec] = []
+    for pos, (name, n, _) in enumerate(stages):
+        nxt = stages[pos + 1][0] if pos + 1 < len(stages) else CLIENT
+        for i in range(n):
+            rname = f"{name}-{i}"
+            replicas.append(
+                ReplicaSpec(
+                    stage=name,
+                    index=i,
+                    replicas=n,
+                    cpus=tuple(plan[rname]),
+                    slot=len(replicas),
+                    next_stage=nxt,
+                    inputs=tuple(inputs[rname]),
+                    outputs=tuple(outputs[rname]),
+                    errors=tuple(errors.get(rname, outputs[rname])),
+                )
+            )
+    return replicas
+
+
 def ring_name(run_id: str, producer: str, consumer: str) -> str:
     return f"mpl-{run_id}-{producer}-{consumer}"
 
@@ -147,24 +176,7 @@ def build(cfg: PipelineConfig, run_id: str, cpus: list[int] | None = None) -> To
             errors[f"{name}-{i}"] = [
                 edge(f"{name}{i}", f"{c}err", ERROR_RING_BYTES) for c in clients
             ]
-    replicas: list[ReplicaSpec] = []
-    for pos, (name, n, _) in enumerate(stages):
-        nxt = stages[pos + 1][0] if pos + 1 < len(stages) else CLIENT
-        for i in range(n):
-            rname = f"{name}-{i}"
-            replicas.append(
-                ReplicaSpec(
-                    stage=name,
-                    index=i,
-                    replicas=n,
-                    cpus=tuple(plan[rname]),
-                    slot=len(replicas),
-                    next_stage=nxt,
-                    inputs=tuple(inputs[rname]),
-                    outputs=tuple(outputs[rname]),
-                    errors=tuple(errors.get(rname, outputs[rname])),
-                )
-            )
+    replicas = _replica_specs(stages, plan, inputs, outputs, errors)
     client_specs = tuple(
         ClientSpec(
             index=ci,

@@ -101,7 +101,8 @@ def _verdict(target: str, goal: float, measured: float, met: bool) -> rep.Verdic
     return rep.Verdict(target=target, goal=goal, measured=measured, met=met)
 
 
-def table(report: HttpReport) -> str:
+def _load_table(report: HttpReport) -> str:
+    """One row per system, core count and mode (JSON, stream) under wrk."""
     rows: list[tuple[str, ...]] = [
         (
             "system",
@@ -135,7 +136,11 @@ def table(report: HttpReport) -> str:
                     f"{p.foreign_cpu_percent:.0f}%",
                 )
             )
-    lines = [rep._format_rows(rows)]
+    return rep._format_rows(rows)
+
+
+def table(report: HttpReport) -> str:
+    lines = [_load_table(report)]
     noisy = max((p.foreign_cpu_percent for r in report.runs for p in r.phases), default=0.0)
     if noisy > rep.NOISE_WARN_PERCENT:
         lines.append(

@@ -285,22 +285,9 @@ class ShardCalls:
                         sent = True
                         yield text
             except UpstreamFailure as exc:
-                self._settle(breaker, permit, False if exc.counts else None)
-                self._note_failure(upstream, exc, breaker)
-                wait = None if sent else self._retry_delay(attempt, exc, deadline_ns)
+                wait = self._failed_attempt(exc, upstream, breaker, permit, attempt, sent, job)
                 if wait is None:
                     raise
-                log.info(
-                    "retrying %s in %.2fs after %s (attempt %d)",
-                    upstream.name,
-                    wait,
-                    exc.code,
-                    attempt + 1,
-                    extra={"request_id": job.request.request_id},
-                )
-                self.stats.retries += 1
-                if cells is not None:
-                    cells[self._m_retries[upstream.name]] += 1
                 attempt += 1
                 await asyncio.sleep(wait)
                 continue
@@ -319,6 +306,36 @@ class ShardCalls:
             gen.finish_reason = one.finish_reason
             gen.cached_tokens = one.cached_tokens
             return
+
+    def _failed_attempt(
+        self,
+        exc: UpstreamFailure,
+        upstream: Upstream,
+        breaker: Breaker | None,
+        permit: Permit | None,
+        attempt: int,
+        sent: bool,
+        job: Assembled,
+    ) -> float | None:
+        """Settle the breaker and count a failed call; the wait before a retry, or
+        None to give up (no retry once bytes went to the client)."""
+        self._settle(breaker, permit, False if exc.counts else None)
+        self._note_failure(upstream, exc, breaker)
+        wait = None if sent else self._retry_delay(attempt, exc, job.request.deadline_ns)
+        if wait is None:
+            return None
+        log.info(
+            "retrying %s in %.2fs after %s (attempt %d)",
+            upstream.name,
+            wait,
+            exc.code,
+            attempt + 1,
+            extra={"request_id": job.request.request_id},
+        )
+        self.stats.retries += 1
+        if self._cells is not None:
+            self._cells[self._m_retries[upstream.name]] += 1
+        return wait
 
     def _retry_delay(self, attempt: int, exc: UpstreamFailure, deadline_ns: int) -> float | None:
         """Seconds to wait before the next attempt, or None: give up now."""
