@@ -23,21 +23,18 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Self, Unpack
 
-import msgspec
-
-from mpipeline.codec import Codec, pack_records
+from mpipeline.codec import Codec
 from mpipeline.config import PipelineConfig
 from mpipeline.control import ControlBlock, ReplicaState, RunState
 from mpipeline.dlq import DLQ_FILE, DeadLetterQueue
-from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty, RingFull
+from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty
 from mpipeline.messages import Completed, PromptRequest, ToGateway, TokenChunk, Turn
 from mpipeline.pipeline._inflight import ClientMetrics, Inflight, Pending
 from mpipeline.pipeline._launch import Launched, claim_slot, wait_for_state
 from mpipeline.pipeline._options import RequestFields, RequestOptions, merged
+from mpipeline.pipeline._outbox import Outbox
 from mpipeline.ring import Ring
-from mpipeline.routing import request_key, shard_for
 from mpipeline.rundir import RunInfo
-from mpipeline.topology import edge_label
 
 # The client answers a request itself this long after its deadline, so the
 # pipeline's own, more specific, expiry error normally arrives first.
@@ -70,9 +67,7 @@ class Pipeline:
         self._table = Inflight(self.stats)
         # The table's requests by id (the name tests and tools look at).
         self._inflight = self._table.pending
-        self._outbox: list[list[PromptRequest]] = []
-        self._flush_handle: asyncio.Handle | None = None
-        self._flushing: asyncio.Task[None] | None = None
+        self._outbox: Outbox | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ctl: ControlBlock | None = None
         self._slot_fd = -1
@@ -81,7 +76,6 @@ class Pipeline:
         self._ids = itertools.count()
         self._prefix = ""
         self._closed = False
-        self._encoder = msgspec.msgpack.Encoder()
         self._decoder: Codec[Any] = Codec(ToGateway)
 
     def use_metrics(self, metrics: ClientMetrics) -> None:
@@ -162,8 +156,7 @@ class Pipeline:
         self._ingress = [Ring.attach(n) for n in spec.ingress]
         self._rings_in = [Ring.attach(n) for n in (*spec.returns, *spec.errors)]
         self._rings = [*self._ingress, *self._rings_in]
-        self._outbox = [[] for _ in self._ingress]
-        self._first_stage, _ = self._stages[0]
+        self._outbox = Outbox(self._ingress, self._stages[0][0], self._table)
         # pid, slot and a per-client nonce: a later client in the same process on
         # the same slot must never take a late result for one of its own.
         self._prefix = f"{os.getpid():x}{spec.index}{secrets.token_hex(2)}-"
@@ -247,10 +240,8 @@ class Pipeline:
         pending.custom_deadline = deadline_ms is not None
         self._table.add(pending)
         self.stats["submitted"] += 1
-        n = len(self._outbox)
-        self._outbox[0 if n == 1 else shard_for(request_key(req, self._first_stage), n)].append(req)
-        if self._flush_handle is None:
-            self._flush_handle = loop.call_soon(self._flush)
+        assert self._outbox is not None
+        self._outbox.put(req, loop)
         return pending
 
     async def submit(
@@ -382,56 +373,6 @@ class Pipeline:
     def client_index(self) -> int:
         """This client's slot: the ``reply_to`` of its requests."""
         return self._client.index
-
-    def _flush(self) -> None:
-        self._flush_handle = None
-        if self._flushing is not None and not self._flushing.done():
-            return  # the running flush picks these up
-        for i, batch in enumerate(self._outbox):
-            if not batch:
-                continue
-            records = self._records_with_parts(batch)
-            written = self._ingress[i].put_many([record for record, _ in records])
-            if written == len(records):
-                self._outbox[i] = []
-            else:
-                self._outbox[i] = [req for _, part in records[written:] for req in part]
-                self._flushing = asyncio.get_running_loop().create_task(self._flush_slow())
-                return
-
-    def _records_with_parts(
-        self, batch: list[PromptRequest]
-    ) -> list[tuple[bytes, list[PromptRequest]]]:
-        # _new_request already refused inputs too large for a record.
-        records, _ = pack_records(self._encoder.encode, batch, self._ingress[0].max_record)
-        return records
-
-    async def _flush_slow(self) -> None:
-        """The first stage's ring is full: wait (block) up to each batch's deadline."""
-        while any(self._outbox):
-            for i, batch in enumerate(self._outbox):
-                if not batch:
-                    continue
-                self._outbox[i] = []
-                ring = self._ingress[i]
-                for record, part in self._records_with_parts(batch):
-                    soonest = min(r.deadline_ns for r in part)
-                    timeout = max(0.0, (soonest - time.monotonic_ns()) / 1e9)
-                    try:
-                        await ring.put(record, timeout=timeout)
-                    except RingFull:
-                        edge = edge_label(ring.name)
-                        if self._table.metrics is not None:
-                            self._table.metrics.shed(edge, len(part))
-                        for req in part:
-                            self._table.resolve_failed(
-                                self._table.failed(
-                                    req.request_id,
-                                    req.session_id,
-                                    ErrorCode.RING_FULL,
-                                    f"ring_full:{edge}",
-                                )
-                            )
 
     # Results
 
