@@ -11,7 +11,14 @@ from mpipeline.stages.rag import Rag
 from mpipeline.stages.stream import Stream
 
 STAGES: dict[str, type[BaseStage]] = {  # type: ignore[type-arg]
-    cls.name: cls for cls in (Rag, Assemble, Inference, Post, Stream)
+    cls.name: cls
+    for cls in (
+        Rag,
+        Assemble,
+        Inference,
+        Post,
+        Stream,
+    )
 }
 if tuple(STAGES) != STAGE_ORDER:  # pragma: no cover - a dev's slip
     raise ImportError(f"stage classes {tuple(STAGES)} != messages.STAGE_ORDER {STAGE_ORDER}")
