@@ -12,21 +12,28 @@ and each worker sends the turns on in its own API's shape. ``user`` (or
 an ``X-Session-Id`` header, which wins) becomes the session, so a
 conversation keeps to one inference shard. Stop sequences are applied here,
 on the text as it streams, until post grows stop rules of its own.
+
+``ChatCompletions`` is the gateway's OpenAI style (``style.ApiStyle``): every
+refusal on its routes, and any unknown path under ``/v1/chat/`` or
+``/v1/models``, is in OpenAI's error shape, since that is what the SDKs parse
+to pick their exception class.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
-from mpipeline.errors import RequestFailed
+from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import schemas, sse
+from mpipeline.gateway.admission import Admission, Refused
 from mpipeline.gateway.exchange import Reply, Request, Response
 from mpipeline.gateway.schemas import Problem
+from mpipeline.gateway.style import Handler, Headers, Upgrade
 from mpipeline.messages import Completed, TokenChunk, Turn
 from mpipeline.pipeline import Pipeline, RequestOptions
 
@@ -170,21 +177,45 @@ def failure_reply(exc: RequestFailed) -> Reply:
 
 
 class ChatCompletions:
-    """The two OpenAI routes over one pipeline client."""
+    """The two OpenAI routes over one pipeline client, and OpenAI's error replies."""
+
+    prefixes: tuple[str, ...] = ("/v1/chat/", "/v1/models")
+    upgrades: Mapping[str, Upgrade] = {}
 
     def __init__(
-        self,
-        pipeline: Pipeline,
-        model: str,
-        keepalive_s: float,
-        *,
-        admit: Callable[[str | None], Reply | None] | None = None,
+        self, pipeline: Pipeline, model: str, keepalive_s: float, *, admission: Admission
     ) -> None:
         self._pipeline = pipeline
         self._model = model
         self._keepalive_s = keepalive_s
-        # The rate limits: given the session, a refusal to send or None.
-        self._admit = admit
+        self._admission = admission
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/v1/chat/completions": {"POST": self.create},
+            "/v1/models": {"GET": self.models},
+        }
+
+    # Error replies
+
+    def error_reply(
+        self,
+        status: int,
+        message: str,
+        *,
+        field: str | None = None,
+        kind: str | None = None,
+        headers: Headers = (),
+    ) -> Reply:
+        return error_reply(status, message, param=field, code=kind, headers=headers)
+
+    def failure_reply(self, exc: RequestFailed) -> Reply:
+        return failure_reply(exc)
+
+    def rate_limited(self, refused: Refused) -> Reply:
+        return self.error_reply(
+            429, refused.message, kind=ErrorCode.RATE_LIMITED, headers=refused.headers
+        )
+
+    # Routes
 
     async def models(self, request: Request, response: Response) -> None:
         entry = {"id": self._model, "object": "model", "created": 0, "owned_by": OWNER}
@@ -201,9 +232,9 @@ class ChatCompletions:
             return
         text, history = split
         session = request.header("x-session-id") or body.user
-        refused = self._admit(session) if self._admit is not None else None
+        refused = self._admission.check(session)
         if refused is not None:
-            response.send_reply(refused)
+            response.send_reply(self.rate_limited(refused))
             return
         max_tokens = body.max_completion_tokens or body.max_tokens
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())

@@ -6,6 +6,9 @@ JSON, and msgspec's error names the place (``$.messages[0].content``). That
 place becomes the error's ``field`` (or OpenAI's ``param``): a client is told
 what to fix, and a bad body can only ever be a 4xx. Decoding returns a
 ``Problem`` instead of raising, so each route decides its own error shape.
+mpipeline's own error shape is built here too (``error_reply``,
+``failure_reply``): the native REST style and the WebSocket's handshake
+refusals both answer in it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from msgspec import Meta
 
 from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import _json_errors
+from mpipeline.gateway.exchange import Reply
 from mpipeline.messages import Completed, Priority, Turn
 from mpipeline.pipeline import RequestOptions
 
@@ -62,6 +66,19 @@ STATUS_FOR_CODE: dict[ErrorCode, int] = {
 _AT = re.compile(r"(?P<message>.*) - at `\$(?P<path>[^`]*)`", re.DOTALL)
 # "Object missing required field `input`": the field belongs in the path too.
 _NAMED = re.compile(r"Object (?:missing required|contains unknown) field `(?P<name>[^`]*)`")
+
+# The native error type a status implies when the caller names none.
+TYPE_FOR_STATUS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "invalid_request",
+    426: "upgrade_required",
+    431: "invalid_request",
+}
+_ENCODE = msgspec.json.Encoder().encode
 
 SessionId = Annotated[str, Meta(min_length=1, max_length=MAX_SESSION_ID)]
 
@@ -187,6 +204,38 @@ def failure_headers(status: int, retry_after_s: float = 0.0) -> tuple[tuple[str,
 def failure_message(exc: RequestFailed) -> str:
     """What went wrong, for the client: the reason and where, never internals."""
     return f"{exc.failed.reason} (stage {exc.stage})" if exc.stage else exc.failed.reason
+
+
+def error_reply(
+    status: int,
+    message: str,
+    *,
+    field: str | None = None,
+    kind: str | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> Reply:
+    """mpipeline's error shape (``{"error": {"type", "message", "field"?}}``);
+    ``kind`` overrides the type the status implies."""
+    if kind is None:
+        kind = TYPE_FOR_STATUS.get(status, "internal" if status >= 500 else "invalid_request")
+    body = ErrorBody(error=ErrorDetail(type=kind, message=message, field=field))
+    return Reply(status, _ENCODE(body), headers)
+
+
+def failure_detail(exc: RequestFailed) -> ErrorDetail:
+    """A pipeline failure in mpipeline's error shape: its code as the type, and the request."""
+    return ErrorDetail(
+        type=str(exc.code),
+        message=failure_message(exc),
+        request_id=exc.request_id or None,
+    )
+
+
+def failure_reply(exc: RequestFailed) -> Reply:
+    """A pipeline failure as an HTTP status and mpipeline's error body."""
+    status = failure_status(exc)
+    headers = failure_headers(status, exc.failed.retry_after_s)
+    return Reply(status, _ENCODE(ErrorBody(error=failure_detail(exc))), headers)
 
 
 def usage(done: Completed) -> UsageOut:

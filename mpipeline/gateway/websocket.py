@@ -37,103 +37,50 @@ A socket that goes away (or a close from the client) cancels every request of
 the connection: each task is cancelled and its ``stream_events`` iterator
 closed at once. When the gateway stops, new requests are refused
 (``shutting_down``), those in flight finish, then the server closes with 1001.
+
+The handshake (``accept``) and the gateway's WebSocket style (``WebSocketApi``)
+are here; the session after the switch is ``websocket_session.py``. Handshake
+refusals are HTTP answers in mpipeline's native error shape, and so is the
+rate limits' refusal that a message's ``error`` carries.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Protocol, cast
 
-import msgspec
-from msgspec import Meta
 from websockets.datastructures import Headers
-from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
+from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import schemas
+from mpipeline.gateway.admission import Admission, Refused
 from mpipeline.gateway.exchange import Reply, Request, Switch, Wire
-from mpipeline.gateway.schemas import (
-    ChunkOut,
-    ErrorBody,
-    ErrorDetail,
-    Problem,
-    PromptBody,
-    PromptResult,
+from mpipeline.gateway.style import Handler, Upgrade
+from mpipeline.gateway.websocket_session import (
+    MAX_IN_FLIGHT,
+    Admit,
+    Session,
+    Streams,
 )
-from mpipeline.messages import Completed, TokenChunk
-from mpipeline.pipeline import RequestOptions
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "MAX_IN_FLIGHT",
+    "PATH",
+    "VERSION",
+    "Admit",
+    "Refusal",
+    "Session",
+    "Streams",
+    "WebSocketApi",
+    "accept",
+]
 
 PATH = "/v1/stream"
 VERSION = "13"
-# Requests one connection may run at once; more get an error (rate_limited).
-MAX_IN_FLIGHT = 64
-MAX_REF = 256
-# Once our close frame (or EOF) is out, the client gets this long to close TCP.
-CLOSE_TIMEOUT_S = 2.0
-# Bytes waiting to go out above which reading stops: a client that writes
-# (pings, bad messages) without reading must not grow our buffer forever.
-MAX_UNSENT = 1024 * 1024
-
-Event = TokenChunk | Completed
-# The gateway's admission (rate limits) for one request of a session: None, or
-# the HTTP refusal it would send, whose error becomes the message's.
-Admit = Callable[[str | None], Reply | None]
-
-
-class StreamBody(PromptBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One request: ``POST /v1/prompt``'s body plus the client's ``ref``."""
-
-    ref: Annotated[str, Meta(max_length=MAX_REF)] | None = None
-
-
-class _Ref(msgspec.Struct):
-    """Just the ``ref`` of a message refused for another field, to echo it."""
-
-    ref: str | None = None
-
-
-class AcceptedOut(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="accepted"):
-    ref: str | None
-    request_id: str
-
-
-class ChunkMessage(ChunkOut, frozen=True, kw_only=True, tag_field="type", tag="chunk"):
-    ref: str | None
-
-
-class DoneOut(PromptResult, frozen=True, kw_only=True, tag_field="type", tag="done"):
-    ref: str | None
-
-
-class ErrorOut(
-    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="error"
-):
-    ref: str | None
-    request_id: str | None = None
-    error: ErrorDetail
-
-
-_DECODE = msgspec.json.Decoder(StreamBody)
-_DECODE_REF = msgspec.json.Decoder(_Ref)
-_DECODE_ERROR = msgspec.json.Decoder(ErrorBody)
-_ENCODE = msgspec.json.Encoder().encode
-
-
-class Streams(Protocol):
-    """What a session needs of the pipeline client (``Pipeline`` is one)."""
-
-    def stream_events(
-        self, text: str, options: RequestOptions | None = None, /
-    ) -> AsyncIterator[Event]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,239 +127,48 @@ def accept(
     return switch
 
 
-class Session:
-    """One WebSocket connection after the handshake (``exchange.Upgraded``)."""
+class WebSocketApi:
+    """The WebSocket style (``style.ApiStyle``): the switch on ``GET /v1/stream``.
 
-    def __init__(
-        self,
-        transport: asyncio.Transport,
-        wire: Wire,
-        protocol: ServerProtocol,
-        switching: bytes,
-        streams: Streams,
-        admit: Admit | None = None,
-    ) -> None:
-        self._transport = transport
-        self._wire = wire
-        self._protocol = protocol
+    It has no plain HTTP route of its own: a ``GET /v1/stream`` without
+    ``Upgrade`` is the native style's 426. Its errors are in the native shape.
+    """
+
+    routes: Mapping[str, Mapping[str, Handler]] = {}
+    prefixes: tuple[str, ...] = ()
+
+    def __init__(self, streams: Streams, *, max_message: int, admission: Admission) -> None:
         self._streams = streams
-        self._admit = admit
-        self._loop = asyncio.get_running_loop()
-        self.tasks: set[asyncio.Task[None]] = set()
-        # The message being received, fragment by fragment.
-        self._parts: list[bytes] = []
-        self._binary = False
-        self._stopping = False
-        self._close_timer: asyncio.TimerHandle | None = None
-        self._resume: asyncio.Task[None] | None = None
-        wire.write(switching)  # 101 Switching Protocols
+        self._max_message = max_message
+        self._admission = admission
+        self.upgrades: dict[str, Upgrade] = {PATH: self.upgrade}
 
-    # exchange.Upgraded
+    def upgrade(self, request: Request) -> Reply | Switch:
+        opened = accept(request, self._streams, max_message=self._max_message, admit=self.admit)
+        if isinstance(opened, Refusal):
+            return self.error_reply(opened.status, opened.message, headers=opened.headers)
+        return opened
 
-    def data_received(self, data: bytes) -> None:
-        self._protocol.receive_data(data)
-        for event in self._protocol.events_received():
-            if isinstance(event, Frame):
-                self._frame(event)
-        self._flush()
-        transport = self._transport
-        if (
-            self._resume is None
-            and not transport.is_closing()
-            and transport.get_write_buffer_size() > MAX_UNSENT
-        ):
-            transport.pause_reading()
-            self._resume = self._loop.create_task(self._resume_reading())
+    def admit(self, session: str | None) -> Reply | None:
+        """The rate limits for one message's request: None, or the 429 whose error it gets."""
+        refused = self._admission.check(session)
+        return None if refused is None else self.rate_limited(refused)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-        self._protocol.receive_eof()  # now CLOSED: nothing more is sent
-        self._protocol.data_to_send()
-        self._cancel_all()
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        if not self.tasks:
-            self._close(CloseCode.GOING_AWAY, "the gateway is shutting down")
-
-    def abort(self) -> asyncio.Task[None] | None:
-        # The close frame is written straight to the socket when nothing is
-        # queued before it, so the client usually still learns why.
-        self._close(CloseCode.GOING_AWAY, "the gateway is shutting down")
-        self._transport.abort()
-        tasks = list(self.tasks)
-        self._cancel_all()
-        if not tasks:
-            return None
-        return self._loop.create_task(_settle(tasks))
-
-    # Receiving
-
-    def _frame(self, frame: Frame) -> None:
-        if frame.opcode is Opcode.TEXT or frame.opcode is Opcode.BINARY:
-            self._binary = frame.opcode is Opcode.BINARY
-            self._parts = [bytes(frame.data)]
-        elif frame.opcode is Opcode.CONT:
-            self._parts.append(bytes(frame.data))
-        else:
-            return  # ping, pong, close: the protocol has answered them
-        if not frame.fin or self._protocol.state is not State.OPEN:
-            return
-        data = b"".join(self._parts)
-        self._parts = []
-        if self._binary:
-            self._refuse(None, "binary messages are not accepted; send JSON as text")
-            return
-        try:
-            data.decode()
-        except UnicodeDecodeError as exc:
-            self._protocol.fail(CloseCode.INVALID_DATA, f"invalid UTF-8 at byte {exc.start}")
-            return
-        self._message(data)
-
-    def _message(self, data: bytes) -> None:
-        body = schemas.decode(_DECODE, data)
-        if isinstance(body, Problem):
-            self._refuse(_ref_of(data), body.message, body.field)
-            return
-        if self._stopping:
-            kind = ErrorCode.SHUTTING_DOWN
-            self._refuse(body.ref, "the gateway is shutting down", kind=kind)
-            return
-        if len(self.tasks) >= MAX_IN_FLIGHT:
-            message = f"over {MAX_IN_FLIGHT} requests in flight on this connection"
-            self._refuse(body.ref, message, kind=ErrorCode.RATE_LIMITED)
-            return
-        refused = self._admit(body.session_id) if self._admit is not None else None
-        if refused is not None:
-            # The limiter speaks HTTP; its error body is the message's error.
-            detail = _DECODE_ERROR.decode(refused.body).error
-            self._write(_ENCODE(ErrorOut(ref=body.ref, error=detail)))
-            return
-        task = self._loop.create_task(self._serve(body))
-        self.tasks.add(task)
-        task.add_done_callback(self._finished)
-
-    def _refuse(
+    def error_reply(
         self,
-        ref: str | None,
+        status: int,
         message: str,
+        *,
         field: str | None = None,
-        kind: str = ErrorCode.INVALID_REQUEST,
-    ) -> None:
-        detail = ErrorDetail(type=kind, message=message, field=field)
-        self._write(_ENCODE(ErrorOut(ref=ref, error=detail)))
+        kind: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> Reply:
+        return schemas.error_reply(status, message, field=field, kind=kind, headers=headers)
 
-    async def _resume_reading(self) -> None:
-        try:
-            await self._wire.drain()
-        except ConnectionError:
-            return
-        finally:
-            self._resume = None
-        self._transport.resume_reading()
+    def failure_reply(self, exc: RequestFailed) -> Reply:
+        return schemas.failure_reply(exc)
 
-    # One request
-
-    async def _serve(self, body: StreamBody) -> None:
-        try:
-            await self._stream(body)
-        except ConnectionError:
-            pass  # the socket is going away: connection_lost cancels the rest
-        except Exception:
-            # A bug in one request must not take the connection's others down.
-            log.exception("WebSocket request failed")
-            detail = ErrorDetail(type=ErrorCode.INTERNAL, message="internal error")
-            self._write(_ENCODE(ErrorOut(ref=body.ref, error=detail)))
-
-    async def _stream(self, body: StreamBody) -> None:
-        ref = body.ref
-        events = cast(
-            AsyncGenerator[Event, None],
-            self._streams.stream_events(body.input, schemas.request_options(body, body.session_id)),
+    def rate_limited(self, refused: Refused) -> Reply:
+        return self.error_reply(
+            429, refused.message, kind=ErrorCode.RATE_LIMITED, headers=refused.headers
         )
-        request_id: str | None = None
-        try:
-            async for event in events:
-                if request_id is None:
-                    request_id = event.request_id
-                    await self._send(_ENCODE(AcceptedOut(ref=ref, request_id=request_id)))
-                await self._send(_ENCODE(_render(event, ref)))
-        except RequestFailed as exc:
-            detail = ErrorDetail(type=str(exc.code), message=schemas.failure_message(exc))
-            rid = exc.request_id or request_id
-            await self._send(_ENCODE(ErrorOut(ref=ref, request_id=rid, error=detail)))
-        except MPipelineError as exc:
-            # The pipeline client is closed or closing: the gateway is going down.
-            detail = ErrorDetail(type=ErrorCode.SHUTTING_DOWN, message=str(exc))
-            await self._send(_ENCODE(ErrorOut(ref=ref, request_id=request_id, error=detail)))
-        finally:
-            # Closing the iterator is what tells the pipeline client the reader left.
-            await events.aclose()
-
-    async def _send(self, message: bytes) -> None:
-        """Send one message and wait while the client reads slower than we write.
-
-        :raises ConnectionResetError: once the WebSocket is closing or closed
-        """
-        if self._protocol.state is not State.OPEN:
-            raise ConnectionResetError("the WebSocket is closing")
-        self._write(message)
-        await self._wire.drain()
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if self._stopping and not self.tasks:
-            self._close(CloseCode.GOING_AWAY, "the gateway is shutting down")
-
-    # Sending
-
-    def _write(self, message: bytes) -> None:
-        if self._protocol.state is State.OPEN:
-            self._protocol.send_text(message)
-            self._flush()
-
-    def _close(self, code: CloseCode, reason: str) -> None:
-        if self._protocol.state is State.OPEN:
-            self._protocol.send_close(code, reason)
-            self._flush()
-
-    def _flush(self) -> None:
-        """Write what the protocol has to send; after a close, end the requests."""
-        transport = self._transport
-        for data in self._protocol.data_to_send():
-            if data:
-                self._wire.write(data)
-            elif not transport.is_closing() and transport.can_write_eof():
-                transport.write_eof()  # the close handshake is done: the client closes TCP
-        if self._protocol.close_expected() and self._close_timer is None:
-            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT_S, transport.abort)
-        if self._protocol.state is not State.OPEN:
-            self._cancel_all()  # no data message can be sent any more
-
-    def _cancel_all(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-
-
-def _render(event: Event, ref: str | None) -> ChunkMessage | DoneOut:
-    if type(event) is TokenChunk:
-        return ChunkMessage(
-            request_id=event.request_id, index=event.index, text=event.text, ref=ref
-        )
-    assert isinstance(event, Completed)
-    result = schemas.prompt_result(event, time.monotonic_ns())
-    return DoneOut(ref=ref, **msgspec.structs.asdict(result))
-
-
-def _ref_of(data: bytes) -> str | None:
-    """The ``ref`` of a message that is not a valid request, when it has a readable one."""
-    try:
-        return _DECODE_REF.decode(data).ref
-    except (msgspec.DecodeError, RecursionError):
-        return None
-
-
-async def _settle(tasks: list[asyncio.Task[None]]) -> None:
-    await asyncio.wait(tasks)

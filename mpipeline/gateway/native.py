@@ -1,0 +1,175 @@
+"""mpipeline's native REST style: ``POST /v1/prompt``, the probes and ``/v1/status``.
+
+Its errors are ``{"error": {"type", "message", "field"?, "request_id"?}}``
+(``schemas.error_reply``), with the pipeline's error code as the type of a
+failed request. It also answers a plain ``GET /v1/stream`` (no ``Upgrade``)
+with 426: the WebSocket style (``websocket.py``) owns the switch on that path,
+and a client that forgot the upgrade should be told so in our shape.
+
+``/healthz`` says the process answers; ``/readyz`` and ``/v1/status`` need
+to know whether the gateway as a whole should get traffic, which they ask of
+the ``Serving`` they were built with (the ``Gateway``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Protocol
+
+import msgspec
+
+from mpipeline import rundir
+from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
+from mpipeline.gateway import schemas, sse
+from mpipeline.gateway.admission import Admission, Refused
+from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.schemas import ChunkOut, ErrorBody, Problem, PromptBody
+from mpipeline.gateway.style import Handler, Headers, Upgrade
+from mpipeline.gateway.websocket import PATH as STREAM_PATH
+from mpipeline.messages import Completed, TokenChunk
+from mpipeline.metrics.snapshot import snapshot
+from mpipeline.pipeline import Pipeline
+
+_PROMPT = msgspec.json.Decoder(PromptBody)
+_ENCODE = msgspec.json.Encoder().encode
+
+
+class Serving(Protocol):
+    """What the probes and ``/v1/status`` report of the gateway that serves them."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def connections(self) -> int: ...
+
+    def not_ready(self) -> str | None: ...
+
+
+class NativeApi:
+    """The native routes over one pipeline client (``style.ApiStyle``)."""
+
+    prefixes: tuple[str, ...] = ()
+    upgrades: Mapping[str, Upgrade] = {}
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        serving: Serving,
+        *,
+        admission: Admission,
+        keepalive_s: float,
+    ) -> None:
+        self._pipeline = pipeline
+        self._serving = serving
+        self._admission = admission
+        self._keepalive_s = keepalive_s
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+            "/v1/status": {"GET": self._status},
+            "/v1/prompt": {"POST": self._prompt},
+            STREAM_PATH: {"GET": self._stream_without_upgrade},
+        }
+
+    # Error replies
+
+    def error_reply(
+        self,
+        status: int,
+        message: str,
+        *,
+        field: str | None = None,
+        kind: str | None = None,
+        headers: Headers = (),
+    ) -> Reply:
+        return schemas.error_reply(status, message, field=field, kind=kind, headers=headers)
+
+    def failure_reply(self, exc: RequestFailed) -> Reply:
+        return schemas.failure_reply(exc)
+
+    def rate_limited(self, refused: Refused) -> Reply:
+        return self.error_reply(
+            429, refused.message, kind=ErrorCode.RATE_LIMITED, headers=refused.headers
+        )
+
+    def _problem(self, problem: Problem) -> Reply:
+        return self.error_reply(problem.status, problem.message, field=problem.field)
+
+    # Routes
+
+    async def _healthz(self, request: Request, response: Response) -> None:
+        response.send(200, b'{"status":"ok"}')
+
+    async def _readyz(self, request: Request, response: Response) -> None:
+        reason = self._serving.not_ready()
+        if reason is None:
+            response.send(200, b'{"status":"ready"}')
+        else:
+            response.send(503, _ENCODE({"status": "not_ready", "reason": reason}))
+
+    async def _status(self, request: Request, response: Response) -> None:
+        run_dir = self._pipeline.run_dir
+        assert run_dir is not None
+        serving = self._serving
+        gateway = {
+            "url": serving.url,
+            "ready": serving.not_ready() is None,
+            "not_ready": serving.not_ready(),
+            "connections": serving.connections,
+            "requests": dict(self._pipeline.stats),
+        }
+        try:
+            with rundir.connect(run_dir) as run:
+                pipeline = asdict(snapshot(run))
+        except MPipelineError as exc:
+            body = {"gateway": gateway, "pipeline": None, "error": str(exc)}
+            response.send(503, _ENCODE(body))
+            return
+        response.send(200, _ENCODE({"gateway": gateway, "pipeline": pipeline}))
+
+    async def _prompt(self, request: Request, response: Response) -> None:
+        body = schemas.decode(_PROMPT, request.body)
+        if isinstance(body, Problem):
+            response.send_reply(self._problem(body))
+            return
+        session = body.session_id or request.header("x-session-id")
+        if session is not None and len(session) > schemas.MAX_SESSION_ID:
+            limit = f"X-Session-Id is longer than {schemas.MAX_SESSION_ID} characters"
+            response.send_reply(self._problem(Problem(limit)))
+            return
+        refused = self._admission.check(session)
+        if refused is not None:
+            response.send_reply(self.rate_limited(refused))
+            return
+        options = schemas.request_options(body, session)
+        if body.stream:
+            events = sse.pipeline_events(self._pipeline, body.input, options)
+            await sse.respond(response, events, _PromptRenderer(), self._keepalive_s)
+            return
+        done = await self._pipeline.submit(body.input, options)
+        result = schemas.prompt_result(done, time.monotonic_ns())
+        response.send(200, _ENCODE(result), (("x-request-id", done.request_id),))
+
+    async def _stream_without_upgrade(self, request: Request, response: Response) -> None:
+        message = f"{request.path} is a WebSocket: send Upgrade: websocket"
+        headers = (("upgrade", "websocket"),)
+        response.send_reply(self.error_reply(426, message, headers=headers))
+
+
+class _PromptRenderer:
+    """``/v1/prompt`` streams: ``chunk`` events, then ``done`` with the whole result."""
+
+    def opening(self) -> bytes:
+        return b""
+
+    def render(self, event: TokenChunk | Completed) -> bytes:
+        if isinstance(event, TokenChunk):
+            chunk = ChunkOut(request_id=event.request_id, index=event.index, text=event.text)
+            return sse.event(_ENCODE(chunk), "chunk")
+        return sse.event(_ENCODE(schemas.prompt_result(event, time.monotonic_ns())), "done")
+
+    def failure(self, exc: RequestFailed) -> bytes:
+        return sse.event(_ENCODE(ErrorBody(error=schemas.failure_detail(exc))), "error")

@@ -1,0 +1,59 @@
+"""Which API style owns a path: its handlers for plain HTTP, its switch for an upgrade,
+and the style whose error shape answers it.
+
+Built once from the styles' own tables, so a route and the style that refuses
+its requests can never disagree. A path no style serves is refused in the
+shape of the style whose prefixes it falls under (a mistyped OpenAI path gets
+OpenAI's 404, which the SDKs understand), else in the default style's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from mpipeline.gateway.style import ApiStyle, Handler, Upgrade
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One path: its handlers by method, and the style they belong to."""
+
+    methods: Mapping[str, Handler]
+    style: ApiStyle
+
+
+class Router:
+    """Path to ``Route`` (plain HTTP), to ``Upgrade`` (a protocol switch), and to a style."""
+
+    def __init__(self, styles: Iterable[ApiStyle], *, default: ApiStyle) -> None:
+        self._routes: dict[str, Route] = {}
+        self._upgrades: dict[str, Upgrade] = {}
+        self._prefixes: list[tuple[str, ApiStyle]] = []
+        self._default = default
+        for style in styles:
+            for path, methods in style.routes.items():
+                if path in self._routes:
+                    raise ValueError(f"two styles route {path}")
+                self._routes[path] = Route(methods, style)
+            for path, upgrade in style.upgrades.items():
+                if path in self._upgrades:
+                    raise ValueError(f"two styles switch protocols on {path}")
+                self._upgrades[path] = upgrade
+            self._prefixes += [(prefix, style) for prefix in style.prefixes]
+
+    def route(self, path: str) -> Route | None:
+        return self._routes.get(path)
+
+    def upgrade(self, path: str) -> Upgrade | None:
+        return self._upgrades.get(path)
+
+    def style_for(self, path: str) -> ApiStyle:
+        """The style whose error shape answers a request for ``path``, routed or not."""
+        route = self._routes.get(path)
+        if route is not None:
+            return route.style
+        for prefix, style in self._prefixes:
+            if path.startswith(prefix):
+                return style
+        return self._default
