@@ -37,6 +37,7 @@ from typing import TypeAlias
 
 import msgspec
 
+from mpipeline import rundir
 from mpipeline.errors import ErrorCode, MPipelineError
 from mpipeline.messages import Completed, Failed, Priority, PromptRequest
 
@@ -202,6 +203,9 @@ class DeadLetterQueue:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise MPipelineError(f"the dead-letter queue {self.path} is not a regular file")
+            if st.st_uid != os.geteuid():
+                owner = f"belongs to uid {st.st_uid}, not to this user"
+                raise MPipelineError(f"the dead-letter queue {self.path} {owner}")
             # The creation mode is filtered by the umask (and ignored for an existing
             # file); the payloads are the clients' prompts, so force owner-only.
             if stat.S_IMODE(st.st_mode) != 0o600:
@@ -302,7 +306,7 @@ class DeadLetterQueue:
 
 
 def _prepare_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    rundir.create(path)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         log.warning(

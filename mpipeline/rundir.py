@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +85,7 @@ def resolve_run_dir(cfg: PipelineConfig) -> Path:
     """
     if cfg.run_dir:
         return Path(cfg.run_dir).expanduser()
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "mpipeline" if runtime else Path(f"/tmp/mpipeline-{os.getuid()}")
-    return base / run_dir_name(cfg)
+    return base_dir() / run_dir_name(cfg)
 
 
 def run_dir_name(cfg: PipelineConfig) -> str:
@@ -114,9 +113,96 @@ def find_run_dir(run_dir: Path | None, config: Path | None) -> Path:
     return resolve_run_dir(load(config) if config is not None else PipelineConfig())
 
 
+def base_dir() -> Path:
+    """Where default run dirs go: ``$XDG_RUNTIME_DIR/mpipeline`` or ``/tmp/mpipeline-<uid>``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "mpipeline" if runtime else Path(f"/tmp/mpipeline-{os.getuid()}")
+
+
 def make(run_dir: Path) -> None:
-    """Create ``run_dir`` (mode 0700) if it is missing."""
-    run_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    """Create ``run_dir`` and its missing parents, each 0700 whatever the umask; check it.
+
+    :raises MPipelineError: when the directory is not safe to use (see ``check``)
+    """
+    create(run_dir)
+    check(run_dir)
+
+
+def create(path: Path) -> None:
+    """Make the missing directories of ``path``, each 0700 whatever the umask."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile: check() decides
+            os.mkdir(directory, DIR_MODE)
+            _own_mode(directory, DIR_MODE)
+
+
+def check(run_dir: Path) -> None:
+    """Refuse a run dir another local user could control.
+
+    The run dir holds request payloads (the DLQ) and files the supervisor
+    writes and ``status``/``dlq replay`` trust (``state.json``): it must be a
+    real directory (not a symlink), owned by this user and closed to others
+    (0700), and so must the default base it sits in (``/tmp`` is shared).
+
+    :raises MPipelineError: naming the path, what is wrong and the fix
+    """
+    base = base_dir()
+    for path in (base, run_dir) if base in run_dir.parents else (run_dir,):
+        problem = _unsafe(path)
+        if problem:
+            raise MPipelineError(
+                f"refusing the run dir {run_dir}: {path} {problem}. Another local user could "
+                "read or replace its files. Remove it and let mpipeline create it, or set "
+                "run_dir (or --run-dir) to a directory of your own with mode 0700"
+            )
+
+
+def _unsafe(path: Path) -> str | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return f"has mode {stat.S_IMODE(st.st_mode):o}, open to other users"
+    return None
+
+
+def _own_mode(path: Path, mode: int) -> None:
+    """``chmod`` through a descriptor opened without following links (never a planted one)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def open_private(path: Path, flags: int) -> int:
+    """Open (or create, 0600) a file of ours in a checked run dir, never through a link.
+
+    :raises MPipelineError: when ``path`` is not a regular file of this user's
+    """
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise MPipelineError(f"{path} is not a regular file of this user; refusing it")
+        # The creation mode is filtered by the umask (and ignored for an old file).
+        if stat.S_IMODE(st.st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # The lock
@@ -139,8 +225,7 @@ class RunLock:
         :raises AlreadyRunning: naming the holder, and what to do instead
         """
         make(self.run_dir)
-        path = self.run_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        fd = open_private(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -186,12 +271,18 @@ def lock_holder(run_dir: Path) -> int | None:
 
 
 def write_state(info: RunInfo) -> None:
-    """Publish ``info`` as ``state.json`` in its run dir, atomically and 0600."""
+    """Publish ``info`` as ``state.json`` in its run dir: a new file (never through a
+    link, never an old one), 0600, renamed into place so readers see all of it or none."""
     run_dir = Path(info.run_dir)
-    tmp = run_dir / (STATE_FILE + ".tmp")
-    tmp.write_bytes(_ENCODE.encode(info))
-    tmp.chmod(FILE_MODE)
-    tmp.replace(run_dir / STATE_FILE)
+    tmp = run_dir / f"{STATE_FILE}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # our own leftover from a killed run with the same pid
+    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, _ENCODE.encode(info))
+    finally:
+        os.close(fd)
+    os.replace(tmp, run_dir / STATE_FILE)
 
 
 def remove_state(run_dir: Path) -> None:
@@ -241,8 +332,9 @@ def connect(run_dir: Path) -> Iterator[Run]:
         it is still starting), so the CLI can print it and exit 1.
     """
     where = f"in {run_dir}"
-    if not run_dir.is_dir():
+    if not os.path.lexists(run_dir):
         raise MPipelineError(f"no supervisor is running {where}: the directory does not exist")
+    check(run_dir)
     try:
         data = (run_dir / STATE_FILE).read_bytes()
     except FileNotFoundError:

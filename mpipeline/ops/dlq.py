@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import sys
 import time
@@ -276,15 +277,23 @@ async def _resubmit(p: Pipeline, item: Listed, deadline_ms: float | None) -> Rep
 
 
 def _dlq_path(args: argparse.Namespace, err: TextIO) -> Path | None:
+    """The DLQ file of the run dir the arguments name; None (said on ``err``) when the
+    config is invalid or the run dir is one another user could have planted records in."""
     from mpipeline.dlq import DLQ_FILE
     from mpipeline.errors import ConfigError
-    from mpipeline.rundir import find_run_dir
+    from mpipeline.rundir import check, find_run_dir
 
     try:
-        return find_run_dir(args.run_dir, args.config) / DLQ_FILE
+        run_dir = find_run_dir(args.run_dir, args.config)
+        if os.path.lexists(run_dir):
+            check(run_dir)
     except ConfigError as exc:
         err.write(f"mpipeline dlq: invalid configuration:\n{exc}\n")
         return None
+    except MPipelineError as exc:
+        err.write(f"mpipeline dlq: {exc}\n")
+        return None
+    return run_dir / DLQ_FILE
 
 
 def _load(

@@ -103,6 +103,8 @@ async def wait_for_state(run_dir: Path, launched: Launched | None, timeout_s: fl
     :raises MPipelineError: when the child exited, nothing runs there, or the
         run was not up in ``timeout_s``
     """
+    if launched is None:
+        rundir.check(run_dir)  # its state.json is trusted below: it must be ours
     deadline = time.monotonic() + timeout_s
     while True:
         if launched is not None and (failed := launched.failure(run_dir)) is not None:
@@ -130,8 +132,7 @@ def claim_slot(
     :raises MPipelineError: when every slot is taken (saying which setting adds slots)
     """
     for spec in clients:
-        path = run_dir / f"client-{spec.index}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, rundir.FILE_MODE)
+        fd = rundir.open_private(run_dir / f"client-{spec.index}.lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -36,6 +36,7 @@ from tests.integration.conftest import (
     lock_is_free,
     run_segments,
     wait_until,
+    with_field,
 )
 
 pytestmark = pytest.mark.integration
@@ -374,3 +375,34 @@ def test_configs_factory_writes_files_the_cli_accepts(configs: ConfigFactory) ->
     path = configs.write({"stages.inference.replicas": 3})
     code, stderr, _ = _cli("config", "validate", str(path))
     assert code == 0, stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_run_dir_another_user_controls_is_refused_and_nothing_is_written(
+    tmp_path: Path, configs: ConfigFactory
+) -> None:
+    """RELIABILITY #43: another local user pre-made the run dir (mode 777, links to our
+    files inside); the supervisor, status and dlq refuse it and touch nothing."""
+    run_dir = tmp_path / "hijacked"
+    run_dir.mkdir()
+    victim = tmp_path / "precious"
+    victim.write_text("mine")
+    for name in ("supervisor.lock", "state.json.tmp", "dlq.jsonl"):
+        (run_dir / name).symlink_to(victim)
+    run_dir.chmod(0o777)
+    if os.geteuid() == 0:
+        os.chown(run_dir, 65534, 65534)
+    path = configs.write(with_field(configs(), "run_dir", str(run_dir)))
+    code, stderr, pid = _cli("run", "--config", str(path))
+    assert code == ExitCode.FAILURE
+    assert f"refusing the run dir {run_dir}" in stderr and "mode 0700" in stderr
+    assert _shm_segments_of(pid) == []
+    for argv in (("status",), ("dlq", "list")):
+        code, stderr, _ = _cli(*argv, "--run-dir", str(run_dir))
+        assert code != ExitCode.OK and f"refusing the run dir {run_dir}" in stderr, argv
+    assert victim.read_text() == "mine"
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "dlq.jsonl",
+        "state.json.tmp",
+        "supervisor.lock",
+    ]

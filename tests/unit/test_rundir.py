@@ -93,3 +93,90 @@ def test_the_lock_refuses_a_second_holder_naming_it_and_the_ways_out(tmp_path: P
     second = rundir.RunLock(run_dir)
     second.acquire()
     second.release()
+
+
+# A run dir another local user could control is refused (RELIABILITY #43)
+
+OTHER_UID = 65534  # nobody
+
+
+def _foreign(path: Path) -> None:
+    """Make ``path`` look like another user's: theirs when we may chown (root), else open."""
+    path.chmod(0o777)
+    if os.geteuid() == 0:
+        os.chown(path, OTHER_UID, OTHER_UID)
+
+
+def test_a_symlinked_run_dir_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "run"
+    link.symlink_to(real)
+    with pytest.raises(MPipelineError, match=f"{link} is a symbolic link"):
+        rundir.make(link)
+    with pytest.raises(MPipelineError, match="is a symbolic link"):
+        rundir.RunLock(link).acquire()
+    assert list(real.iterdir()) == []
+
+
+def test_an_open_or_foreign_run_dir_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _foreign(run_dir)
+    with pytest.raises(MPipelineError) as refused:
+        rundir.make(run_dir)
+    message = str(refused.value)
+    assert f"refusing the run dir {run_dir}" in message
+    assert "belongs to uid" in message or "open to other users" in message
+    assert "mode 0700" in message and "run_dir (or --run-dir)" in message
+
+
+def test_a_hijacked_default_base_is_refused_before_a_file_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user made the shared base first, with links to our files inside."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    base = tmp_path / "xdg" / "mpipeline"
+    base.mkdir(parents=True)
+    victim = tmp_path / "precious"
+    victim.write_text("mine")
+    run_dir = base / "port-8080"
+    run_dir.mkdir()
+    (run_dir / rundir.LOCK_FILE).symlink_to(victim)
+    (run_dir / f"{rundir.STATE_FILE}.tmp").symlink_to(victim)
+    _foreign(run_dir)
+    _foreign(base)
+    cfg = PipelineConfig()
+    assert rundir.resolve_run_dir(cfg) == run_dir
+    with pytest.raises(MPipelineError, match=f"{base} "):
+        rundir.RunLock(run_dir).acquire()
+    assert victim.read_text() == "mine"
+    with pytest.raises(MPipelineError):
+        with rundir.connect(run_dir):
+            pass
+
+
+def test_missing_parents_are_made_0700_whatever_the_umask(tmp_path: Path) -> None:
+    run_dir = tmp_path / "a" / "b" / "run"
+    old = os.umask(0)
+    try:
+        rundir.make(run_dir)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a", tmp_path / "a" / "b", run_dir):
+        assert path.stat().st_mode & 0o777 == 0o700, path
+
+
+def test_files_are_never_opened_through_a_link(tmp_run_dir: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    (tmp_run_dir / rundir.LOCK_FILE).symlink_to(victim)
+    with pytest.raises(OSError):
+        rundir.RunLock(tmp_run_dir).acquire()
+    assert victim.read_text() == "mine"
+    # A planted state.json.<pid>.tmp is removed, never followed.
+    tmp = tmp_run_dir / f"{rundir.STATE_FILE}.{os.getpid()}.tmp"
+    tmp.symlink_to(victim)
+    rundir.write_state(_info(tmp_run_dir))
+    assert victim.read_text() == "mine"
+    assert rundir.read_state(tmp_run_dir) == _info(tmp_run_dir)
