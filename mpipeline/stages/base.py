@@ -6,7 +6,7 @@ generator per message costs about a microsecond, which is most of a fast
 stage's budget at 100k messages/s. ``AsyncStage.handle`` is an async
 generator for I/O-bound work (model calls); the runner runs each message as
 its own task, so one slow request never holds up the next. Neither touches
-rings, signals, routing or other replicas: that is ``runner.py``'s job.
+rings, signals, routing or other replicas: that is the runner's job (``mpipeline/runner/``).
 """
 
 from __future__ import annotations
