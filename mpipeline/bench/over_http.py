@@ -152,7 +152,7 @@ def _server(system: str, cores: list[int], ctx: _Context, token_delay_ms: float)
     port = free_port()
     tag = f"{system.replace('+', '-')}-{len(cores)}c-{port}"
     run_dir = ctx.workdir / f"run-{tag}"
-    run_dir.mkdir()
+    run_dir.mkdir(mode=0o700)  # the supervisor refuses a run dir open to others
     config = ctx.workdir / f"{tag}.toml"
     cfg = gateway_config(cores, port, run_dir, token_delay_ms=token_delay_ms)
     # The peer reads the same file for its echo settings.
