@@ -21,12 +21,12 @@ from typing import Protocol
 import msgspec
 
 from mpipeline import rundir
-from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
+from mpipeline.errors import MPipelineError, RequestFailed
 from mpipeline.gateway import schemas, sse
-from mpipeline.gateway.admission import Admission, Refused
+from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Response
 from mpipeline.gateway.schemas import ChunkOut, ErrorBody, Problem, PromptBody
-from mpipeline.gateway.style import Handler, Headers, Upgrade
+from mpipeline.gateway.style import Handler, Upgrade
 from mpipeline.gateway.websocket import PATH as STREAM_PATH
 from mpipeline.messages import Completed, TokenChunk
 from mpipeline.metrics.snapshot import snapshot
@@ -48,7 +48,7 @@ class Serving(Protocol):
     def not_ready(self) -> str | None: ...
 
 
-class NativeApi:
+class NativeApi(schemas.NativeErrors):
     """The native routes over one pipeline client (``style.ApiStyle``)."""
 
     prefixes: tuple[str, ...] = ()
@@ -75,25 +75,6 @@ class NativeApi:
         }
 
     # Error replies
-
-    def error_reply(
-        self,
-        status: int,
-        message: str,
-        *,
-        field: str | None = None,
-        kind: str | None = None,
-        headers: Headers = (),
-    ) -> Reply:
-        return schemas.error_reply(status, message, field=field, kind=kind, headers=headers)
-
-    def failure_reply(self, exc: RequestFailed) -> Reply:
-        return schemas.failure_reply(exc)
-
-    def rate_limited(self, refused: Refused) -> Reply:
-        return self.error_reply(
-            429, refused.message, kind=ErrorCode.RATE_LIMITED, headers=refused.headers
-        )
 
     def _problem(self, problem: Problem) -> Reply:
         return self.error_reply(problem.status, problem.message, field=problem.field)

@@ -23,6 +23,7 @@ from msgspec import Meta
 
 from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import _json_errors
+from mpipeline.gateway.admission import Refused
 from mpipeline.gateway.exchange import Reply
 from mpipeline.messages import Completed, Priority, Turn
 from mpipeline.pipeline import RequestOptions
@@ -269,3 +270,27 @@ def prompt_result(done: Completed, received_ns: int) -> PromptResult:
         usage=usage(done),
         timings=timings(done.stamps, received_ns),
     )
+
+
+class NativeErrors:
+    """mpipeline's own error shape, for the styles that speak it (native REST and the
+    WebSocket's handshake refusals): the ``ApiStyle`` error methods, written once."""
+
+    def error_reply(
+        self,
+        status: int,
+        message: str,
+        *,
+        field: str | None = None,
+        kind: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> Reply:
+        return error_reply(status, message, field=field, kind=kind, headers=headers)
+
+    def failure_reply(self, exc: RequestFailed) -> Reply:
+        return failure_reply(exc)
+
+    def rate_limited(self, refused: Refused) -> Reply:
+        return error_reply(
+            429, refused.message, kind=ErrorCode.RATE_LIMITED, headers=refused.headers
+        )

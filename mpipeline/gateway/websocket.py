@@ -55,9 +55,8 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import schemas
-from mpipeline.gateway.admission import Admission, Refused
+from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Switch, Wire
 from mpipeline.gateway.style import Handler, Upgrade
 from mpipeline.gateway.websocket_session import (
@@ -127,7 +126,7 @@ def accept(
     return switch
 
 
-class WebSocketApi:
+class WebSocketApi(schemas.NativeErrors):
     """The WebSocket style (``style.ApiStyle``): the switch on ``GET /v1/stream``.
 
     It has no plain HTTP route of its own: a ``GET /v1/stream`` without
@@ -153,22 +152,3 @@ class WebSocketApi:
         """The rate limits for one message's request: None, or the 429 whose error it gets."""
         refused = self._admission.check(session)
         return None if refused is None else self.rate_limited(refused)
-
-    def error_reply(
-        self,
-        status: int,
-        message: str,
-        *,
-        field: str | None = None,
-        kind: str | None = None,
-        headers: tuple[tuple[str, str], ...] = (),
-    ) -> Reply:
-        return schemas.error_reply(status, message, field=field, kind=kind, headers=headers)
-
-    def failure_reply(self, exc: RequestFailed) -> Reply:
-        return schemas.failure_reply(exc)
-
-    def rate_limited(self, refused: Refused) -> Reply:
-        return self.error_reply(
-            429, refused.message, kind=ErrorCode.RATE_LIMITED, headers=refused.headers
-        )
