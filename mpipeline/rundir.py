@@ -25,14 +25,16 @@ from pathlib import Path
 
 import msgspec
 
-from mpipeline.config import BreakerConfig, PipelineConfig, load
+from mpipeline.config import DEFAULT_PATH, BreakerConfig, PipelineConfig, load, locate
 from mpipeline.control import ControlBlock
 from mpipeline.errors import AlreadyRunning, MPipelineError, RingCorrupted, RingNotFound
 from mpipeline.topology import Topology
 
 STATE_FILE = "state.json"
 LOCK_FILE = "supervisor.lock"
-DEFAULT_CONFIG = Path("config/pipeline.toml")
+# What a run without an unchanged config file of its own gives its replicas to read.
+EFFECTIVE_CONFIG = "effective.toml"
+DEFAULT_CONFIG = DEFAULT_PATH
 PROC_LOCKS = Path("/proc/locks")
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -102,15 +104,16 @@ def run_dir_name(cfg: PipelineConfig) -> str:
 
 
 def find_run_dir(run_dir: Path | None, config: Path | None) -> Path:
-    """``--run-dir`` if given, else the run dir of ``--config`` (or of the default config).
+    """``--run-dir`` if given, else the run dir of the config ``mpipeline run`` would
+    use: ``--config``, else ``$MPIPELINE_CONFIG``, else the default file, else the
+    built-in defaults (``config.locate``).
 
-    :raises ConfigError: when the config file named is invalid.
+    :raises ConfigError: when the config file named is invalid or missing.
     """
     if run_dir is not None:
         return run_dir
-    if config is None:
-        config = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
-    return resolve_run_dir(load(config) if config is not None else PipelineConfig())
+    path = locate(config)
+    return resolve_run_dir(load(path) if path is not None else PipelineConfig())
 
 
 def base_dir() -> Path:
@@ -271,18 +274,29 @@ def lock_holder(run_dir: Path) -> int | None:
 
 
 def write_state(info: RunInfo) -> None:
-    """Publish ``info`` as ``state.json`` in its run dir: a new file (never through a
-    link, never an old one), 0600, renamed into place so readers see all of it or none."""
-    run_dir = Path(info.run_dir)
-    tmp = run_dir / f"{STATE_FILE}.{os.getpid()}.tmp"
+    """Publish ``info`` as ``state.json`` in its run dir, atomically."""
+    _write_atomically(Path(info.run_dir) / STATE_FILE, _ENCODE.encode(info))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """A new file (never through a link, never an old one), 0600, renamed into place
+    so that readers see all of it or none."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()  # our own leftover from a killed run with the same pid
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        os.write(fd, _ENCODE.encode(info))
+        os.write(fd, data)
     finally:
         os.close(fd)
-    os.replace(tmp, run_dir / STATE_FILE)
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, text: str) -> Path:
+    """Write ``EFFECTIVE_CONFIG`` into ``run_dir`` (0600, atomically); return its path."""
+    path = run_dir / EFFECTIVE_CONFIG
+    _write_atomically(path, text.encode())
+    return path
 
 
 def remove_state(run_dir: Path) -> None:

@@ -5,7 +5,9 @@ is decided here, so that a bad file fails with exit 2 and every problem named by
 field and line (RELIABILITY scenario 32) instead of with a SIGBUS or an EINVAL
 from ``cpu_affinity`` halfway through start-up. The tables themselves are in
 ``tables.py`` (re-exported here); ``_toml.py`` reads TOML errors and writes
-the file back.
+the file back; ``_commented.py`` writes the commented default file from the
+tables' own texts; ``_files.py`` finds the file a command reads and writes
+out the files mpipeline ships.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from mpipeline.config import _toml
+from mpipeline.config._files import (
+    CONFIG_ENV,
+    DEFAULT_PATH,
+    default_toml,
+    export,
+    locate,
+    shipped_files,
+    write_new,
+)
 from mpipeline.config.tables import *  # noqa: F403 - the tables are this package's API
 from mpipeline.config.tables import (
     ERROR_RING_BYTES,
@@ -42,25 +54,33 @@ SHM_DIR = "/dev/shm"
 _LOOPBACK_NAMES = ("localhost",)
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Where an issue is said to be when no file was read, and when an override caused it.
+DEFAULTS = "built-in defaults"
+COMMAND_LINE = "command line"
 
 
 # Public helpers
 
 
-def load(path: Path) -> PipelineConfig:
-    """Read, decode and check a config file.
+def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """Read, decode and check a config file (None: the built-in defaults).
+
+    ``overrides`` maps dotted fields (``"gateway.port"``) to values that replace
+    the file's, as ``mpipeline run --port`` does; they are checked like the
+    file, and their issues are said to come from the command line.
 
     :raises ConfigError: listing every issue (also in ``.issues``), one per line
     """
-    cfg, issues = _check(path)
+    cfg, issues = _check(path, overrides or {})
     if cfg is None or issues:
         raise ConfigError("\n".join(map(str, issues)), issues)
     return cfg
 
 
-def validate(path: Path) -> list[ConfigIssue]:
-    """Every problem with the file at ``path``, ordered by line; empty when it is valid."""
-    return _check(path)[1]
+def validate(path: Path | None, overrides: Mapping[str, Any] | None = None) -> list[ConfigIssue]:
+    """Every problem with the file at ``path`` (None: the built-in defaults), ordered by
+    line; empty when it is valid."""
+    return _check(path, overrides or {})[1]
 
 
 def warnings(cfg: PipelineConfig) -> list[str]:
@@ -184,10 +204,14 @@ def _free_shm_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def _check(path: Path) -> tuple[PipelineConfig | None, list[ConfigIssue]]:
-    file = str(path)
+def _check(
+    path: Path | None, overrides: Mapping[str, Any]
+) -> tuple[PipelineConfig | None, list[ConfigIssue]]:
+    file = DEFAULTS if path is None else str(path)
+    text = ""
     try:
-        text = path.read_text(encoding="utf-8")
+        if path is not None:
+            text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None, [ConfigIssue(file, None, "", "no such file")]
     except (OSError, UnicodeDecodeError) as exc:
@@ -197,12 +221,29 @@ def _check(path: Path) -> tuple[PipelineConfig | None, list[ConfigIssue]]:
     except tomllib.TOMLDecodeError as exc:
         line, message = _toml.syntax_error(text, exc)
         return None, [ConfigIssue(file, line, "", f"TOML syntax: {message}")]
+    for field, value in overrides.items():
+        _override(data, field.split("."), value)
     problems: list[_toml.Problem] = []
     cfg = _toml.decode_table(PipelineConfig, data, "", problems)
     problems += _semantics(cfg)
     lines = _toml.key_lines(text)
-    issues = [ConfigIssue(file, _toml.line_of(lines, f), f, m) for f, m in problems]
+    issues = [
+        ConfigIssue(COMMAND_LINE, None, f, m)
+        if f in overrides
+        else ConfigIssue(file, _toml.line_of(lines, f), f, m)
+        for f, m in problems
+    ]
     return cfg, sorted(issues, key=lambda i: (i.line is None, i.line or 0))
+
+
+def _override(data: dict[str, Any], keys: list[str], value: object) -> None:
+    """Set ``data[k1][k2]...`` to ``value``, making missing tables; a key that holds
+    something else than a table is left alone (decoding reports it)."""
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            return
+    data[keys[-1]] = value
 
 
 def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
@@ -333,16 +374,25 @@ def _mib(n: float) -> str:
 
 __all__ = [
     *_tables,
+    "COMMAND_LINE",
+    "CONFIG_ENV",
     "ConfigError",
     "ConfigIssue",
+    "DEFAULTS",
+    "DEFAULT_PATH",
     "active_stages",
     "cpus_for",
+    "default_toml",
     "dump_toml",
+    "export",
     "json_schema",
     "load",
+    "locate",
     "pinning",
     "ring_bytes",
     "ring_bytes_total",
+    "shipped_files",
     "validate",
     "warnings",
+    "write_new",
 ]

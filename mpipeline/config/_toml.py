@@ -191,7 +191,7 @@ def line_of(lines: Mapping[str, int], field: str) -> int | None:
     return None
 
 
-def _scalar(value: Any) -> str:
+def scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and not math.isfinite(value):
@@ -203,10 +203,10 @@ def _scalar(value: Any) -> str:
         # forbids a raw DEL; ensure_ascii stays off so no surrogate pairs appear.
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
-        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+        return "[" + ", ".join(scalar(v) for v in value) + "]"
     if isinstance(value, dict):
         # An inline table (a pool member inside its array): unset fields left out.
-        pairs = (f"{k} = {_scalar(v)}" for k, v in value.items() if v is not None)
+        pairs = (f"{k} = {scalar(v)}" for k, v in value.items() if v is not None)
         return "{ " + ", ".join(pairs) + " }"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
@@ -219,7 +219,7 @@ def write_toml(data: Mapping[str, Any]) -> str:
 
 
 def _write_table(data: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
-    own = [f"{k} = {_scalar(v)}" for k, v in data.items() if not isinstance(v, Mapping | None)]
+    own = [f"{k} = {scalar(v)}" for k, v in data.items() if not isinstance(v, Mapping | None)]
     subtables = [(k, v) for k, v in data.items() if isinstance(v, Mapping)]
     if path and (own or not subtables):  # a table holding only tables needs no header
         lines += ["", f"[{'.'.join(path)}]"]

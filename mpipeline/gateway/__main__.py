@@ -11,19 +11,20 @@ import sys
 from collections.abc import Sequence
 
 from mpipeline import cli
-from mpipeline.config import ConfigError, load
+from mpipeline.config import DEFAULTS, ConfigError, load, locate
 from mpipeline.errors import ExitCode
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = cli.build_parser().parse_args(["run", *(sys.argv[1:] if argv is None else argv)])
+    path = locate(args.config)  # the file `mpipeline run` would take
     try:
-        cfg = load(args.config)
+        cfg = load(path, cli.run_overrides(args))
     except ConfigError as exc:
         sys.stderr.write(f"invalid configuration:\n{exc}\n")
         return ExitCode.USAGE
     if cfg.gateway.replicas == 0:
-        sys.stderr.write(f"{args.config}: gateway.replicas is 0: no HTTP gateway to run\n")
+        sys.stderr.write(f"{path or DEFAULTS}: gateway.replicas is 0: no HTTP gateway to run\n")
         return ExitCode.USAGE
     return int(args.handler(args))
 

@@ -9,8 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# The config file a command reads when given none (relative to the working directory).
+# The config file a command reads when given none (relative to the working directory),
+# and the variable that names one instead: the same as mpipeline.config's DEFAULT_PATH
+# and CONFIG_ENV, which the handlers import when they run.
 DEFAULT_CONFIG = Path("config/pipeline.toml")
+CONFIG_ENV = "MPIPELINE_CONFIG"
+CONFIG_DEFAULTS = (
+    f"default: ${CONFIG_ENV}, else {DEFAULT_CONFIG} if it exists, else the built-in defaults"
+)
 
 
 def add_where(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +27,7 @@ def add_where(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="FILE",
-        help=f"find the run dir from this config (default {DEFAULT_CONFIG})",
+        help=f"find the run dir from this config ({CONFIG_DEFAULTS})",
     )
 
 
@@ -32,4 +38,15 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port for a listener: 1-65535, or 0 for any free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535 (0: any free port): {text!r}")
     return value

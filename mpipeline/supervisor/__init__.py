@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 from mpipeline.errors import AlreadyRunning, ExitCode, MPipelineError
@@ -22,19 +23,32 @@ __all__ = ["Supervisor", "main"]
 
 
 def main(
-    config_path: Path,
+    config_path: Path | None = None,
     run_dir: Path | None = None,
     parent_pid: int | None = None,
     log_level: int = logging.INFO,
+    overrides: Mapping[str, object] | None = None,
 ) -> int:
-    """``mpipeline run``: validate, then supervise in the foreground until stopped."""
+    """``mpipeline run``: validate, then supervise in the foreground until stopped.
+
+    ``config_path`` None finds the file as every command does (``config.locate``),
+    down to the built-in defaults; ``overrides`` (dotted field -> value) replace
+    the file's values, as ``--port`` does.
+    """
     from mpipeline import config as config_mod
     from mpipeline import logs
     from mpipeline.errors import ConfigError
 
     logs.setup(log_level, os.environ.get(logs.FORMAT_ENV, "auto"), stage="supervisor", replica=None)
+    path = config_mod.locate(config_path)
+    if path is None:
+        log.info(
+            "no config file (--config, $%s or ./%s): running on the built-in defaults",
+            config_mod.CONFIG_ENV,
+            config_mod.DEFAULT_PATH,
+        )
     try:
-        cfg = config_mod.load(config_path)
+        cfg = config_mod.load(path, overrides)
     except ConfigError as exc:
         log.error("invalid configuration:\n%s", exc)
         return int(ExitCode.USAGE)
@@ -56,7 +70,9 @@ def main(
         if os.getppid() != parent_pid:
             return int(ExitCode.FAILURE)
     try:
-        sup = Supervisor(cfg, config_path, run_dir)
+        # Replicas read the config from a file: the run's own when it is unchanged,
+        # else the effective config, which the supervisor writes into the run dir.
+        sup = Supervisor(cfg, None if overrides or path is None else path, run_dir)
         return sup.run()
     except AlreadyRunning as exc:
         log.error("%s", exc)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipeline import _shm, rundir, topology
-from mpipeline.config import PipelineConfig
+from mpipeline.config import PipelineConfig, dump_toml
 from mpipeline.control import ControlBlock, ReplicaState, RunState
 from mpipeline.errors import ExitCode, MPipelineError
 from mpipeline.supervisor._replicas import HANDLED_SIGNALS, Replica, describe_exit, hung, kill
@@ -45,10 +45,16 @@ STOP_GRACE_S = 5.0
 
 
 class Supervisor:
-    def __init__(self, cfg: PipelineConfig, config_path: Path, run_dir: Path | None = None) -> None:
+    def __init__(
+        self, cfg: PipelineConfig, config_path: Path | None, run_dir: Path | None = None
+    ) -> None:
+        """``config_path`` is the file ``cfg`` was read from, unchanged; None writes
+        ``cfg`` into the run dir for the replicas (defaults, command-line overrides)."""
         self.cfg = cfg
-        self.config_path = config_path.resolve()
         self.run_dir = run_dir or rundir.resolve_run_dir(cfg)
+        self._own_config = config_path is None
+        where = config_path or self.run_dir / rundir.EFFECTIVE_CONFIG
+        self.config_path = where.resolve()
         self.sup = cfg.supervisor
         self.run_id = secrets.token_hex(4)
         self.topo = topology.build(cfg, self.run_id)
@@ -82,6 +88,8 @@ class Supervisor:
     def run(self) -> int:
         self._lock.acquire()
         try:
+            if self._own_config:  # only now: a running supervisor's file is never replaced
+                rundir.write_config(self.run_dir, dump_toml(self.cfg))
             if self.topo.gateways:
                 from mpipeline.gateway.server import bind
 

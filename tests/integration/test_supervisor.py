@@ -13,20 +13,23 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
-from mpipeline import _shm
+from mpipeline import _shm, config
+from mpipeline.config import CONFIG_ENV
 from mpipeline.control import RunState
 from mpipeline.errors import ErrorCode, ExitCode, MPipelineError, RequestFailed
 from mpipeline.messages import Completed
 from mpipeline.pipeline import Pipeline
-from mpipeline.rundir import STATE_FILE
+from mpipeline.rundir import EFFECTIVE_CONFIG, STATE_FILE
 from tests.integration.conftest import (
     ConfigFactory,
     SupervisorFactory,
@@ -55,7 +58,7 @@ def _assert_clean_exit(sp: SupervisorProcess, kids: list[psutil.Process]) -> Non
     assert not (sp.run_dir / STATE_FILE).exists()
 
 
-def _cli(*args: str) -> tuple[int, str, int]:
+def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, int]:
     """Run ``python -m mpipeline ARGS``; return its exit code, stderr and pid."""
     with subprocess.Popen(
         [sys.executable, "-m", "mpipeline", *args],
@@ -63,6 +66,7 @@ def _cli(*args: str) -> tuple[int, str, int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     ) as proc:
         _, stderr = proc.communicate(timeout=20)
     return proc.returncode, stderr, proc.pid
@@ -263,6 +267,44 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert code == ExitCode.USAGE
     assert "no such file" in stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(30)
+def test_the_environment_names_the_config_and_a_missing_one_exits_2(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    bad = _bad_config(tmp_path, "[gateway]\nport = -1\n")
+    code, stderr, _ = _cli("run", "--run-dir", str(run_dir), env={CONFIG_ENV: str(bad)})
+    assert code == ExitCode.USAGE
+    assert f"{bad}:3: gateway.port: must be >= 0" in stderr
+    missing = tmp_path / "nope.toml"
+    code, stderr, _ = _cli("run", "--run-dir", str(run_dir), env={CONFIG_ENV: str(missing)})
+    assert code == ExitCode.USAGE
+    assert f"{missing}: no such file" in stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.timeout(60)
+def test_command_line_overrides_the_listeners_and_the_replicas_read_the_result(
+    configs: ConfigFactory, start_supervisor: SupervisorFactory
+) -> None:
+    """--host, --port and --metrics-port win over the file; the effective config is
+    written into the run dir, and that is the file the replicas (and status) read."""
+    with socket.socket() as busy:  # the file's metrics port is taken: only the override runs
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        # 192.0.2.1 (TEST-NET-1) is no address of this host: binding it would fail.
+        cfg = configs({"gateway.replicas": 1, "gateway.host": "192.0.2.1", "metrics.port": taken})
+        overrides = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
+        sp = start_supervisor(cfg, args=overrides)
+        with sp.explain():
+            effective = configs.run_dir / EFFECTIVE_CONFIG
+            assert sp.state["config"] == str(effective.resolve())
+            want = with_field(with_field(cfg, "gateway.host", "127.0.0.1"), "gateway.port", 0)
+            assert config.load(effective) == with_field(want, "metrics.port", 0)
+            assert sp.url.startswith("http://127.0.0.1:")
+            assert not sp.state["metrics_url"].startswith(f"http://127.0.0.1:{taken}/")
+            assert httpx.get(sp.state["metrics_url"], timeout=10).status_code == 200
 
 
 @pytest.mark.timeout(60)

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 from pathlib import Path
 
 import pytest
 
-from mpipeline import __version__, _shm, config
+from mpipeline import __version__, _shm, config, rundir, supervisor
 from mpipeline.cli import main
 from mpipeline.errors import ConfigError, ConfigIssue, ExitCode
+from mpipeline.ops import args
 
 DEFAULT_CONFIG = Path(__file__).parents[2] / "config" / "pipeline.toml"
 
@@ -131,3 +133,147 @@ def test_config_validate_error_is_reported(
     monkeypatch.setattr(config, "validate", broken)
     assert main(["config", "validate", "x.toml"]) == ExitCode.USAGE
     assert capsys.readouterr().err == "x.toml: cannot read\n"
+
+
+# Built-in defaults, the environment, command-line overrides (issue 19)
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with no config/ and no $MPIPELINE_CONFIG, as after a pip install."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(config.CONFIG_ENV, raising=False)
+    return tmp_path
+
+
+def test_the_cli_and_the_config_agree_on_the_default_file() -> None:
+    assert (args.DEFAULT_CONFIG, args.CONFIG_ENV) == (config.DEFAULT_PATH, config.CONFIG_ENV)
+
+
+def test_config_show_and_validate_without_a_file_use_the_defaults(
+    elsewhere: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "show"]) == ExitCode.OK
+    assert capsys.readouterr().out == config.dump_toml(config.PipelineConfig())
+    assert main(["config", "validate"]) == ExitCode.OK
+    assert capsys.readouterr().out == "built-in defaults: ok\n"
+
+
+def test_config_commands_read_the_environments_file_and_the_option_wins(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (elsewhere / "env.toml").write_text('name = "from-env"\n')
+    (elsewhere / "opt.toml").write_text('name = "from-option"\n')
+    monkeypatch.setenv(config.CONFIG_ENV, "env.toml")
+    assert main(["config", "show"]) == ExitCode.OK
+    assert 'name = "from-env"' in capsys.readouterr().out
+    assert main(["config", "show", "--config", "opt.toml"]) == ExitCode.OK
+    assert 'name = "from-option"' in capsys.readouterr().out
+    assert rundir.find_run_dir(None, None) == rundir.base_dir() / "from-env"
+    assert rundir.find_run_dir(None, Path("opt.toml")) == rundir.base_dir() / "from-option"
+    # A file the variable names must exist: a typo never runs on the defaults.
+    monkeypatch.setenv(config.CONFIG_ENV, "typo.toml")
+    assert main(["config", "validate"]) == ExitCode.USAGE
+    assert capsys.readouterr().err == "typo.toml: no such file\n"
+    with pytest.raises(ConfigError, match="no such file"):
+        rundir.find_run_dir(None, None)
+
+
+def test_status_and_run_find_the_same_run_dir_without_a_file(elsewhere: Path) -> None:
+    assert rundir.find_run_dir(None, None) == rundir.resolve_run_dir(config.PipelineConfig())
+
+
+def test_run_hands_the_supervisor_no_file_and_the_overrides(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[object, ...]] = []
+
+    def fake_main(*given: object) -> int:
+        calls.append(given)
+        return 0
+
+    monkeypatch.setattr(supervisor, "main", fake_main)
+    monkeypatch.delenv("MPIPELINE_LOG_FORMAT", raising=False)
+    assert main(["run"]) == 0
+    assert main(["run", "--host", "::1", "--port", "0", "--metrics-port", "9191"]) == 0
+    assert main(["run", "--config", "x.toml", "--port", "65535"]) == 0
+    assert [(c[0], c[4]) for c in calls] == [
+        (None, {}),
+        (None, {"gateway.host": "::1", "gateway.port": 0, "metrics.port": 9191}),
+        (Path("x.toml"), {"gateway.port": 65535}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "70000"], "argument --port: must be 0-65535 (0: any free port): '70000'"),
+        (["--port", "-1"], "argument --port: must be 0-65535 (0: any free port): '-1'"),
+        (["--metrics-port", "http"], "argument --metrics-port: not a port number: 'http'"),
+    ],
+)
+def test_run_refuses_a_bad_port(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", *argv])
+    assert info.value.code == ExitCode.USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_config_init_prints_or_writes_the_commented_defaults(
+    elsewhere: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "init"]) == ExitCode.OK
+    assert capsys.readouterr().out == config.default_toml() == DEFAULT_CONFIG.read_text()
+    assert main(["config", "init", "config/pipeline.toml"]) == ExitCode.OK
+    assert capsys.readouterr().out == "wrote config/pipeline.toml\n"
+    assert (elsewhere / "config" / "pipeline.toml").read_text() == config.default_toml()
+
+
+def test_config_init_never_overwrites_unless_forced(
+    elsewhere: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = elsewhere / "pipeline.toml"
+    mine.write_text("# mine\n")
+    assert main(["config", "init", "pipeline.toml"]) == ExitCode.USAGE
+    assert capsys.readouterr().err == "pipeline.toml: exists; --force overwrites it\n"
+    assert mine.read_text() == "# mine\n"
+    assert main(["config", "init", "--force", "pipeline.toml"]) == ExitCode.OK
+    assert mine.read_text() == config.default_toml()
+
+
+def test_config_init_and_export_say_what_they_cannot_write(
+    elsewhere: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (elsewhere / "plain").write_text("")
+    assert main(["config", "init", "plain/pipeline.toml"]) == ExitCode.FAILURE
+    assert capsys.readouterr().err == "cannot write plain: Not a directory\n"
+    assert main(["config", "init", "--force", "."]) == ExitCode.FAILURE
+    assert capsys.readouterr().err == "cannot write .: Is a directory\n"
+    assert main(["config", "export", "plain"]) == ExitCode.FAILURE
+    assert capsys.readouterr().err == "cannot write plain: Not a directory\n"
+    locked = elsewhere / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        assert main(["config", "init", "locked/p.toml"]) == ExitCode.FAILURE
+        assert capsys.readouterr().err == "cannot write locked/p.toml: Permission denied\n"
+
+
+def test_config_export_writes_the_shipped_files_once(
+    elsewhere: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "export", "out"]) == ExitCode.OK
+    names = list(config.shipped_files())
+    assert capsys.readouterr().out.splitlines() == [f"wrote out/{n}" for n in names]
+    assert main(["config", "export", "out"]) == ExitCode.USAGE
+    assert capsys.readouterr().err == "out/pipeline.toml: exists; --force overwrites it\n"
+    assert main(["config", "export", "--force", "out"]) == ExitCode.OK
+    capsys.readouterr()
+
+
+def test_config_export_needs_a_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["config", "export"])
+    assert info.value.code == ExitCode.USAGE
+    assert "the following arguments are required: DIR" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from mpipeline import config
 from mpipeline.config import ConfigError, ConfigIssue, PipelineConfig
+from mpipeline.config import _commented as _config_commented
 from mpipeline.config import _toml as _config_toml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +103,189 @@ def test_examples_do_what_they_say() -> None:
 def test_decoding_with_msgspec_directly_agrees() -> None:
     cfg = msgspec.toml.decode(DEFAULT.read_bytes(), type=PipelineConfig)
     assert cfg == config.load(DEFAULT)
+
+
+# One source: the tables' texts give the schema, `config init` and the shipped file
+
+
+def tables_of(cls: type[msgspec.Struct]) -> Iterator[type[msgspec.Struct]]:
+    """``cls`` and every table under it, lists of tables (pool members) included."""
+    yield cls
+    for f in msgspec.structs.fields(cls):
+        inner = f.type
+        if getattr(inner, "__origin__", None) is list:
+            inner = inner.__args__[0]
+        if isinstance(inner, type) and issubclass(inner, msgspec.Struct):
+            yield from tables_of(inner)
+
+
+def words(text: str) -> str:
+    """Comment or docstring text with the ``#`` marks and the line breaks gone."""
+    return " ".join(" ".join(line.strip().lstrip("#") for line in text.splitlines()).split())
+
+
+def test_the_repository_file_is_config_init_output() -> None:
+    """config/pipeline.toml is generated: regenerate it with
+    `mpipeline config init --force config/pipeline.toml` after changing a table."""
+    assert DEFAULT.read_text() == config.default_toml(), (
+        "config/pipeline.toml is stale: mpipeline config init --force config/pipeline.toml"
+    )
+
+
+def test_every_table_and_field_has_its_text_and_examples_that_validate() -> None:
+    for cls in tables_of(PipelineConfig):
+        assert (cls.__doc__ or "").strip(), f"{cls.__name__} needs a docstring"
+        for name, text, examples in _config_commented.field_texts(cls):
+            info = {f.name: f for f in msgspec.structs.fields(cls)}[name]
+            if isinstance(info.type, type) and issubclass(info.type, msgspec.Struct):
+                continue  # a table: its docstring is its text
+            assert text, f"{cls.__name__}.{name} needs a _doc text"
+            for example in examples:
+                msgspec.convert(example, type=info.type)
+            unset = info.default is None
+            assert not unset or examples, f"{cls.__name__}.{name} is unset: give an example"
+
+
+def test_the_file_and_the_schema_carry_the_same_texts() -> None:
+    file = words(config.default_toml())
+    defs = config.json_schema()["$defs"]
+    for cls in tables_of(PipelineConfig):
+        if cls is config.PoolUpstreamConfig:
+            continue  # members of a list: the file shows an example of them
+        schema = defs[cls.__name__]
+        assert words(schema["description"]) in file, cls.__name__
+        for name, prop in schema["properties"].items():
+            texts = [prop.get("description")]
+            texts += [branch.get("description") for branch in prop.get("anyOf", ())]
+            for text in filter(None, texts):
+                assert words(text) in file, f"{cls.__name__}.{name}"
+
+
+def test_unset_fields_are_written_commented_with_their_example() -> None:
+    text = config.default_toml()
+    assert '\n# auth_token_env = "MPIPELINE_TOKEN"\n' in text
+    assert "\n# max_tokens = 512\n# Sampling temperature" in text
+    assert '#   [[stages.inference.pool.upstreams]]\n#   name = "vllm-a"\n' in text
+    # The stages' shared fields are listed once, then written bare in each stage.
+    assert text.count("#   ring_capacity ") == 1
+    assert "[stages.post]\n# Filters and formats the output, chunk by chunk on streams.\n\n" in text
+    assert '\nreplicas = 1\ncpus = "auto"\n' in text
+    # A stage that documents a shared field its own way says so (inference's shards).
+    assert "# Shards: processes running the model worker.\nreplicas = 2\n" in text
+    assert max(map(len, text.splitlines())) <= _config_commented.WIDTH
+
+
+def test_comments_keep_code_spans_and_indented_lines_whole() -> None:
+    # 60 characters, then a span that would fit only in part: it moves down whole.
+    lines = _config_commented._comment(
+        "word " * 12 + "`mpipeline run --metrics-port` and more.\n  kept   as is\n\nNext."
+    )
+    assert lines == [
+        "# " + ("word " * 12).strip(),
+        "# `mpipeline run --metrics-port` and more.",
+        "#   kept   as is",
+        "#",
+        "# Next.",
+    ]
+
+
+def test_an_unset_field_without_an_example_is_a_developers_error() -> None:
+    class Bare(msgspec.Struct, frozen=True, kw_only=True):
+        """A table."""
+
+        x: int | None = None
+
+    with pytest.raises(TypeError, match="x is unset by default and has no example"):
+        _config_commented.commented_toml(Bare)
+
+
+# Finding the file, overrides, the shipped files
+
+
+def test_locate_prefers_the_option_then_the_environment_then_the_default_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(config.CONFIG_ENV, raising=False)
+    assert config.locate(None) is None  # the built-in defaults
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "pipeline.toml").write_text("")
+    assert config.locate(None) == config.DEFAULT_PATH
+    monkeypatch.setenv(config.CONFIG_ENV, "")  # empty: as if unset
+    assert config.locate(None) == config.DEFAULT_PATH
+    monkeypatch.setenv(config.CONFIG_ENV, "env.toml")
+    assert config.locate(None) == Path("env.toml")  # named, so returned even if missing
+    assert config.locate(Path("opt.toml")) == Path("opt.toml")
+
+
+def test_no_file_means_the_defaults_checked_like_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config.load(None) == PipelineConfig()
+    monkeypatch.setattr(config, "_free_shm_bytes", lambda: 1 << 20)
+    [issue] = config.validate(None)
+    assert issue.file == config.DEFAULTS and "rings need" in issue.message
+
+
+def test_overrides_replace_the_files_values_and_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, "[gateway]\nport = 8181\nhost = '0.0.0.0'\n")
+    cfg = config.load(path, {"gateway.host": "127.0.0.1", "gateway.port": 0, "metrics.port": 0})
+    assert (cfg.gateway.host, cfg.gateway.port, cfg.metrics.port) == ("127.0.0.1", 0, 0)
+    assert config.load(None, {"gateway.port": 9000}).gateway.port == 9000
+    issues = config.validate(path, {"gateway.port": 70000, "gateway.host": "bad host"})
+    assert [str(i) for i in issues] == [
+        "command line: gateway.port: must be <= 65535",
+        "command line: gateway.host: 'bad host' is neither an IP address nor a hostname",
+    ]
+    [clash] = config.validate(None, {"gateway.port": 9090})
+    assert str(clash) == "built-in defaults: metrics.port: is the same as gateway.port (9090)"
+    # An override under a key the file misuses leaves the file's error to speak.
+    bad = write(tmp_path, "gateway = 3\n")
+    [issue] = config.validate(bad, {"gateway.port": 0})
+    assert (issue.line, issue.field) == (1, "gateway")
+
+
+def test_shipped_files_are_the_repositorys_config_files() -> None:
+    shipped = config.shipped_files()
+    assert list(shipped) == [
+        "pipeline.toml",
+        "grafana/mpipeline.json",
+        "prometheus/alerts.yml",
+        "prometheus/prometheus.yml",
+    ]
+    package = ROOT / "mpipeline" / "config" / "files"
+    for name, data in shipped.items():
+        assert (ROOT / "config" / name).read_bytes() == data, name
+        if name != "pipeline.toml":  # one copy: config/ links to the package's
+            assert (ROOT / "config" / name).resolve() == package / name
+
+
+def test_export_writes_everything_or_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    written = config.export(out)
+    assert [p.relative_to(out).as_posix() for p in written] == list(config.shipped_files())
+    (out / "grafana" / "mpipeline.json").write_text("mine")
+    (out / "pipeline.toml").unlink()
+    with pytest.raises(FileExistsError) as exists:
+        config.export(out)
+    assert exists.value.filename == str(out / "grafana" / "mpipeline.json")
+    assert not (out / "pipeline.toml").exists()  # refused before the first write
+    config.export(out, force=True)
+    assert (out / "grafana" / "mpipeline.json").read_bytes() != b"mine"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        config.export(tmp_path / "file")
+
+
+def test_write_new_refuses_what_it_cannot_write_as_asked(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b.toml"
+    config.write_new(target, b"one")  # missing folders are made
+    with pytest.raises(FileExistsError):
+        config.write_new(target, b"two")
+    config.write_new(target, b"two", force=True)
+    assert target.read_bytes() == b"two"
+    with pytest.raises(IsADirectoryError):
+        config.write_new(tmp_path / "a", b"x", force=True)
+    with pytest.raises(NotADirectoryError):
+        config.write_new(target / "c.toml", b"x")
 
 
 # Reading and syntax
