@@ -1,10 +1,12 @@
 """``mpipeline dlq list|show|replay``: the operator's side of the dead-letter queue.
 
-Listing and showing only read ``<run_dir>/dlq.jsonl``, so they work with or
-without a pipeline running. Replay needs one: it attaches as an API client,
-submits each record's request again as the client first sent it, and appends
-a ``replayed`` marker per record, so the file keeps the whole history and
-``replay --all`` never resubmits a request twice.
+Listing and showing only read ``<run_dir>/dlq.jsonl`` and its rotated files
+(``dlq.1.jsonl``...), so they work with or without a pipeline running. Replay
+needs one: it claims the records it will take (so that two replays at once
+never both submit one), attaches as an API client, submits each record's
+request again as the client first sent it, and appends a ``replayed`` marker
+per record, so the file keeps the whole history and ``replay --all`` never
+resubmits a request twice (``_dlq_replay``).
 
 Only argparse and the standard library are imported at module level: the
 parser is built on every ``mpipeline`` call, the runtime only when a handler
@@ -22,19 +24,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from mpipeline.errors import ExitCode, MPipelineError
+from mpipeline.ops import _dlq_render as render
 from mpipeline.ops.args import add_where
 
 if TYPE_CHECKING:
-    from mpipeline.dlq import Listed, ReplayMarker
-    from mpipeline.pipeline import Pipeline
+    from mpipeline.dlq import Listed
 
-# Replays in flight at once: enough to drain a backlog fast, few enough that a
-# replay never sheds its own requests on a pipeline that is just recovering.
-REPLAY_CONCURRENCY = 32
-_INPUT_COLUMN = 40
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -45,7 +43,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "dlq",
         help="list, show and replay failed requests",
         description="Every accepted request that ended in an error is in the dead-letter "
-        "queue (<run_dir>/dlq.jsonl) with its full payload and the reason.",
+        "queue (<run_dir>/dlq.jsonl, and dlq.1.jsonl... once rotated) with its payload and "
+        "the reason.",
     )
     actions = dlq.add_subparsers(title="dlq commands", required=True, metavar="ACTION")
 
@@ -66,8 +65,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="resubmit records to the running pipeline",
         description="Submit each record's request again (same input, session, metadata, "
         "priority, max_tokens and deadline; never streaming) and wait for the outcomes. "
-        "--all takes every record with a request that no replay was accepted for yet. "
-        "Exits 1 if any replay failed.",
+        "--all takes every record with a whole request that no replay was accepted for "
+        "yet and no other running replay holds. Exits 1 if any replay failed.",
     )
     replay.add_argument("ids", nargs="*", metavar="ID", help="records to replay")
     replay.add_argument("--all", action="store_true", help="every record not yet replayed")
@@ -141,11 +140,12 @@ def handle_list(args: argparse.Namespace) -> int:
         return int(ExitCode.USAGE)
     items = _load(path, err, reasons=args.reason, since=args.since)
     if args.json:
-        out.writelines(json.dumps(_as_json(item)) + "\n" for item in items)
+        out.writelines(json.dumps(render.as_json(item)) + "\n" for item in items)
         return int(ExitCode.OK)
     if items:
-        rows = [_list_row(item) for item in items]
-        out.write(_table(("ID", "TIME", "REASON", "STAGE", "REPLAYED", "INPUT"), rows) + "\n")
+        rows = [render.list_row(item) for item in items]
+        head = ("ID", "TIME", "REASON", "STAGE", "REPLAYED", "INPUT")
+        out.write(render.table(head, rows) + "\n")
     waiting = sum(item.pending_replay for item in items)
     out.write(f"{len(items)} records in {path} ({waiting} not replayed)\n")
     return int(ExitCode.OK)
@@ -161,16 +161,15 @@ def handle_show(args: argparse.Namespace) -> int:
         err.write(f"mpipeline dlq show: no record {args.id!r} in {path}\n")
         return int(ExitCode.FAILURE)
     if args.json:
-        out.writelines(json.dumps(_as_json(item), indent=2) + "\n" for item in items)
+        out.writelines(json.dumps(render.as_json(item), indent=2) + "\n" for item in items)
     else:
-        out.write("\n\n".join(_describe(item) for item in items) + "\n")
+        out.write("\n\n".join(render.describe(item) for item in items) + "\n")
     return int(ExitCode.OK)
 
 
 def handle_replay(args: argparse.Namespace) -> int:
     out, err = sys.stdout, sys.stderr  # looked up now, so a test can capture them
-    import asyncio
-
+    from mpipeline.ops._dlq_replay import claim_and_replay
     from mpipeline.rundir import lock_holder
 
     if bool(args.ids) == bool(args.all):
@@ -180,22 +179,7 @@ def handle_replay(args: argparse.Namespace) -> int:
     if path is None:
         return int(ExitCode.USAGE)
     items = _load(path, err, reasons=args.reason, since=args.since, ids=args.ids)
-    bad = 0
-    if args.all:
-        items = [item for item in items if item.pending_replay]
-    else:
-        found = {item.record.id for item in items}
-        for rid in dict.fromkeys(args.ids):
-            if rid not in found:
-                err.write(f"{rid}: no such record (or filtered out)\n")
-                bad += 1
-        for item in items:
-            if item.record.request is None:
-                err.write(f"{item.record.id}: a {item.record.reason} record holds no request\n")
-                bad += 1
-        items = [item for item in items if item.record.request is not None]
-        # One replay per id even if it failed more than once (a gone client's twin).
-        items = list({item.record.id: item for item in items}.values())
+    items, bad = _pending(items, err) if args.all else _named(items, args.ids, err)
     if not items:
         out.write("nothing to replay\n")
         return int(ExitCode.FAILURE if bad else ExitCode.OK)
@@ -203,74 +187,56 @@ def handle_replay(args: argparse.Namespace) -> int:
         err.write(f"mpipeline dlq replay: no supervisor is running in {path.parent}\n")
         return int(ExitCode.FAILURE)
     try:
-        failed = asyncio.run(_replay(path, items, args.deadline_ms, args.timeout, out))
+        done, failed = claim_and_replay(
+            path,
+            items,
+            only_pending=args.all,
+            deadline_ms=args.deadline_ms,
+            timeout_s=args.timeout,
+            out=out,
+            err=err,
+        )
     except (MPipelineError, OSError) as exc:  # no slot free, the pipeline went away...
         err.write(f"mpipeline dlq replay: {exc}\n")
         return int(ExitCode.FAILURE)
-    out.write(f"replayed {len(items)}: {len(items) - failed} ok, {failed} failed\n")
+    if not done:
+        out.write("nothing to replay\n")
+    else:
+        out.write(f"replayed {done}: {done - failed} ok, {failed} failed\n")
+    # A named record another replay holds was not replayed here: say so in the status.
+    bad += 0 if args.all else len(items) - done
     return int(ExitCode.FAILURE if failed or bad else ExitCode.OK)
 
 
-async def _replay(
-    path: Path, items: list[Listed], deadline_ms: float | None, timeout_s: float, out: TextIO
-) -> int:
-    """Resubmit every item and record a marker per outcome; the number that failed."""
-    import asyncio
-
-    from mpipeline.dlq import DeadLetterQueue
-    from mpipeline.pipeline import Pipeline
-
-    dlq = DeadLetterQueue(path)
-    gate = asyncio.Semaphore(REPLAY_CONCURRENCY)
-    failed = 0
-
-    async def one(p: Pipeline, item: Listed) -> None:
-        nonlocal failed
-        async with gate:
-            marker = await _resubmit(p, item, deadline_ms)
-        # On disk before it is reported, like the records themselves.
-        await dlq.record((marker,))
-        failed += marker.outcome != "ok"
-        detail = f" ({marker.message})" if marker.message else ""
-        new_id = marker.new_request_id or "(not accepted)"
-        out.write(f"{marker.replay_of} -> {new_id}: {marker.outcome}{detail}\n")
-        out.flush()
-
-    try:
-        async with Pipeline.attach(path.parent, timeout_s=timeout_s) as p:
-            await asyncio.gather(*(one(p, item) for item in items))
-    finally:
-        await dlq.aclose()
-    return failed
+def _pending(items: list[Listed], err: TextIO) -> tuple[list[Listed], int]:
+    """What ``--all`` takes: records with a whole request and no accepted replay yet."""
+    cut = sum(1 for item in items if item.record.request is not None and not item.replayable)
+    if cut:
+        err.write(f"{cut} records were cut to fit the DLQ's record cap; they are not replayed\n")
+    return [item for item in items if item.pending_replay], 0
 
 
-async def _resubmit(p: Pipeline, item: Listed, deadline_ms: float | None) -> ReplayMarker:
-    from mpipeline.dlq import ReplayMarker
-    from mpipeline.errors import RequestFailed
-
-    req = item.record.request
-    assert req is not None
-    try:
-        done = await p.submit(
-            req.input,
-            session_id=req.session_id,
-            metadata=dict(req.metadata),
-            priority=req.priority_value(),
-            deadline_ms=deadline_ms if deadline_ms is not None else req.deadline_ms,
-            max_tokens=req.max_tokens,
-        )
-    except RequestFailed as exc:
-        return ReplayMarker(
-            replay_of=item.record.id,
-            ts=time.time(),
-            # "" when refused before acceptance: nothing reached the pipeline.
-            new_request_id=exc.request_id or None,
-            outcome=str(exc.code),
-            message=exc.failed.reason,
-        )
-    return ReplayMarker(
-        replay_of=item.record.id, ts=time.time(), new_request_id=done.request_id, outcome="ok"
-    )
+def _named(items: list[Listed], ids: list[str], err: TextIO) -> tuple[list[Listed], int]:
+    """The named records that can be replayed (one per id), and how many cannot."""
+    bad = 0
+    found = {item.record.id for item in items}
+    for rid in dict.fromkeys(ids):
+        if rid not in found:
+            err.write(f"{rid}: no such record (or filtered out)\n")
+            bad += 1
+    for item in items:
+        if item.record.request is None:
+            err.write(f"{item.record.id}: a {item.record.reason} record holds no request\n")
+            bad += 1
+        elif not item.replayable:
+            err.write(
+                f"{item.record.id}: the record was cut to fit the DLQ's record cap; "
+                "its request is not whole and is not replayed\n"
+            )
+            bad += 1
+    # One replay per id even if it failed more than once (a gone client's twin).
+    chosen = {item.record.id: item for item in items if item.replayable}
+    return list(chosen.values()), bad
 
 
 # Reading and rendering
@@ -310,98 +276,3 @@ def _load(
         err.write(f"warning: {text}\n")
 
     return listing(read_entries(path, warn), reasons=reasons, since=since, ids=ids)
-
-
-def _as_json(item: Listed) -> dict[str, Any]:
-    import msgspec
-
-    record: dict[str, Any] = msgspec.to_builtins(item.record)
-    record["replays"] = msgspec.to_builtins(item.replays)
-    return record
-
-
-def _list_row(item: Listed) -> tuple[str, ...]:
-    r = item.record
-    text = r.request.input if r.request is not None else (r.result.text if r.result else None)
-    return (r.id, _when(r.ts), r.reason, r.stage, _replay_cell(item), _clip(text))
-
-
-def _replay_cell(item: Listed) -> str:
-    if item.record.request is None:
-        return "n/a"
-    m = item.replayed
-    if m is None:
-        return "-"
-    return f"{m.new_request_id or '(not accepted)'} {m.outcome}"
-
-
-def _describe(item: Listed) -> str:
-    r = item.record
-    lines = [
-        f"id:       {r.id}",
-        f"time:     {_when(r.ts, precise=True)} ({r.ts:.3f})",
-        f"reason:   {r.reason}",
-        f"stage:    {r.stage}",
-        f"message:  {r.message}",
-    ]
-    if r.request is not None:
-        q = r.request
-        lines += [
-            "request:",
-            f"  session_id:  {q.session_id}",
-            f"  priority:    {q.priority}",
-            f"  deadline_ms: {q.deadline_ms}",
-            f"  max_tokens:  {q.max_tokens}",
-            f"  stream:      {str(q.stream).lower()}",
-            f"  metadata:    {json.dumps(q.metadata)}",
-            f"  input ({len(q.input)} characters):",
-            *_indent(q.input),
-        ]
-    if r.result is not None:
-        res = r.result
-        lines += ["result:", f"  outcome:     {res.outcome}"]
-        if res.error is not None:
-            lines += [f"  error:       {res.error} (stage {res.stage})"]
-        if res.text is not None:
-            usage = f"{res.prompt_tokens} prompt + {res.completion_tokens} completion tokens"
-            lines += [f"  usage:       {usage}", f"  finish:      {res.finish_reason}", "  text:"]
-            lines += _indent(res.text)
-    if item.replays:
-        lines.append("replays:")
-        lines += [_replay_line(m) for m in item.replays]
-    else:
-        lines.append("replays:  none")
-    return "\n".join(lines)
-
-
-def _replay_line(m: ReplayMarker) -> str:
-    detail = f" ({m.message})" if m.message else ""
-    new_id = m.new_request_id or "(not accepted)"
-    return f"  {_when(m.ts)}  -> {new_id}: {m.outcome}{detail}"
-
-
-def _indent(text: str) -> list[str]:
-    return [f"    {line}" for line in text.splitlines() or [""]]
-
-
-def _when(ts: float, precise: bool = False) -> str:
-    moment = datetime.datetime.fromtimestamp(ts)
-    return moment.isoformat(" ", "milliseconds" if precise else "seconds")
-
-
-def _clip(text: str | None) -> str:
-    if text is None:
-        return ""
-    shown = json.dumps(text, ensure_ascii=False)
-    if len(shown) <= _INPUT_COLUMN:
-        return shown
-    return shown[: _INPUT_COLUMN - 2] + "…"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-    return "\n".join([line(headers), *map(line, rows)])

@@ -19,7 +19,14 @@ from typing import Any
 
 import pytest
 
-from mpipeline.dlq import DLQ_FILE, DeadLetter, read_entries
+from mpipeline.dlq import (
+    DLQ_FILE,
+    DeadLetter,
+    DeadLetterQueue,
+    ReplayMarker,
+    RequestPayload,
+    read_entries,
+)
 from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.messages import Completed
 from mpipeline.pipeline import Pipeline
@@ -189,3 +196,53 @@ def test_a_result_for_a_client_that_died_is_recorded_as_client_gone(
     assert record.id == rid and record.reason == "client_gone" and record.request is None
     assert record.result is not None and record.result.outcome == "completed"
     assert record.result.text and record.result.completion_tokens == 4
+
+
+def test_two_replays_at_once_resubmit_each_record_exactly_once(
+    start_supervisor: SupervisorFactory,
+) -> None:
+    """RELIABILITY #46 (issue 15 §6): two ``replay --all`` started together split the
+    records between them; none is submitted twice, none is left out."""
+    # Each replay takes a while (4 x 50 ms per request), so the two overlap.
+    sp = start_supervisor(
+        {"stages.inference.echo.token_delay_ms": 50.0, "stages.inference.echo.max_tokens": 4}
+    )
+    path = sp.run_dir / DLQ_FILE
+    ids = [f"dead0-{i}" for i in range(40)]
+    letters = [
+        DeadLetter(
+            id=rid,
+            ts=1.0,
+            reason="ring_full",
+            stage="rag",
+            message="ring_full:rag0-assemble0",
+            request=RequestPayload(input=f"replay me {rid}", deadline_ms=20_000.0),
+        )
+        for rid in ids
+    ]
+
+    async def fill() -> None:
+        dlq = DeadLetterQueue(path)
+        await dlq.record(letters)
+        await dlq.aclose()
+
+    asyncio.run(fill())
+    argv = [sys.executable, "-m", "mpipeline", "dlq", "replay", "--all", "--run-dir"]
+    procs = [
+        subprocess.Popen(
+            [*argv, str(sp.run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=CLI_TIMEOUT_S) for p in procs]
+    with sp.explain():
+        assert [p.returncode for p in procs] == [0, 0], outputs
+    submitted = [
+        line.split()[0] for out, _ in outputs for line in out.splitlines() if " -> " in line
+    ]
+    assert sorted(submitted) == sorted(ids), outputs  # each exactly once, across both
+    markers = [e for e in read_entries(path) if isinstance(e, ReplayMarker)]
+    assert sorted(m.replay_of for m in markers) == sorted(ids)
+    assert all(m.outcome == "ok" and m.claim for m in markers)
+    again = _cli(sp.run_dir, "replay", "--all")
+    assert again.returncode == 0 and "nothing to replay" in again.stdout
