@@ -73,7 +73,7 @@ async def _consume(stage_name: str, n: int, cfg: PipelineConfig, metrics: bool, 
     block = MetricsBlock.create(f"mpl-{run}-metrics", 1) if metrics else None
     try:
         encoder = msgspec.msgpack.Encoder()
-        records, _ = pack_records(encoder.encode, [make(i) for i in range(n)], rings[0].max_record)
+        records = pack_records(encoder.encode, [make(i) for i in range(n)], rings[0].max_record)[0]
         assert rings[0].put_many([r for r, _ in records]) == len(records)
         spec = ReplicaSpec(
             stage=stage_name,

@@ -24,7 +24,7 @@ msgspec's "2x", since most of a request's decode time goes into its strings and 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Generic, TypeVar, get_args, overload
+from typing import Annotated, Any, Generic, NamedTuple, TypeVar, get_args, overload
 
 import msgspec
 
@@ -131,31 +131,55 @@ PER_RECORD = 64
 
 M = TypeVar("M")
 
+# What an encoder raises for a message it cannot encode: an int beyond 64 bits
+# (OverflowError), a value of a type it does not know, a str with lone surrogates.
+UNENCODABLE = (OverflowError, msgspec.EncodeError, TypeError, ValueError, UnicodeEncodeError)
 
-def pack_records(
-    encode: Callable[[list[M]], bytes], msgs: list[M], max_record: int
-) -> tuple[list[tuple[bytes, list[M]]], list[M]]:
+
+class Packed(NamedTuple, Generic[M]):
+    """``pack_records``' answer: what to write and what the caller must answer instead."""
+
+    # Each record with the messages it holds, in order.
+    records: list[tuple[bytes, list[M]]]
+    # Messages too large for any record of this ring.
+    too_large: list[M]
+    # Messages the encoder refused, each with its reason.
+    unencodable: list[tuple[M, str]]
+
+
+def pack_records(encode: Callable[[list[M]], bytes], msgs: list[M], max_record: int) -> Packed[M]:
     """Encode ``msgs`` once into records of at most ``PER_RECORD`` messages.
 
-    A group that comes out over ``max_record`` is re-encoded one message per
-    record. Returns the records, each with the messages it holds, and the
-    messages too large for any record (the caller answers those).
+    A group that comes out over ``max_record``, or that the encoder refuses, is
+    re-encoded one message per record, so one bad message costs only itself:
+    a poisoned batch left at the head of a queue would stall every message
+    behind it for good. Nothing is dropped: what cannot be written comes back
+    in ``too_large`` or ``unencodable`` for the caller to answer.
     """
     records: list[tuple[bytes, list[M]]] = []
     too_large: list[M] = []
+    unencodable: list[tuple[M, str]] = []
     for k in range(0, len(msgs), PER_RECORD):
         part = msgs[k : k + PER_RECORD]
-        record = encode(part)
-        if len(record) <= max_record:
-            records.append((record, part))
-            continue
+        try:
+            record = encode(part)
+        except UNENCODABLE:
+            pass
+        else:
+            if len(record) <= max_record:
+                records.append((record, part))
+                continue
         for msg in part:
-            one = encode([msg])
+            try:
+                one = encode([msg])
+            except UNENCODABLE as exc:
+                unencodable.append((msg, f"cannot be encoded: {exc}"))
+                continue
             if len(one) <= max_record:
                 records.append((one, [msg]))
             else:
                 too_large.append(msg)
-    return records, too_large
+    return Packed(records, too_large, unencodable)
 
 
 def _why(exc: Exception) -> str:

@@ -8,12 +8,14 @@ an explicit error instead of a hang). Keeping it in /dev/shm means a slow
 disk can never stall a heartbeat (gunicorn#1305).
 
 Layout: u64 slots. Header (0-7, ``_shm.Segment``'s): magic, kind, replicas,
-clients, run state, supervisor pid, supervisor start ticks, started ns. Then 8 slots per replica
-(pid, generation, heartbeat ns, processed, in flight, state, last exit,
-restarts) and 8 per client (pid, start ticks, cancel count, spare), then a
-cancel board of ``CANCEL_SLOTS`` u64 per client. Each replica slot has one
-writer at a time: the replica, except generation/last exit/restarts and pid
-which the supervisor writes while the replica is down.
+clients, run state, supervisor pid, supervisor start ticks, started ns. Then
+8 slots per replica (pid, generation, heartbeat ns, processed, in flight,
+state, last exit, restarts) and 8 per client (pid, start ticks, cancel count,
+paused count, and its request counts: accepted, completed, failed, in
+flight), then a cancel board of ``CANCEL_SLOTS`` u64 per client, then a pause
+board of ``PAUSE_SLOTS`` u64 per client. Each replica slot has one writer at
+a time: the replica, except generation/last exit/restarts and pid which the
+supervisor writes while the replica is down.
 
 The cancel board is how a client that lost its caller (an HTTP client that
 hung up) stops work already inside the pipeline without a message that would
@@ -25,6 +27,15 @@ same slot: cancelling is best effort (the client has already answered the
 caller), and a full 64-bit hash never cancels the wrong request by accident
 in practice.
 
+The pause board is how a stream's slow reader reaches the shard that feeds
+it (issue 15): when a client holds too many unread chunks of one request it
+stores the request's hash on its pause board, and the shard, which checks
+between streamed chunks, stops generating that request until the slot is
+cleared; other requests on the same rings go on. A stage reads the client's
+paused count first, so a client with nothing paused costs one load.
+Collisions are possible and harmless: a pause lost to another request in the
+same slot only lets chunks come on, and the client's hard bound still holds.
+
 Only this module knows the slot numbers: the supervisor, replicas, clients
 and readers use the typed accessors below (``get``/``put`` with the ``R_*``
 names are the raw form, for tests and tools that poke one word).
@@ -34,8 +45,10 @@ from __future__ import annotations
 
 import enum
 import mmap
+import struct
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -45,9 +58,11 @@ SLOT_WIDTH = 8
 # Header words 2-4 (the rest are _shm's).
 H_REPLICAS, H_CLIENTS, H_STATE = _shm.H_WORD2, _shm.H_WORD3, _shm.H_WORD4
 R_PID, R_GENERATION, R_HEARTBEAT, R_PROCESSED, R_INFLIGHT, R_STATE, R_EXIT, R_RESTARTS = range(8)
-C_PID, C_START, C_CANCELS = range(3)
+C_PID, C_START, C_CANCELS, C_PAUSED, C_ACCEPTED, C_COMPLETED, C_FAILED, C_INFLIGHT = range(8)
 # Recent cancellations remembered per client.
 CANCEL_SLOTS = 1024
+# Streams one client can hold paused at once without a collision being likely.
+PAUSE_SLOTS = 1024
 # A signal death is stored in the last-exit slot as this bit | signo.
 SIGNALLED = 0x10000
 
@@ -66,6 +81,15 @@ class ReplicaState(enum.IntEnum):
     READY = 2
     DRAINING = 3
     EXITED = 4
+
+
+class RequestCounts(NamedTuple):
+    """One client's requests: every accepted one is completed, failed or in flight."""
+
+    accepted: int
+    completed: int
+    failed: int
+    in_flight: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +119,12 @@ class ControlBlock(_shm.Segment):
         self.n_clients: int = self._q[H_CLIENTS]
         self._clients = _shm.HEADER_WORDS + SLOT_WIDTH * self.n_replicas
         self._boards = self._clients + SLOT_WIDTH * self.n_clients
+        self._pauses = self._boards + CANCEL_SLOTS * self.n_clients
 
     @classmethod
     def create(cls, name: str, n_replicas: int, n_clients: int) -> ControlBlock:
         slots = _shm.HEADER_WORDS + SLOT_WIDTH * (n_replicas + n_clients)
-        size = 8 * (slots + CANCEL_SLOTS * n_clients)
+        size = 8 * (slots + (CANCEL_SLOTS + PAUSE_SLOTS) * n_clients)
         return cls._create(name, size, {H_REPLICAS: n_replicas, H_CLIENTS: n_clients})
 
     @classmethod
@@ -239,3 +264,67 @@ class ControlBlock(_shm.Segment):
             return False
         h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
         return bool(self._q[self._boards + CANCEL_SLOTS * client + h % CANCEL_SLOTS] == h)
+
+    # Request counts (invariant I6: accepted = completed + failed + in flight)
+
+    def publish_requests(self, client: int, counts: RequestCounts) -> None:
+        """Store a client's counts, taken at one instant of its event loop."""
+        at = self._clients + SLOT_WIDTH * client + C_ACCEPTED
+        self._q[at : at + 4] = memoryview(struct.pack("4Q", *counts)).cast("Q")
+
+    def request_counts(self, client: int) -> RequestCounts:
+        """A client's last published counts, never torn by a write in progress.
+
+        The client publishes every few ms and a store is four words, so two
+        reads in a row that agree were not interleaved with a store.
+        """
+        at = self._clients + SLOT_WIDTH * client + C_ACCEPTED
+        q = self._q
+        while True:
+            first = tuple(q[at : at + 4])
+            if tuple(q[at : at + 4]) == first:
+                return RequestCounts(*(int(v) for v in first))
+
+    # Pause board
+
+    def clear_pauses(self, client: int) -> None:
+        """Forget every pause of a client slot (a new client claimed it)."""
+        start = self._pauses + PAUSE_SLOTS * client
+        self._q[start : start + PAUSE_SLOTS] = memoryview(bytes(8 * PAUSE_SLOTS)).cast("Q")
+        self._q[self._clients + SLOT_WIDTH * client + C_PAUSED] = 0
+
+    def pause(self, client: int, request_id: str) -> None:
+        """Ask the shard streaming ``request_id`` of ``client`` to stop generating it."""
+        if not 0 <= client < self.n_clients:
+            raise IndexError(f"client slot {client} out of range({self.n_clients})")
+        h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
+        at = self._pauses + PAUSE_SLOTS * client + h % PAUSE_SLOTS
+        q = self._q
+        if q[at] != h:
+            if not q[at]:
+                q[self._clients + SLOT_WIDTH * client + C_PAUSED] += 1
+            q[at] = h
+
+    def resume(self, client: int, request_id: str) -> None:
+        """Let a paused request go on (nothing if another took its slot since)."""
+        if not 0 <= client < self.n_clients:
+            return
+        h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
+        at = self._pauses + PAUSE_SLOTS * client + h % PAUSE_SLOTS
+        q = self._q
+        if q[at] == h:
+            q[at] = 0
+            q[self._clients + SLOT_WIDTH * client + C_PAUSED] -= 1
+
+    def pauses(self, client: int) -> int:
+        """How many of ``client``'s streams are paused now: 0 lets a stage skip hashing."""
+        if not 0 <= client < self.n_clients:
+            return 0
+        return int(self._q[self._clients + SLOT_WIDTH * client + C_PAUSED])
+
+    def paused(self, client: int, request_id: str) -> bool:
+        """True while ``client`` holds ``request_id`` paused; one hash and one load."""
+        if not 0 <= client < self.n_clients:
+            return False
+        h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
+        return bool(self._q[self._pauses + PAUSE_SLOTS * client + h % PAUSE_SLOTS] == h)

@@ -53,12 +53,22 @@ class ErrorCode(enum.StrEnum):
     CLIENT_CANCELLED = "client_cancelled"
     # A result reached a gateway slot whose earlier process (and client) is gone.
     CLIENT_GONE = "client_gone"
+    # A stream's reader stopped reading for longer than its stall timeout.
+    SLOW_CLIENT = "slow_client"
     RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 
 
 class MPipelineError(Exception):
     """Root of every error raised on purpose by mpipeline."""
+
+
+class ReaderStalled(ConnectionResetError):  # noqa: N818 - reads as what happened
+    """A stream's reader took nothing for longer than the stall timeout.
+
+    A ``ConnectionError``, so every writer that handles a client that left
+    handles this one too; the gateway also records it as ``slow_client``.
+    """
 
 
 class AlreadyRunning(MPipelineError):  # noqa: N818 - reads as the state found

@@ -26,14 +26,17 @@ from mpipeline.gateway import _json_errors
 from mpipeline.gateway.admission import Refused
 from mpipeline.gateway.exchange import Reply
 from mpipeline.messages import Completed, Priority, Turn
-from mpipeline.pipeline import RequestOptions
+from mpipeline.pipeline import RequestOptions, limits
 
 T = TypeVar("T")
 
-# The longest deadline a client may ask for: 10 minutes. Longer waits are
-# almost always a unit mistake (seconds sent as ms) and would pin a slot.
-MAX_DEADLINE_MS = 600_000
-MAX_SESSION_ID = 256
+# Bounds shared with the Python API (``pipeline.limits``): every integer,
+# string, list and map a client sends has one, checked while decoding.
+MAX_DEADLINE_MS = limits.MAX_DEADLINE_MS
+MAX_SESSION_ID = limits.MAX_SESSION_ID
+MAX_TOKENS = limits.MAX_TOKENS
+# A name that is only a label (a model, a message's author).
+MAX_NAME = 256
 # Seconds a client should wait before retrying a shed (503) request.
 RETRY_AFTER_S = 1
 PRIORITIES = {
@@ -60,6 +63,8 @@ STATUS_FOR_CODE: dict[ErrorCode, int] = {
     # Nginx's "client closed request": only ever logged, the client is gone.
     ErrorCode.CLIENT_CANCELLED: 499,
     ErrorCode.CLIENT_GONE: 499,
+    # Only ever logged and recorded: the reader is not reading.
+    ErrorCode.SLOW_CLIENT: 408,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.INTERNAL: 500,
 }
@@ -82,6 +87,16 @@ TYPE_FOR_STATUS = {
 _ENCODE = msgspec.json.Encoder().encode
 
 SessionId = Annotated[str, Meta(min_length=1, max_length=MAX_SESSION_ID)]
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
+# OpenAI's own limits on metadata (16 pairs, keys of 64, values of 512 characters).
+Metadata = Annotated[
+    dict[
+        Annotated[str, Meta(max_length=limits.MAX_METADATA_KEY)],
+        Annotated[str, Meta(max_length=limits.MAX_METADATA_VALUE)],
+    ],
+    Meta(max_length=limits.MAX_METADATA_ITEMS),
+]
 
 
 class TurnIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -96,13 +111,13 @@ class PromptBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     input: Annotated[str, Meta(min_length=1)]
     session_id: SessionId | None = None
-    metadata: dict[str, str] = {}
+    metadata: Metadata = {}
     priority: Literal["critical", "high", "normal", "low"] = "normal"
     deadline_ms: Annotated[float, Meta(ge=1, le=MAX_DEADLINE_MS)] | None = None
     stream: bool = False
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None
     # The conversation before ``input``, oldest first, for multi-turn sessions.
-    history: list[TurnIn] = []
+    history: Annotated[list[TurnIn], Meta(max_length=limits.MAX_HISTORY)] = []
 
 
 class UsageOut(msgspec.Struct, frozen=True, kw_only=True):

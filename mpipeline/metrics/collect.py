@@ -104,6 +104,7 @@ class Reader:
         _rings(snap, families)
         _circuits(snap, families)
         self._replicas(snap, families)
+        _clients(run, families)
         return families.all()
 
     # From the metrics block
@@ -284,3 +285,17 @@ def _circuits(snap: Status, families: _Families) -> None:
             state = "half_open"  # the next call probes: the board moves lazily
         families.put("circuit_state", [c.upstream], CIRCUIT_VALUES.get(state, 1.0))
         families.put("circuit_opens", [c.upstream], c.opens)
+
+
+def _clients(run: Run, families: _Families) -> None:
+    """Each client slot's request counts (gateway-N, then api-N), as the client published them."""
+    topo = run.info.topology
+    gateways = len(topo.gateways)
+    for client in topo.clients:
+        i = client.index
+        label = f"gateway-{i}" if i < gateways else f"api-{i - gateways}"
+        counts = run.control.request_counts(i)
+        families.put("requests_accepted", [label], counts.accepted)
+        families.put("requests_completed", [label], counts.completed)
+        families.put("requests_failed", [label], counts.failed)
+        families.put("requests_in_flight", [label], counts.in_flight)

@@ -162,6 +162,25 @@ FAMILIES = _families(
         ("stage", "replica"),
     ),
     Family("replica_up", "gauge", "1 when a replica is running and ready.", ("stage", "replica")),
+    # Read from the control block's client slots: every client, gateways and
+    # Python API clients alike. accepted = completed + failed + in_flight
+    # holds in every scrape (invariant I6).
+    Family(
+        "requests_accepted",
+        "counter",
+        "Requests a client accepted into the pipeline.",
+        ("client",),
+    ),
+    Family(
+        "requests_completed", "counter", "Accepted requests that ended in a result.", ("client",)
+    ),
+    Family(
+        "requests_failed",
+        "counter",
+        "Accepted requests that ended in an error (each has its DLQ record).",
+        ("client",),
+    ),
+    Family("requests_in_flight", "gauge", "Accepted requests not yet answered.", ("client",)),
 )
 
 # The gateway's routes; anything else is counted as "other" (a path is user input).

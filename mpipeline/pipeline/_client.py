@@ -19,19 +19,21 @@ import itertools
 import os
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any, Self, Unpack
 
 from mpipeline.codec import Codec
 from mpipeline.config import PipelineConfig
-from mpipeline.control import ControlBlock, ReplicaState, RunState
+from mpipeline.control import ControlBlock, ReplicaState, RequestCounts, RunState
 from mpipeline.dlq import DLQ_FILE, DeadLetterQueue
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed, RingEmpty
-from mpipeline.messages import Completed, PromptRequest, ToGateway, TokenChunk, Turn
+from mpipeline.messages import Completed, PromptRequest, ToGateway, TokenChunk
+from mpipeline.pipeline import limits
+from mpipeline.pipeline._chunks import ChunkBuffer
 from mpipeline.pipeline._inflight import ClientMetrics, Inflight, Pending
 from mpipeline.pipeline._launch import Launched, claim_slot, wait_for_state
-from mpipeline.pipeline._options import RequestFields, RequestOptions, merged
+from mpipeline.pipeline._options import DEFAULT, RequestFields, RequestOptions, merged
 from mpipeline.pipeline._outbox import Outbox
 from mpipeline.ring import Ring
 from mpipeline.rundir import RunInfo
@@ -44,6 +46,11 @@ _WATCH_S = 0.02
 # most a quarter of the record, so small rings still take short prompts).
 _ENVELOPE_BYTES = 4096
 _IDLE_WAIT_S = 0.25
+# Requests waiting this long with no ring write at all: the client path is
+# stuck, and /readyz says so (a full ring normally drains or sheds sooner).
+STUCK_AFTER_S = 10.0
+# How long a stream may stay paused for its reader before it is cut.
+STALL_TIMEOUT_S = 30.0
 
 
 class Pipeline:
@@ -59,6 +66,9 @@ class Pipeline:
         self._run_dir_arg = Path(run_dir) if run_dir is not None else None
         self.timeout_s = timeout_s
         self.boot_timeout_s = boot_timeout_s
+        # A stream whose reader takes nothing for this long is cut ``slow_client``
+        # (``_chunks.py``); the gateway sets its ``stall_timeout_s`` here.
+        self.stall_timeout_s = STALL_TIMEOUT_S
         self._owns_supervisor = True
         self._launched: Launched | None = None
         self._rings: list[Ring] = []
@@ -69,6 +79,8 @@ class Pipeline:
         self._inflight = self._table.pending
         self._outbox: Outbox | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._input_limit = 0
+        self._counts_base = self._counts_sent = RequestCounts(0, 0, 0, 0)
         self._ctl: ControlBlock | None = None
         self._slot_fd = -1
         self._info: RunInfo | None = None
@@ -152,15 +164,26 @@ class Pipeline:
         self._stages = list(topo.stages)
         self._replica_slots = {(r.stage, r.index): r.slot for r in topo.replicas}
         self._ctl = ControlBlock.attach(info.control)
+        self._table.board = self._ctl
         self._generations = self._ctl.generations()
         self._ingress = [Ring.attach(n) for n in spec.ingress]
         self._rings_in = [Ring.attach(n) for n in (*spec.returns, *spec.errors)]
         self._rings = [*self._ingress, *self._rings_in]
         self._outbox = Outbox(self._ingress, self._stages[0][0], self._table)
+        max_record = self._ingress[0].max_record
+        self._input_limit = max_record - min(_ENVELOPE_BYTES, max_record // 4)
         # pid, slot and a per-client nonce: a later client in the same process on
         # the same slot must never take a late result for one of its own.
         self._prefix = f"{os.getpid():x}{spec.index}{secrets.token_hex(2)}-"
         self._table.reply_to = spec.index
+        self._ctl.clear_pauses(spec.index)  # an earlier client's pauses end with it
+        # Counts go on from an earlier client's on this slot; what it still held
+        # when it went away ended without an answer from here: failed.
+        old = self._ctl.request_counts(spec.index)
+        self._counts_base = RequestCounts(
+            old.accepted, old.completed, old.failed + old.in_flight, 0
+        )
+        self._publish_counts()
         self._table.prefix = self._prefix
 
     async def close(self) -> None:
@@ -173,6 +196,8 @@ class Pipeline:
         self._table.fail_all(ErrorCode.SHUTTING_DOWN, "the client closed")
         if self._table.dlq is not None:
             await self._table.dlq.aclose()  # those failures are recorded before we exit
+        if self._ctl is not None:
+            self._publish_counts()
         for ring in self._rings:
             ring.close()
         if self._ctl is not None:
@@ -205,20 +230,10 @@ class Pipeline:
                     f"the pipeline is {self._ctl.state.name.lower()}",
                 )
             )
-        max_record = self._ingress[0].max_record
-        limit = max_record - min(_ENVELOPE_BYTES, max_record // 4)
-        turns = opts.history or ()
-        size = len(text) + sum(len(t.content) + 16 for t in turns)
-        # Four bytes per character bound the UTF-8 size: encode only near the limit.
-        if size * 4 > limit and _utf8_size(text, turns) > limit:
-            raise RequestFailed(
-                self._table.failed(
-                    "",
-                    session_id,
-                    ErrorCode.TOO_LARGE,
-                    f"input of {size} characters exceeds the limit of {limit}",
-                )
-            )
+        if opts is not DEFAULT or len(text) * 4 > self._input_limit:
+            refused = limits.refusal(text, opts, self._input_limit)
+            if refused is not None:
+                raise RequestFailed(self._table.failed("", session_id, *refused))
         now = time.monotonic_ns()
         deadline_ms = opts.deadline_ms
         timeout = self.timeout_s if deadline_ms is None else deadline_ms / 1000.0
@@ -232,10 +247,10 @@ class Pipeline:
             reply_to=self._client.index,
             stream=stream,
             max_tokens=opts.max_tokens,
-            history=list(turns),
+            history=list(opts.history or ()),
         )
         loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[TokenChunk] | None = asyncio.Queue() if stream else None
+        chunks = ChunkBuffer() if stream else None
         pending = Pending(req, req.deadline_ns, loop.create_future(), now, chunks)
         pending.custom_deadline = deadline_ms is not None
         self._table.add(pending)
@@ -300,48 +315,51 @@ class Pipeline:
         :raises RequestFailed: as ``submit``, possibly after some chunks.
         """
         pending = self._new_request(text, merged(options, fields), True)
-        queue = pending.chunks
-        assert queue is not None
+        chunks = pending.chunks
+        assert chunks is not None
         future = pending.future
+        taken = self._table.taken
         try:
             while True:
-                if not queue.empty():
-                    yield queue.get_nowait()
+                chunk = chunks.take()
+                if chunk is not None:
+                    if chunks.paused_ns:
+                        taken(pending, chunks)
+                    yield chunk
                     continue
                 if future.done():
                     yield future.result()  # raises RequestFailed
                     return
-                getter: asyncio.Future[TokenChunk] = asyncio.ensure_future(queue.get())
-                waiting: list[asyncio.Future[Any]] = [getter, future]
-                try:
-                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not getter.done():
-                        getter.cancel()
-                if getter.done() and not getter.cancelled():
-                    yield getter.result()
+                await chunks.wait(future)  # type: ignore[arg-type]
         finally:
             if not future.done():
                 self.cancel(pending.request.request_id)
                 future.add_done_callback(_retrieve)
 
-    def cancel(self, request_id: str, reason: str = "the client went away") -> bool:
-        """Give up on a request in flight: answer it ``client_cancelled`` and stop its work.
+    def cancel(
+        self,
+        request_id: str,
+        reason: str = "the client went away",
+        code: ErrorCode = ErrorCode.CLIENT_CANCELLED,
+    ) -> bool:
+        """Give up on a request in flight: answer it ``code`` and stop its work.
 
         Stages skip a cancelled request and an inference shard stops streaming
         it at the next chunk (the control block's cancel board), so a client
-        that hangs up stops spending model time. False when the request has
-        already ended.
+        that hangs up stops spending model time. ``code`` says why in the DLQ
+        record: ``client_cancelled`` (the caller left), ``slow_client`` (it
+        stopped reading). False when the request has already ended.
         """
         pending = self._inflight.get(request_id)
         if pending is None:
             return False
+        if code is ErrorCode.SLOW_CLIENT:
+            self._table.cut(pending, reason)
+            return True
         if self._ctl is not None:
             self._ctl.cancel(self._client.index, request_id)
         session = pending.request.session_id
-        self._table.resolve_failed(
-            self._table.failed(request_id, session, ErrorCode.CLIENT_CANCELLED, reason)
-        )
+        self._table.resolve_failed(self._table.failed(request_id, session, code, reason))
         return True
 
     @property
@@ -362,6 +380,34 @@ class Pipeline:
             state = ctl.replica_state(slot)
             if state != ReplicaState.READY:
                 return f"replica {stage}-{index} is {_state_name(state)}"
+        return self._client_path_problem()
+
+    def _publish_counts(self) -> None:
+        """Put this client's request counts where /metrics reads them (invariant I6).
+
+        Taken at one instant of the loop, so accepted = completed + failed +
+        in flight holds in every published set, and in every scrape.
+        """
+        stats, base = self.stats, self._counts_base
+        counts = RequestCounts(
+            base.accepted + stats["submitted"],
+            base.completed + stats["completed"],
+            base.failed + stats["failed"],
+            len(self._inflight),
+        )
+        if counts != self._counts_sent and self._ctl is not None:
+            self._ctl.publish_requests(self._client.index, counts)
+            self._counts_sent = counts
+
+    def _client_path_problem(self) -> str | None:
+        """Why this client's own path is stuck (issue 15: a wedged client stayed "ready")."""
+        for task in self._tasks:
+            if task.done():
+                return "the pipeline client's result loop has stopped"
+        assert self._outbox is not None
+        stalled = self._outbox.stalled_s()
+        if stalled > STUCK_AFTER_S:
+            return f"requests have waited {stalled:.0f} s for the first stage's ring"
         return None
 
     @property
@@ -397,7 +443,12 @@ class Pipeline:
         grace = int(DEADLINE_GRACE_S * 1e9)
         while True:
             await asyncio.sleep(_WATCH_S)
-            self._table.expire(time.monotonic_ns() - grace)
+            now = time.monotonic_ns()
+            self._table.expire(now - grace)
+            self._publish_counts()
+            if self._table.paused:
+                stall = self.stall_timeout_s
+                self._table.cut_stalled(now - int(stall * 1e9), stall)
             gens = ctl.generations()
             if gens != self._generations:
                 replicas = dict(self._stages)
@@ -422,8 +473,3 @@ def _retrieve(future: asyncio.Future[Completed]) -> None:
     """Mark an abandoned request's outcome as seen, so asyncio logs nothing."""
     if not future.cancelled():
         future.exception()
-
-
-def _utf8_size(text: str, history: Sequence[Turn]) -> int:
-    """Bytes of a request's text on the wire (16 bytes of framing per turn)."""
-    return len(text.encode()) + sum(len(t.content.encode()) + len(t.role) + 16 for t in history)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import heapq
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,7 @@ from typing import Protocol
 from mpipeline.dlq import DeadLetterQueue, gone_letter, letter_for
 from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.messages import Completed, Failed, PromptRequest, TokenChunk
+from mpipeline.pipeline._chunks import HARD_LIMIT, HIGH_WATER, LOW_WATER, ChunkBuffer
 from mpipeline.routing import request_key, shard_for
 
 
@@ -33,13 +35,21 @@ class ClientMetrics(Protocol):
     def failed(self, stage: str, code: str) -> None: ...
 
 
+class Board(Protocol):
+    """The control block's pause and cancel boards, as the table uses them."""
+
+    def pause(self, client: int, request_id: str) -> None: ...
+    def resume(self, client: int, request_id: str) -> None: ...
+    def cancel(self, client: int, request_id: str) -> None: ...
+
+
 @dataclass(slots=True)
 class Pending:
     request: PromptRequest
     deadline_ns: int
     future: asyncio.Future[Completed]
     accepted_ns: int
-    chunks: asyncio.Queue[TokenChunk] | None = None
+    chunks: ChunkBuffer | None = None
     # Set for requests with their own deadline_ms; the rest expire in submit order.
     custom_deadline: bool = False
     route: dict[str, int] = field(default_factory=dict)
@@ -58,6 +68,10 @@ class Inflight:
         # This client's slot (every Failed made here goes to it) and request-id prefix.
         self.reply_to = 0
         self.prefix = ""
+        # Where pauses and cancels are posted (the run's control block), once attached.
+        self.board: Board | None = None
+        # Streams paused because their reader is behind, by request id.
+        self.paused: dict[str, Pending] = {}
 
     def add(self, pending: Pending) -> None:
         self.pending[pending.request.request_id] = pending
@@ -93,13 +107,16 @@ class Inflight:
                 self.stats["late"] += 1  # already answered (expired, restarted): never twice
             return
         if type(msg) is TokenChunk:
-            if pending.chunks is not None:
-                pending.chunks.put_nowait(msg)
+            chunks = pending.chunks
+            if chunks is not None and chunks.put(msg) >= HIGH_WATER:
+                self._behind(pending, chunks)
             if msg.index == 0 and self.metrics is not None:
                 self.metrics.first_token(pending.accepted_ns)
             return
         if type(msg) is Completed:
             del self.pending[msg.request_id]
+            if pending.chunks is not None and pending.chunks.paused_ns:
+                self._unpause(pending, pending.chunks)
             self.stats["completed"] += 1
             future = pending.future
             if not future.done():  # done: the caller cancelled its wait
@@ -122,6 +139,9 @@ class Inflight:
         client saw always has its record, even if this process dies next.
         """
         del self.pending[failed.request_id]
+        chunks = pending.chunks
+        if chunks is not None and chunks.paused_ns:
+            self._unpause(pending, chunks)
         self.stats["failed"] += 1
         if self.metrics is not None:
             self.metrics.failed(failed.stage, failed.code)
@@ -138,6 +158,48 @@ class Inflight:
         self.stats["gone"] += 1
         if self.dlq is not None:
             self.dlq.record((gone_letter(msg),))
+
+    # Slow readers
+
+    def _behind(self, pending: Pending, chunks: ChunkBuffer) -> None:
+        """A stream's reader is ``HIGH_WATER`` chunks behind: pause it, or cut it."""
+        if len(chunks) > HARD_LIMIT:
+            self.cut(pending, f"the reader fell {len(chunks)} chunks behind")
+        elif not chunks.paused_ns:
+            chunks.paused_ns = time.monotonic_ns()
+            rid = pending.request.request_id
+            self.paused[rid] = pending
+            if self.board is not None:
+                self.board.pause(self.reply_to, rid)
+
+    def taken(self, pending: Pending, chunks: ChunkBuffer) -> None:
+        """The reader took a chunk: a paused stream goes on once it is down to ``LOW_WATER``."""
+        if chunks.paused_ns and len(chunks) <= LOW_WATER:
+            self._unpause(pending, chunks)
+
+    def _unpause(self, pending: Pending, chunks: ChunkBuffer) -> None:
+        chunks.paused_ns = 0
+        rid = pending.request.request_id
+        self.paused.pop(rid, None)
+        if self.board is not None:
+            self.board.resume(self.reply_to, rid)
+
+    def cut_stalled(self, cutoff_ns: int, stall_s: float) -> None:
+        """Cut the streams paused since before ``cutoff_ns``: their readers stalled."""
+        for pending in list(self.paused.values()):
+            chunks = pending.chunks
+            if chunks is not None and chunks.paused_ns and chunks.paused_ns < cutoff_ns:
+                self.cut(pending, f"the reader took nothing for {stall_s:g} s")
+
+    def cut(self, pending: Pending, reason: str) -> None:
+        """End a stream whose reader does not read: ``slow_client``, and stop its work."""
+        rid = pending.request.request_id
+        if self.board is not None:
+            self.board.cancel(self.reply_to, rid)
+        if pending.chunks is not None:
+            pending.chunks.clear()  # its reader gets the error next, not a backlog first
+        failed = self.failed(rid, pending.request.session_id, ErrorCode.SLOW_CLIENT, reason)
+        self.resolve_failed(failed)
 
     def fail_all(self, code: ErrorCode, reason: str) -> None:
         self.fail_where(lambda _: True, code, reason)

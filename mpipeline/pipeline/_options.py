@@ -6,6 +6,8 @@ One frozen Struct instead of six keyword parameters repeated at each of them
 (the WebSocket's copy had already lost ``history``). Callers that prefer
 keywords still pass them: ``p.submit("hi", session_id="s1")`` builds the
 options; ``p.submit("hi", opts)`` passes prepared ones.
+
+Their bounds are in ``limits.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Meter: what a replica counts, and the heartbeat that reports it.
 
-The counters (processed, in flight, expired, shed, corrupt, cancelled) are
+The counters (processed, in flight, expired, shed, corrupt, cancelled, paused) are
 plain attributes that the runner, the outbox and the task pool add to in
 place: one attribute store per event, never a call.
 
@@ -43,6 +43,8 @@ class Meter:
         self.shed = 0
         self.corrupt = 0
         self.cancelled = 0
+        # Streams held between two chunks because their reader was behind.
+        self.paused = 0
         # The pump beats between messages once the clock passes this (monotonic ns).
         self.next_beat_ns = 0
         # Set when the runner stops: the timer then beats once more and stops.

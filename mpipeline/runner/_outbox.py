@@ -158,10 +158,14 @@ class Outbox:
                 await self._write(ring, record, msgs, shed=shed, errors=errors)
 
     def _records(self, ring: Ring, msgs: list[Message]) -> list[tuple[bytes, list[Message]]]:
-        records, too_large = pack_records(self.encoder.encode, msgs, ring.max_record)
+        records, too_large, unencodable = pack_records(self.encoder.encode, msgs, ring.max_record)
         for msg in too_large:
             reason = f"message exceeds ring {ring.name}'s max record of {ring.max_record} bytes"
             self.emit(failed_from(msg, ErrorCode.TOO_LARGE, reason, self.name))
+        for msg, why in unencodable:
+            # A stage made a message its ring cannot carry: a bug of the stage's.
+            log.error("%s: output %s", self.spec.name, why, extra=about(msg))
+            self.emit(failed_from(msg, ErrorCode.STAGE_ERROR, f"output {why}", self.name))
         return records
 
     async def _write(

@@ -13,6 +13,8 @@ stops reading and the backlog stays in the ring (FIFO). A message whose
 deadline passed while it waited is answered ``deadline_exceeded`` instead of
 started. The same sweeper stops work whose client cancelled it (the control
 block's cancel board): a running task is cancelled, a waiting one dropped.
+A stream whose client paused it (the pause board: its reader is behind)
+waits between two chunks until the client lets it go on.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from mpipeline.topology import ReplicaSpec
 
 # Sweep for timed-out and cancelled messages this often.
 _SWEEP_S = 0.05
+# A paused stream looks at the pause board after this, then less often, up to the max.
+_PAUSE_POLL_S = 0.002
+_PAUSE_POLL_MAX_S = 0.05
 
 # What the runner checks before a message may run: False when it answered it.
 Admit = Callable[[Message, PromptRequest | None, int], bool]
@@ -267,9 +272,15 @@ class TaskPool:
             if prev is not None and not prev.done():
                 # Turns of one session run in order: wait for the previous one.
                 await asyncio.wait([prev])
+            board = self.ctl
+            req = request_of(msg)
+            # A stream is held while its reader is behind (the client's pause board).
+            stream = req if board is not None and req is not None and req.stream else None
             async for out in self.stage.handle(msg):
                 emit(out)
                 self._schedule_flush()
+                if stream is not None and board is not None and board.pauses(stream.reply_to):
+                    await self._while_paused(board, stream)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task in self._cancelled:
@@ -305,6 +316,22 @@ class TaskPool:
                     self._backlog_handle = loop.call_soon(self._start_waiting)
             else:
                 self._room.set()
+
+    async def _while_paused(self, board: ControlBlock, req: PromptRequest) -> None:
+        """Hold a stream between two chunks while its client has it paused.
+
+        The client pauses a request whose reader is far behind (the pause
+        board), so a reader who never reads costs no more model time; the
+        sweeper still times it out or cancels it while it waits here.
+        """
+        client, rid = req.reply_to, req.request_id
+        if not board.paused(client, rid):
+            return
+        self._meter.paused += 1
+        wait = _PAUSE_POLL_S
+        while board.paused(client, rid):
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, _PAUSE_POLL_MAX_S)
 
     # Cancels
 

@@ -313,14 +313,29 @@ def test_pack_records_groups_splits_oversize_groups_and_reports_huge_messages() 
 
     encoder = msgspec.msgpack.Encoder()
     small = [f"m{i}" for i in range(PER_RECORD + 3)]
-    records, too_large = pack_records(encoder.encode, small, 1 << 20)
+    records, too_large, unencodable = pack_records(encoder.encode, small, 1 << 20)
     assert [len(part) for _, part in records] == [PER_RECORD, 3]
     assert [msgspec.msgpack.decode(r) for r, _ in records] == [small[:PER_RECORD], small[-3:]]
     assert too_large == []
     # A group over the limit is re-encoded one message per record; a message that
     # fits no record comes back to the caller instead of being dropped.
     mixed = ["a" * 40, "b" * 40, "c" * 200]
-    records, too_large = pack_records(encoder.encode, mixed, 100)
+    records, too_large, unencodable = pack_records(encoder.encode, mixed, 100)
     assert [part for _, part in records] == [["a" * 40], ["b" * 40]]
     assert all(len(r) <= 100 for r, _ in records)
     assert too_large == ["c" * 200]
+    assert unencodable == []
+
+
+def test_pack_records_fails_only_the_message_it_cannot_encode() -> None:
+    # Issue 15: one int beyond 64 bits raised out of the whole batch's encode
+    # and poisoned it. Now the rest is written and the bad one comes back.
+    from mpipeline.codec import pack_records
+
+    encoder = msgspec.msgpack.Encoder()
+    msgs: list[object] = [1, 2**64, 3, "x\ud800", 4]
+    records, too_large, unencodable = pack_records(encoder.encode, msgs, 1 << 20)
+    assert [part for _, part in records] == [[1], [3], [4]]
+    assert too_large == []
+    assert [m for m, _ in unencodable] == [2**64, "x\ud800"]
+    assert "cannot be encoded" in unencodable[0][1]
