@@ -178,6 +178,40 @@ class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fiel
         ),
     ] = None
     max_body_bytes: Annotated[int, _GE1, _doc("Largest request body accepted, in bytes.")] = MIB
+    max_connections: Annotated[
+        int,
+        _GE1,
+        _doc(
+            "Connections one gateway replica holds at once, HTTP and WebSocket together; "
+            "beyond it a new one gets 503 with Retry-After. Each is a file descriptor: "
+            "the replica raises its open-files limit to fit (README: file descriptors)."
+        ),
+    ] = 10_000
+    stall_timeout_s: Annotated[
+        float,
+        _SECONDS,
+        _doc(
+            "A streaming client that reads nothing for this long is cut: an error event, "
+            "slow_client in the DLQ, the connection closed. Until then its stream is "
+            "paused at the model, so no tokens are spent on it."
+        ),
+    ] = 30.0
+    ws_ping_interval_s: Annotated[
+        float,
+        _SECONDS,
+        _doc(
+            "A WebSocket that sent nothing for this long is pinged; one silent for "
+            "another interval is closed (1011)."
+        ),
+    ] = 20.0
+    ws_idle_timeout_s: Annotated[
+        float,
+        _SECONDS,
+        _doc(
+            "A WebSocket with no request in flight and no message for this long is "
+            "closed (1001); pongs do not keep it open."
+        ),
+    ] = 120.0
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
 
 

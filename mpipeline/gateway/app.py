@@ -25,12 +25,13 @@ import socket
 from collections.abc import Awaitable, Mapping
 from typing import Self
 
+from mpipeline.auth import BearerAuth, open_bind_warning
 from mpipeline.config import GatewayConfig, PipelineConfig
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
 from mpipeline.gateway import schemas
 from mpipeline.gateway.admission import Admission
-from mpipeline.gateway.auth import BearerAuth, open_bind_warning
 from mpipeline.gateway.exchange import Reply, Request, Response, Switch
+from mpipeline.gateway.fds import connection_budget
 from mpipeline.gateway.metrics import GatewayMetrics
 from mpipeline.gateway.native import NativeApi
 from mpipeline.gateway.openai import ChatCompletions
@@ -38,7 +39,7 @@ from mpipeline.gateway.ratelimit import RateLimiter
 from mpipeline.gateway.router import Router
 from mpipeline.gateway.server import HttpServer, bind
 from mpipeline.gateway.style import Headers
-from mpipeline.gateway.websocket import WebSocketApi
+from mpipeline.gateway.websocket import KeepAlive, WebSocketApi
 from mpipeline.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,14 @@ class Gateway:
         self._cfg = cfg
         self._auth = BearerAuth.from_env(cfg.auth_token_env, environ)
         self._drain_timeout_s = drain_timeout_s
-        self._server = HttpServer(self, max_body=cfg.max_body_bytes)
+        self._server = HttpServer(
+            self,
+            max_body=cfg.max_body_bytes,
+            stall_timeout_s=cfg.stall_timeout_s,
+            max_connections=cfg.max_connections,
+        )
+        # The same stall limit for streams the client library holds for a reader.
+        pipeline.stall_timeout_s = cfg.stall_timeout_s
         self._draining = False
         # A gateway replica gets the supervisor's shared buckets; on its own a
         # gateway keeps private ones (closed with it), or none when limits are off.
@@ -87,7 +95,10 @@ class Gateway:
         admission = self._admission
         native = NativeApi(pipeline, self, admission=admission, keepalive_s=keepalive_s)
         chat = ChatCompletions(pipeline, model, keepalive_s, admission=admission)
-        stream = WebSocketApi(pipeline, max_message=cfg.max_body_bytes, admission=admission)
+        keepalive = KeepAlive(cfg.ws_ping_interval_s, cfg.ws_idle_timeout_s)
+        stream = WebSocketApi(
+            pipeline, max_message=cfg.max_body_bytes, admission=admission, keepalive=keepalive
+        )
         self._router = Router((native, chat, stream), default=native)
 
     def use_metrics(self, metrics: GatewayMetrics) -> None:
@@ -109,6 +120,7 @@ class Gateway:
             raise MPipelineError("the pipeline client is not started")
         if sock is None:
             sock = bind(self._cfg.host, self._cfg.port)
+        self._server.max_connections = connection_budget(self._cfg.max_connections)
         await self._server.start(sock)
         log.info("gateway listening on %s", self.url)
 
@@ -154,6 +166,11 @@ class Gateway:
 
     def precheck(self, request: Request) -> Reply | None:
         path = request.path
+        # The token first: without it, a 404 or 405 would map the routes for anyone.
+        if path not in OPEN_PATHS and not self._auth.allows(request.header("authorization")):
+            message = "missing or wrong bearer token"
+            headers = (("www-authenticate", "Bearer"),)
+            return self.error_reply(path, 401, message, headers=headers)
         route = self._router.route(path)
         if route is None:
             return self.error_reply(path, 404, f"no route {path}")
@@ -162,11 +179,6 @@ class Gateway:
             allow = ", ".join(route.methods)
             message = f"{request.method} is not allowed on {path}; use {allow}"
             return route.style.error_reply(405, message, headers=(("allow", allow),))
-        token = request.header("authorization")
-        if path not in OPEN_PATHS and not self._auth.allows(token):
-            message = "missing or wrong bearer token"
-            headers = (("www-authenticate", "Bearer"),)
-            return route.style.error_reply(401, message, headers=headers)
         return None
 
     async def handle(self, request: Request, response: Response) -> None:

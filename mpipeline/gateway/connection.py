@@ -19,6 +19,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from mpipeline.errors import ReaderStalled
 from mpipeline.gateway.exchange import App, Reply, Request, Response, Switch, Upgraded
 
 # The logger keeps the name it had when this code lived in server.py.
@@ -45,6 +46,8 @@ class Host(Protocol):
     max_body: int
     request_timeout_s: float
     keepalive_timeout_s: float
+    # A response write that waits this long for the client to read cuts the connection.
+    stall_timeout_s: float
     answered: Callable[[str, int, int], None] | None
 
     def date(self) -> bytes: ...
@@ -84,6 +87,8 @@ class Connection(asyncio.Protocol):
         self._abort: Reply | None = None
         self._current: Request | None = None
         self._begun_ns = 0
+        # A write waited past the stall timeout: the connection is cut, not reused.
+        self._stalled = False
 
     # asyncio callbacks
 
@@ -269,6 +274,12 @@ class Connection(asyncio.Protocol):
     def _served(self, keep_alive: bool) -> None:
         if self._transport is None or self._transport.is_closing():
             return
+        if self._stalled:
+            # What is buffered (the error event) leaves if the client reads again soon.
+            self.closing = True
+            self._transport.close()
+            self._loop.call_later(LINGER_S, self._transport.abort)
+            return
         if not keep_alive:
             self.closing = True
             self._transport.close()
@@ -358,7 +369,12 @@ class Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         if not self._writable.is_set():
-            await self._writable.wait()
+            limit = self.server.stall_timeout_s
+            try:
+                await asyncio.wait_for(self._writable.wait(), limit)
+            except TimeoutError:
+                self._stalled = True
+                raise ReaderStalled(f"the client read nothing for {limit:g} s") from None
         if self._transport is None or self._transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
 

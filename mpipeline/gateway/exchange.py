@@ -72,6 +72,7 @@ class Wire(Protocol):
     async def drain(self) -> None:
         """Wait while the client reads slower than we write.
 
+        :raises ReaderStalled: if the client read nothing for the stall timeout
         :raises ConnectionResetError: if the client has gone
         """
 
@@ -156,6 +157,11 @@ class Response:
         if data and not self._head_only:
             self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
         await self._conn.drain()
+
+    def write_nowait(self, data: bytes) -> None:
+        """Queue a last piece of a stream without waiting (an error before a cut)."""
+        if data and not self._head_only and self._chunked:
+            self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     async def end(self) -> None:
         if self._chunked and not self.finished:

@@ -128,7 +128,9 @@ class NativeApi(schemas.NativeErrors):
         options = schemas.request_options(body, session)
         if body.stream:
             events = sse.pipeline_events(self._pipeline, body.input, options)
-            await sse.respond(response, events, _PromptRenderer(), self._keepalive_s)
+            renderer = _PromptRenderer()
+            cancel = self._pipeline.cancel
+            await sse.respond(response, events, renderer, self._keepalive_s, cancel)
             return
         done = await self._pipeline.submit(body.input, options)
         result = schemas.prompt_result(done, time.monotonic_ns())

@@ -35,10 +35,12 @@ from mpipeline.gateway.exchange import Reply, Request, Response
 from mpipeline.gateway.schemas import Problem
 from mpipeline.gateway.style import Handler, Headers, Upgrade
 from mpipeline.messages import Completed, TokenChunk, Turn
-from mpipeline.pipeline import Pipeline, RequestOptions
+from mpipeline.pipeline import Pipeline, RequestOptions, limits
 
 # OpenAI accepts at most four stop sequences.
 MAX_STOPS = 4
+# The history's bound and the input message.
+MAX_MESSAGES = limits.MAX_HISTORY + 1
 OWNER = "mpipeline"
 
 
@@ -50,7 +52,7 @@ class TextPart(msgspec.Struct, frozen=True, kw_only=True):
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: schemas.Name | None = None
 
 
 class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,10 +62,10 @@ class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
 class ChatBody(msgspec.Struct, frozen=True, kw_only=True):
     """The request; fields the pipeline has no use for are accepted and ignored."""
 
-    model: Annotated[str, Meta(min_length=1)]
-    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    model: schemas.Name
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: schemas.MaxTokens | None = None
+    max_completion_tokens: schemas.MaxTokens | None = None
     # Validated for compatibility; the pipeline has no sampling settings yet.
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None
@@ -71,7 +73,7 @@ class ChatBody(msgspec.Struct, frozen=True, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: schemas.SessionId | None = None
-    metadata: dict[str, str] | None = None
+    metadata: schemas.Metadata | None = None
 
 
 _DECODER = msgspec.json.Decoder(ChatBody)
@@ -249,7 +251,7 @@ class ChatCompletions:
         events = sse.pipeline_events(self._pipeline, text, options)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         renderer = _ChunkRenderer(body.model, created, stops, include_usage)
-        await sse.respond(response, events, renderer, self._keepalive_s)
+        await sse.respond(response, events, renderer, self._keepalive_s, self._pipeline.cancel)
 
     def _completion(self, done: Completed, stops: list[str], created: int, model: str) -> bytes:
         scanner = StopScanner(stops)

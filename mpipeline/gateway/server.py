@@ -30,13 +30,17 @@ import socket
 import time
 from collections.abc import Callable
 from email.utils import formatdate
+from typing import cast
 
 from mpipeline.errors import MPipelineError
 from mpipeline.gateway.connection import LINGER_S, MAX_HEAD_BYTES, MAX_PIPELINED, Connection
-from mpipeline.gateway.exchange import App
+from mpipeline.gateway.exchange import App, Reply
 
 __all__ = [
     "BACKLOG",
+    "MAX_CONNECTIONS",
+    "STALL_TIMEOUT_S",
+    "Busy",
     "KEEPALIVE_TIMEOUT_S",
     "LINGER_S",
     "MAX_HEAD_BYTES",
@@ -52,6 +56,12 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 10.0
 # An idle keep-alive connection is closed after this long.
 KEEPALIVE_TIMEOUT_S = 5.0
+# A response write waiting this long for the client to read cuts the connection.
+STALL_TIMEOUT_S = 30.0
+# Connections one replica holds at once (HTTP and WebSocket); beyond, 503.
+MAX_CONNECTIONS = 10_000
+# Seconds a refused client is told to wait.
+BUSY_RETRY_AFTER_S = 1
 BACKLOG = 1024
 
 
@@ -94,11 +104,17 @@ class HttpServer:
         max_body: int,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.app = app
         self.max_body = max_body
         self.request_timeout_s = request_timeout_s
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.max_connections = max_connections
+        # Connections refused because the server was full (503), since start.
+        self.refused = 0
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
         self._idle = asyncio.Event()
@@ -109,7 +125,17 @@ class HttpServer:
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), sock=sock)
+        self._server = await loop.create_server(self._protocol, sock=sock)
+
+    def _protocol(self) -> asyncio.Protocol:
+        """A ``Connection``, or a ``Busy`` refusal once ``max_connections`` are open."""
+        if len(self.connections) < self.max_connections:
+            return Connection(self)
+        self.refused += 1
+        reply = self.app.error_reply(
+            "", 503, f"the gateway has {self.max_connections} connections open; retry later"
+        )
+        return Busy(reply, self.date())
 
     @property
     def address(self) -> tuple[str, int]:
@@ -153,3 +179,52 @@ class HttpServer:
         if self._date[0] != now:
             self._date = (now, formatdate(now, usegmt=True).encode())
         return self._date[1]
+
+
+class Busy(asyncio.Protocol):
+    """A connection over ``max_connections``: 503 with Retry-After, then close.
+
+    It costs no parser, no handler and no slot; the same for a plain request
+    and a WebSocket handshake. The answer goes out once the client has sent
+    something (clients read a response only after writing their request),
+    or after ``LINGER_S`` if it sends nothing; input is then read and dropped
+    for ``LINGER_S`` so the client reads the answer, not a reset.
+    """
+
+    def __init__(self, reply: Reply, date: bytes) -> None:
+        self._reply = reply
+        self._date = date
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._timer = asyncio.get_running_loop().call_later(LINGER_S, self._answer)
+
+    def data_received(self, data: bytes) -> None:
+        self._answer()  # later input is dropped: the answer is written
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._transport = None
+
+    def _answer(self) -> None:
+        t, self._transport = self._transport, None
+        if self._timer is not None:
+            self._timer.cancel()
+        if t is None or t.is_closing():
+            return
+        reply = self._reply
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: {reply.content_type}\r\n"
+            f"retry-after: {BUSY_RETRY_AFTER_S}\r\nconnection: close\r\n"
+            f"content-length: {len(reply.body)}\r\ndate: "
+        ).encode("latin-1")
+        t.write(head + self._date + b"\r\n\r\n" + reply.body)
+        if t.can_write_eof():
+            t.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, t.close)

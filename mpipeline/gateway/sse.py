@@ -10,10 +10,11 @@ event. While the model has not produced a token, a comment line is sent every
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+import contextlib
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol, TypeVar
 
-from mpipeline.errors import RequestFailed
+from mpipeline.errors import ErrorCode, ReaderStalled, RequestFailed
 from mpipeline.gateway.exchange import Response
 from mpipeline.messages import Completed, TokenChunk
 from mpipeline.pipeline import Pipeline, RequestOptions
@@ -95,33 +96,57 @@ def pipeline_events(
     return pipeline.stream_events(text, options)
 
 
+# How a route stops a request whose reader stalled (``Pipeline.cancel``).
+Cancel = Callable[[str, str, ErrorCode], bool]
+
+
 async def respond(
     response: Response,
     events: AsyncGenerator[Event, None],
     renderer: Renderer,
     keepalive_s: float,
+    cancel: Cancel | None = None,
 ) -> None:
     """Send ``events`` as an SSE response.
 
+    A client that reads nothing for the stall timeout (``ReaderStalled``
+    from a write) has its request cut ``slow_client`` through ``cancel``,
+    with a DLQ record; its error event is queued without waiting, and the
+    connection closes.
+
     :raises RequestFailed: if the request fails before its first event; nothing
         has been sent then, so the caller answers with an HTTP error status
+    :raises ReaderStalled: after such a cut, so the connection is not reused
     """
     ticks = with_keepalive(events, keepalive_s)
+    request_id = ""
     try:
         item = await anext(ticks)
         response.start_stream(200, HEADERS, CONTENT_TYPE)
-        await response.write(renderer.opening())
-        while True:
-            await response.write(KEEPALIVE if item is None else renderer.render(item))
-            if isinstance(item, Completed):
-                break
-            try:
-                item = await anext(ticks)
-            except RequestFailed as exc:
-                await response.write(renderer.failure(exc))
-                break
-            except StopAsyncIteration:
-                break
+        try:
+            await response.write(renderer.opening())
+            while True:
+                if item is not None:
+                    request_id = item.request_id
+                await response.write(KEEPALIVE if item is None else renderer.render(item))
+                if isinstance(item, Completed):
+                    break
+                try:
+                    item = await anext(ticks)
+                except RequestFailed as exc:
+                    await response.write(renderer.failure(exc))
+                    break
+                except StopAsyncIteration:
+                    break
+        except ReaderStalled as stalled:
+            if cancel is not None and request_id:
+                cancel(request_id, str(stalled), ErrorCode.SLOW_CLIENT)
+                with contextlib.suppress(StopAsyncIteration):
+                    try:
+                        await anext(ticks)
+                    except RequestFailed as exc:  # the cut, once its DLQ record is written
+                        response.write_nowait(renderer.failure(exc))
+            raise
         await response.end()
     finally:
         await ticks.aclose()

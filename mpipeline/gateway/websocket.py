@@ -60,8 +60,10 @@ from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Switch, Wire
 from mpipeline.gateway.style import Handler, Upgrade
 from mpipeline.gateway.websocket_session import (
+    KEEPALIVE,
     MAX_IN_FLIGHT,
     Admit,
+    KeepAlive,
     Session,
     Streams,
 )
@@ -71,6 +73,7 @@ __all__ = [
     "PATH",
     "VERSION",
     "Admit",
+    "KeepAlive",
     "Refusal",
     "Session",
     "Streams",
@@ -92,12 +95,18 @@ class Refusal:
 
 
 def accept(
-    request: Request, streams: Streams, *, max_message: int, admit: Admit | None = None
+    request: Request,
+    streams: Streams,
+    *,
+    max_message: int,
+    admit: Admit | None = None,
+    keepalive: KeepAlive = KEEPALIVE,
 ) -> Refusal | Switch:
     """Check the handshake of ``request``; the switch that starts the session, or why not.
 
     ``max_message`` bounds a message, fragments together (close 1009 above it);
-    ``admit`` is asked about every request before it reaches the pipeline.
+    ``admit`` is asked about every request before it reaches the pipeline;
+    ``keepalive`` says when a quiet session is pinged and an idle one closed.
     """
     version = request.header("sec-websocket-version")
     if version is not None and version != VERSION:
@@ -121,7 +130,8 @@ def accept(
 
     def switch(transport: asyncio.Transport, wire: Wire) -> Session:
         protocol = ServerProtocol(state=State.OPEN, max_size=max_message)
-        return Session(transport, wire, protocol, response.serialize(), streams, admit)
+        switching = response.serialize()
+        return Session(transport, wire, protocol, switching, streams, admit, keepalive)
 
     return switch
 
@@ -136,14 +146,28 @@ class WebSocketApi(schemas.NativeErrors):
     routes: Mapping[str, Mapping[str, Handler]] = {}
     prefixes: tuple[str, ...] = ()
 
-    def __init__(self, streams: Streams, *, max_message: int, admission: Admission) -> None:
+    def __init__(
+        self,
+        streams: Streams,
+        *,
+        max_message: int,
+        admission: Admission,
+        keepalive: KeepAlive = KEEPALIVE,
+    ) -> None:
         self._streams = streams
         self._max_message = max_message
         self._admission = admission
+        self._keepalive = keepalive
         self.upgrades: dict[str, Upgrade] = {PATH: self.upgrade}
 
     def upgrade(self, request: Request) -> Reply | Switch:
-        opened = accept(request, self._streams, max_message=self._max_message, admit=self.admit)
+        opened = accept(
+            request,
+            self._streams,
+            max_message=self._max_message,
+            admit=self.admit,
+            keepalive=self._keepalive,
+        )
         if isinstance(opened, Refusal):
             return self.error_reply(opened.status, opened.message, headers=opened.headers)
         return opened

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, Protocol, cast
 
 import msgspec
@@ -21,7 +22,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
+from mpipeline.errors import ErrorCode, MPipelineError, ReaderStalled, RequestFailed
 from mpipeline.gateway import schemas
 from mpipeline.gateway.exchange import Reply, Wire
 from mpipeline.gateway.schemas import (
@@ -46,6 +47,10 @@ CLOSE_TIMEOUT_S = 2.0
 # Bytes waiting to go out above which reading stops: a client that writes
 # (pings, bad messages) without reading must not grow our buffer forever.
 MAX_UNSENT = 1024 * 1024
+
+# Defaults of the keep-alive timers (``KeepAlive``; gateway.ws_* in the config).
+PING_INTERVAL_S = 20.0
+IDLE_TIMEOUT_S = 120.0
 
 Event = TokenChunk | Completed
 # The gateway's admission (rate limits) for one request of a session: None, or
@@ -99,6 +104,26 @@ class Streams(Protocol):
         self, text: str, options: RequestOptions | None = None, /
     ) -> AsyncIterator[Event]: ...
 
+    def cancel(self, request_id: str, reason: str, code: ErrorCode) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """When a quiet connection is pinged, and when an idle one is closed.
+
+    Every ``ping_interval_s`` a connection that sent nothing since the last
+    tick gets a ping; one that stays silent for another interval (no pong)
+    is dead and is closed 1011. One with no request in flight and no message
+    for ``idle_timeout_s`` is closed 1001 (pongs do not count: an idle client
+    that answers pings would otherwise hold its file descriptor forever).
+    """
+
+    ping_interval_s: float = PING_INTERVAL_S
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+
+
+KEEPALIVE = KeepAlive()
+
 
 class Session:
     """One WebSocket connection after the handshake (``exchange.Upgraded``)."""
@@ -111,6 +136,7 @@ class Session:
         switching: bytes,
         streams: Streams,
         admit: Admit | None = None,
+        keepalive: KeepAlive = KEEPALIVE,
     ) -> None:
         self._transport = transport
         self._wire = wire
@@ -125,11 +151,18 @@ class Session:
         self._stopping = False
         self._close_timer: asyncio.TimerHandle | None = None
         self._resume: asyncio.Task[None] | None = None
+        self._keepalive = keepalive
+        # Loop times of the last bytes and the last message received.
+        self._heard = self._spoke = self._loop.time()
+        # When the last ping went out (0: none yet); answered once ``_heard`` passes it.
+        self._pinged = 0.0
+        self._ticker = self._loop.call_later(keepalive.ping_interval_s, self._tick)
         wire.write(switching)  # 101 Switching Protocols
 
     # exchange.Upgraded
 
     def data_received(self, data: bytes) -> None:
+        self._heard = self._loop.time()
         self._protocol.receive_data(data)
         for event in self._protocol.events_received():
             if isinstance(event, Frame):
@@ -145,6 +178,7 @@ class Session:
             self._resume = self._loop.create_task(self._resume_reading())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._ticker.cancel()
         if self._close_timer is not None:
             self._close_timer.cancel()
         self._protocol.receive_eof()  # now CLOSED: nothing more is sent
@@ -166,6 +200,36 @@ class Session:
         if not tasks:
             return None
         return self._loop.create_task(_settle(tasks))
+
+    # Keep-alive
+
+    def _tick(self) -> None:
+        """Ping a quiet client, close a dead or idle one (``KeepAlive``)."""
+        if self._protocol.state is not State.OPEN:
+            return
+        now = self._loop.time()
+        interval = self._keepalive.ping_interval_s
+        idle = self._keepalive.idle_timeout_s
+        if not self.tasks and now - self._spoke >= idle:
+            self._close(CloseCode.GOING_AWAY, f"idle for {idle:g} s")
+            return
+        pinged = self._pinged
+        if pinged and self._heard < pinged and now - pinged >= interval:
+            # Nothing at all, not even the pong, for a whole interval after our ping.
+            self._close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            self._transport.abort()
+            return
+        if now - self._heard >= interval and (not pinged or self._heard >= pinged):
+            self._protocol.send_ping(b"")
+            self._flush()
+            self._pinged = now
+        self._ticker = self._loop.call_later(interval, self._tick)
+
+    def _cut(self, why: str) -> None:
+        """The client stopped reading: close, and drop the socket if it does not read soon."""
+        self._close(CloseCode.POLICY_VIOLATION, why)
+        self._transport.close()
+        self._loop.call_later(CLOSE_TIMEOUT_S, self._transport.abort)
 
     # Receiving
 
@@ -192,6 +256,7 @@ class Session:
         self._message(data)
 
     def _message(self, data: bytes) -> None:
+        self._spoke = self._loop.time()
         body = schemas.decode(_DECODE, data)
         if isinstance(body, Problem):
             self._refuse(_ref_of(data), body.message, body.field)
@@ -227,6 +292,9 @@ class Session:
     async def _resume_reading(self) -> None:
         try:
             await self._wire.drain()
+        except ReaderStalled as stalled:
+            self._cut(str(stalled))
+            return
         except ConnectionError:
             return
         finally:
@@ -259,6 +327,12 @@ class Session:
                     request_id = event.request_id
                     await self._send(_ENCODE(AcceptedOut(ref=ref, request_id=request_id)))
                 await self._send(_ENCODE(_render(event, ref)))
+        except ReaderStalled as stalled:
+            # Cut slow_client, with its DLQ record; the connection closes.
+            if request_id is not None:
+                self._streams.cancel(request_id, str(stalled), ErrorCode.SLOW_CLIENT)
+            self._cut(str(stalled))
+            raise
         except RequestFailed as exc:
             detail = ErrorDetail(type=str(exc.code), message=schemas.failure_message(exc))
             rid = exc.request_id or request_id
@@ -283,6 +357,7 @@ class Session:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self._spoke = self._loop.time()  # idle counts from the last request's end
         if self._stopping and not self.tasks:
             self._close(CloseCode.GOING_AWAY, "the gateway is shutting down")
 

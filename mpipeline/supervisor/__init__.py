@@ -53,7 +53,7 @@ def main(
         log.error("invalid configuration:\n%s", exc)
         return int(ExitCode.USAGE)
     if cfg.gateway.replicas and cfg.gateway.auth_token_env:
-        from mpipeline.gateway.auth import BearerAuth
+        from mpipeline.auth import BearerAuth
 
         try:
             BearerAuth.from_env(cfg.gateway.auth_token_env)  # refuse before anything starts

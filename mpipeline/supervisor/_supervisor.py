@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipeline import _shm, rundir, topology
+from mpipeline.auth import BearerAuth
 from mpipeline.config import PipelineConfig, dump_toml
 from mpipeline.control import ControlBlock, ReplicaState, RunState
 from mpipeline.errors import ExitCode, MPipelineError
@@ -138,7 +139,9 @@ class Supervisor:
         from mpipeline.metrics.server import MetricsServer
 
         collector = RunCollector(Reader(), lambda: self._published)
-        server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, collector)
+        # The gateway's token guards /metrics too (checked set at startup already).
+        auth = BearerAuth.from_env(self.cfg.gateway.auth_token_env)
+        server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, collector, auth)
         self._collector = collector
         try:
             server.start()

@@ -18,20 +18,19 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
 import openai
 import pytest
-import uvloop
 
 from mpipeline.config import STAGE_ORDER, GatewayConfig
 from mpipeline.gateway import Gateway, bind
 from mpipeline.pipeline import Pipeline
+from tests.integration._live import Gateways
 from tests.integration.conftest import (
     ConfigFactory,
     SupervisorFactory,
@@ -53,64 +52,19 @@ MODEL = "mpipeline-echo"
 HTTP_TIMEOUT_S = 20.0
 
 
-class LiveGateways:
-    """A ``Pipeline`` client and two ``Gateway``s on their own uvloop thread."""
+class LiveGateways(Gateways):
+    """The module's two gateways: an open one with a small body limit, one that wants a token."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.open_url = ""
-        self.auth_url = ""
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self.pipeline: Pipeline | None = None
-        self._thread = threading.Thread(target=self._main, name="gateways", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise AssertionError("the gateways did not start in 30 s")
-        if self._error is not None:
-            raise self._error
-
-    def _main(self) -> None:
-        uvloop.run(self._serve())
-
-    async def _serve(self) -> None:
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            async with Pipeline.attach(self.run_dir) as pipeline:
-                self.pipeline = pipeline
-                open_cfg = GatewayConfig(max_body_bytes=BODY_LIMIT)
-                auth_cfg = GatewayConfig(auth_token_env=TOKEN_ENV)
-                gateways = [
-                    Gateway(pipeline, open_cfg, keepalive_s=KEEPALIVE_S, drain_timeout_s=2),
-                    Gateway(pipeline, auth_cfg, environ={TOKEN_ENV: TOKEN}, drain_timeout_s=2),
-                ]
-                for gateway in gateways:
-                    await gateway.start(bind("127.0.0.1", 0))
-                self.open_url, self.auth_url = (g.url for g in gateways)
-                self._ready.set()
-                try:
-                    await self._stop.wait()
-                finally:
-                    for gateway in gateways:
-                        await gateway.close()
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            raise
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the gateways' loop and wait for its result."""
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(HTTP_TIMEOUT_S)
-
-    def close(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the gateway thread did not stop"
+        super().__init__(
+            run_dir,
+            [
+                (GatewayConfig(max_body_bytes=BODY_LIMIT), None),
+                (GatewayConfig(auth_token_env=TOKEN_ENV), {TOKEN_ENV: TOKEN}),
+            ],
+            keepalive_s=KEEPALIVE_S,
+        )
+        self.open_url, self.auth_url = self.urls
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,11 @@ METRICS: dict[str, Kind] = {
     "mpipeline_process_cpu_seconds_total": "counter",
     "mpipeline_process_resident_memory_bytes": "gauge",
     "mpipeline_replica_up": "gauge",
+    # Per client slot, from the control block: accepted = completed + failed + in flight.
+    "mpipeline_requests_accepted_total": "counter",
+    "mpipeline_requests_completed_total": "counter",
+    "mpipeline_requests_failed_total": "counter",
+    "mpipeline_requests_in_flight": "gauge",
 }
 # The reference orchestrator's five series, kept under our prefix so its alerts translate.
 CORE_METRICS = (
@@ -58,7 +63,10 @@ CORE_METRICS = (
     "mpipeline_errors_total",
 )
 # The only label names an exported series may carry: none of them can hold user data.
-LABELS = frozenset("stage replica edge route status code reason upstream kind direction".split())
+# ("client" is a slot's name, gateway-N or api-N.)
+LABELS = frozenset(
+    "stage replica edge route status code reason upstream kind direction client".split()
+)
 # Series Prometheus makes itself for every scrape target.
 SYNTHETIC = frozenset({"up"})
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")

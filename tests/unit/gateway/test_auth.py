@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mpipeline.auth import BearerAuth, open_bind_warning
 from mpipeline.errors import ConfigError
-from mpipeline.gateway.auth import BearerAuth, open_bind_warning
 
 TOKEN = "s3cret-Token"
 

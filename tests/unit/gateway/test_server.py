@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -63,7 +64,7 @@ class ScriptedApp:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: ScriptedApp, **options: float) -> AsyncIterator[HttpServer]:
+async def serving(app: ScriptedApp, **options: Any) -> AsyncIterator[HttpServer]:
     server = HttpServer(app, max_body=LIMIT, **options)
     await server.start(bind("127.0.0.1", 0))
     try:

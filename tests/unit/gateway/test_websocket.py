@@ -48,6 +48,12 @@ class FakeStreams:
         self.step = 0.0
         self.yielded = 0
         self.options: list[RequestOptions | None] = []
+        # Requests cut by the session (a reader that stalled), with the code given.
+        self.cancelled: list[tuple[str, ErrorCode]] = []
+
+    def cancel(self, request_id: str, reason: str, code: ErrorCode) -> bool:
+        self.cancelled.append((request_id, code))
+        return True
 
     async def stream_events(
         self, text: str, options: RequestOptions | None = None, /

@@ -1,4 +1,4 @@
-"""Bearer-token check for the gateway (RELIABILITY scenarios 36 and 37).
+"""Bearer-token check for the gateway and /metrics (RELIABILITY scenarios 36 and 37).
 
 The token comes from the environment variable that ``gateway.auth_token_env``
 names, never from the config file. It is compared with ``hmac.compare_digest``
@@ -62,11 +62,11 @@ class BearerAuth:
         return f"BearerAuth(enabled={self.enabled})"
 
 
-def open_bind_warning(host: str, auth: BearerAuth) -> str | None:
-    """A warning when the gateway listens beyond loopback with no token, else None."""
+def open_bind_warning(host: str, auth: BearerAuth, what: str = "gateway") -> str | None:
+    """A warning when ``what`` listens beyond loopback with no token, else None."""
     if auth.enabled or _is_loopback(host):
         return None
-    return f"gateway listens on {host} with no auth token: anyone who can reach it can use it"
+    return f"{what} listens on {host} with no auth token: anyone who can reach it can use it"
 
 
 def _is_loopback(host: str) -> bool:
