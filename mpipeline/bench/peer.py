@@ -58,7 +58,7 @@ def build_app(echo: EchoConfig, per_chunk: int = 1) -> Starlette:
             input=body.input,
             metadata=body.metadata,
             stream=body.stream,
-            max_tokens=body.max_tokens,
+            max_tokens=schemas.whole(body.max_tokens),
         )
         if body.stream:
             return StreamingResponse(

@@ -28,7 +28,7 @@ from typing import Self
 from mpipeline.auth import BearerAuth, open_bind_warning
 from mpipeline.config import GatewayConfig, PipelineConfig
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
-from mpipeline.gateway import schemas
+from mpipeline.gateway import openapi, schemas
 from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Response, Switch
 from mpipeline.gateway.fds import connection_budget
@@ -100,6 +100,7 @@ class Gateway:
             pipeline, max_message=cfg.max_body_bytes, admission=admission, keepalive=keepalive
         )
         self._router = Router((native, chat, stream), default=native)
+        self._openapi = openapi.document(model=model, auth=self._auth.enabled)
 
     def use_metrics(self, metrics: GatewayMetrics) -> None:
         """Count every answer (route, status, duration) in the replica's metrics region."""
@@ -150,6 +151,11 @@ class Gateway:
     def url(self) -> str:
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def openapi(self) -> bytes:
+        """``GET /openapi.json``: generated from the routes' msgspec types."""
+        return self._openapi
 
     @property
     def connections(self) -> int:

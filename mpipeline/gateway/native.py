@@ -25,6 +25,7 @@ from mpipeline.errors import MPipelineError, RequestFailed
 from mpipeline.gateway import schemas, sse
 from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.openapi import PATH as OPENAPI_PATH
 from mpipeline.gateway.schemas import ChunkOut, ErrorBody, Problem, PromptBody
 from mpipeline.gateway.style import Handler, Upgrade
 from mpipeline.gateway.websocket import PATH as STREAM_PATH
@@ -34,6 +35,8 @@ from mpipeline.pipeline import Pipeline
 
 _PROMPT = msgspec.json.Decoder(PromptBody)
 _ENCODE = msgspec.json.Encoder().encode
+_HEALTHY = _ENCODE(schemas.Health())
+_READY = _ENCODE(schemas.Readiness(status="ready"))
 
 
 class Serving(Protocol):
@@ -44,6 +47,10 @@ class Serving(Protocol):
 
     @property
     def connections(self) -> int: ...
+
+    @property
+    def openapi(self) -> bytes:
+        """The gateway's OpenAPI document, encoded (``openapi.py``)."""
 
     def not_ready(self) -> str | None: ...
 
@@ -70,6 +77,7 @@ class NativeApi(schemas.NativeErrors):
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
             "/v1/status": {"GET": self._status},
+            OPENAPI_PATH: {"GET": self._openapi},
             "/v1/prompt": {"POST": self._prompt},
             STREAM_PATH: {"GET": self._stream_without_upgrade},
         }
@@ -82,14 +90,17 @@ class NativeApi(schemas.NativeErrors):
     # Routes
 
     async def _healthz(self, request: Request, response: Response) -> None:
-        response.send(200, b'{"status":"ok"}')
+        response.send(200, _HEALTHY)
 
     async def _readyz(self, request: Request, response: Response) -> None:
         reason = self._serving.not_ready()
         if reason is None:
-            response.send(200, b'{"status":"ready"}')
+            response.send(200, _READY)
         else:
-            response.send(503, _ENCODE({"status": "not_ready", "reason": reason}))
+            response.send(503, _ENCODE(schemas.Readiness(status="not_ready", reason=reason)))
+
+    async def _openapi(self, request: Request, response: Response) -> None:
+        response.send(200, self._serving.openapi)
 
     async def _status(self, request: Request, response: Response) -> None:
         run_dir = self._pipeline.run_dir

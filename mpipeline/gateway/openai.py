@@ -32,6 +32,16 @@ from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import schemas, sse
 from mpipeline.gateway.admission import Admission, Refused
 from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.openai_shapes import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatUsage,
+    Choice,
+    Model,
+    ModelList,
+    OpenAIError,
+    OpenAIErrorBody,
+)
 from mpipeline.gateway.schemas import Problem
 from mpipeline.gateway.style import Handler, Headers, Upgrade
 from mpipeline.messages import Completed, TokenChunk, Turn
@@ -68,7 +78,7 @@ class ChatBody(msgspec.Struct, frozen=True, kw_only=True):
     max_completion_tokens: schemas.MaxTokens | None = None
     # Validated for compatibility; the pipeline has no sampling settings yet.
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
-    n: Annotated[int, Meta(ge=1, le=1)] | None = None
+    n: schemas.One | None = None
     stop: str | Annotated[list[str], Meta(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -157,7 +167,7 @@ def error_reply(
         kind = "server_error"
     else:
         kind = "invalid_request_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = OpenAIErrorBody(error=OpenAIError(message=message, type=kind, param=param, code=code))
     return Reply(status, _ENCODE(body), headers)
 
 
@@ -220,8 +230,8 @@ class ChatCompletions:
     # Routes
 
     async def models(self, request: Request, response: Response) -> None:
-        entry = {"id": self._model, "object": "model", "created": 0, "owned_by": OWNER}
-        response.send(200, _ENCODE({"object": "list", "data": [entry]}))
+        models = ModelList(data=[Model(id=self._model, owned_by=OWNER)])
+        response.send(200, _ENCODE(models))
 
     async def create(self, request: Request, response: Response) -> None:
         body = schemas.decode(_DECODER, request.body)
@@ -238,7 +248,7 @@ class ChatCompletions:
         if refused is not None:
             response.send_reply(self.rate_limited(refused))
             return
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_tokens = schemas.whole(body.max_completion_tokens or body.max_tokens)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
         created = int(time.time())
         options = RequestOptions(
@@ -257,33 +267,15 @@ class ChatCompletions:
         scanner = StopScanner(stops)
         text = scanner.feed(done.text) + scanner.flush()
         finish = "stop" if scanner.stopped else done.finish_reason
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-            "logprobs": None,
-        }
-        return _ENCODE(
-            {
-                "id": f"chatcmpl-{done.request_id}",
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-                "usage": _usage(done),
-            }
+        choice = Choice(index=0, message=AssistantMessage(content=text), finish_reason=finish)
+        completion = ChatCompletion(
+            id=f"chatcmpl-{done.request_id}",
+            created=created,
+            model=model,
+            choices=[choice],
+            usage=ChatUsage.of(done.usage),
         )
-
-
-def _usage(done: Completed) -> dict[str, object]:
-    """OpenAI's usage object; reused prompt tokens go where OpenAI reports its cache hits."""
-    u = done.usage
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    }
+        return _ENCODE(completion)
 
 
 class _ChunkRenderer:
@@ -328,7 +320,7 @@ class _ChunkRenderer:
         finish = "stop" if self._scanner.stopped else event.finish_reason
         out += self._chunk({}, finish)
         if self._include_usage:
-            out += self._event([], usage=_usage(event))
+            out += self._event([], usage=ChatUsage.of(event.usage))
         return out + sse.DONE
 
     def failure(self, exc: RequestFailed) -> bytes:

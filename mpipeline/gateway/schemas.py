@@ -70,6 +70,8 @@ STATUS_FOR_CODE: dict[ErrorCode, int] = {
 }
 # "Expected `str`, got `int` - at `$.messages[0].content`"
 _AT = re.compile(r"(?P<message>.*) - at `\$(?P<path>[^`]*)`", re.DOTALL)
+# "Expected `float` <= 2147483647.0": a whole number's bound, as the client reads it.
+_WHOLE_BOUND = re.compile(r"`float` (?P<op>[<>]=?) (?P<n>\d+)\.0\b")
 # "Object missing required field `input`": the field belongs in the path too.
 _NAMED = re.compile(r"Object (?:missing required|contains unknown) field `(?P<name>[^`]*)`")
 
@@ -87,7 +89,10 @@ TYPE_FOR_STATUS = {
 _ENCODE = msgspec.json.Encoder().encode
 
 SessionId = Annotated[str, Meta(min_length=1, max_length=MAX_SESSION_ID)]
-MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+# A whole number, as JSON Schema's "integer" means it: 898 and 898.0 alike (as
+# OpenAI's API takes them), 2.5 refused. Decoded as a float, used as an int.
+MaxTokens = Annotated[float, Meta(ge=1, le=MAX_TOKENS, multiple_of=1)]
+One = Annotated[float, Meta(ge=1, le=1, multiple_of=1)]
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
 # OpenAI's own limits on metadata (16 pairs, keys of 64, values of 512 characters).
 Metadata = Annotated[
@@ -144,6 +149,19 @@ class ChunkOut(msgspec.Struct, frozen=True, kw_only=True):
     text: str
 
 
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /healthz``: the process answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """``GET /readyz``: 200 ``ready``, or 503 ``not_ready`` with the reason."""
+
+    status: Literal["ready", "not_ready"]
+    reason: str | None = None
+
+
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     type: str
     message: str
@@ -189,15 +207,24 @@ def request_options(body: PromptBody, session: str | None) -> RequestOptions:
         metadata=body.metadata or None,
         priority=PRIORITIES[body.priority],
         deadline_ms=body.deadline_ms,
-        max_tokens=body.max_tokens,
+        max_tokens=whole(body.max_tokens),
         history=[Turn(role=t.role, content=t.content) for t in body.history] or None,
     )
+
+
+def whole(value: float | None) -> int | None:
+    """A ``MaxTokens`` as the int it is (the schema allowed only whole numbers)."""
+    return None if value is None else int(value)
 
 
 def validation_problem(text: str) -> Problem:
     """Split msgspec's validation message into a message and a field path."""
     at = _AT.fullmatch(text)
     message, path = (at["message"], at["path"]) if at else (text, "")
+    # Whole numbers are floats with multiple_of=1 to msgspec: say what the client sent wrong.
+    message = message.replace("`float` that's a multiple of 1.0", "a whole number")
+    message = _WHOLE_BOUND.sub(r"a number \g<op> \g<n>", message)
+    message = message.replace("`float | null`", "a number or null")
     named = _NAMED.match(message)
     if named:
         path = f"{path}.{named['name']}"

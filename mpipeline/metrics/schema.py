@@ -192,6 +192,7 @@ ROUTES = (
     "/v1/models",
     "/healthz",
     "/readyz",
+    "/openapi.json",
     "other",
 )
 # Statuses the gateway sends; anything else is "other".

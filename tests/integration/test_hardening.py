@@ -5,8 +5,10 @@ One supervisor serves the module, with in-process gateways on it
 capped at a few connections, and one that wants a token. The echo worker
 makes a token a millisecond, so a long prompt streams for seconds.
 
-Covers RELIABILITY §3 #14 (a poisoned request), #19 (slow readers and idle
-sockets), #37 (the token before any route is revealed), and I6 on /metrics.
+Covers RELIABILITY §3 #14 (a request too large for a record: 413 at once), #37
+(the token before any route is revealed, /metrics too), #42 (out-of-range
+numbers never wedge a client path), #44 (slow readers), #45 (connection
+floods, idle WebSockets) and I6 (the counts on /metrics add up).
 """
 
 from __future__ import annotations

@@ -1,0 +1,88 @@
+"""The OpenAI routes' answers as msgspec Structs: what is encoded is what is documented.
+
+``POST /v1/chat/completions`` (non-streaming), ``GET /v1/models`` and every
+OpenAI-style error are built from these types, and ``openapi.py`` derives
+their JSON Schemas from the same types, so the served ``/openapi.json`` can
+never drift from the bytes on the wire (the schemathesis test checks every
+answer against it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from mpipeline.messages import Usage
+
+
+class PromptTokensDetails(msgspec.Struct, frozen=True, kw_only=True):
+    # Prompt tokens the model did not evaluate again (the session's KV cache).
+    cached_tokens: int = 0
+
+
+class ChatUsage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, usage: Usage) -> ChatUsage:
+        """OpenAI's usage object; reused prompt tokens go where OpenAI reports cache hits."""
+        return cls(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.prompt_tokens + usage.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+        )
+
+
+class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
+    """A non-streaming chat completion (``object: chat.completion``)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: ChatUsage
+
+
+class Model(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+
+
+class ModelList(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /v1/models``: the one model this gateway serves."""
+
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class OpenAIError(msgspec.Struct, frozen=True, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """OpenAI's error shape, which the SDKs parse to pick their exception class."""
+
+    error: OpenAIError
