@@ -20,6 +20,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _add_load(bench)
     _add_http(bench)
+    _add_upstream(bench)
     bench.add_argument(
         "--metrics",
         choices=("on", "off", "both"),
@@ -105,7 +106,7 @@ def _add_http(bench: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         metavar="N",
-        help="--http: wrk's keep-alive connections (default 64)",
+        help="--http, --upstream: wrk's keep-alive connections (default 64; --upstream: 32)",
     )
     bench.add_argument(
         "--wrk-cpus",
@@ -113,6 +114,37 @@ def _add_http(bench: argparse.ArgumentParser) -> None:
         default=None,
         metavar="0,1",
         help="--http: cores for wrk and the probes (default: the cores under test)",
+    )
+
+
+def _add_upstream(bench: argparse.ArgumentParser) -> None:
+    """``--upstream`` and the options only it takes."""
+    bench.add_argument(
+        "--upstream",
+        action="store_true",
+        help="the real job: proxy a fast fake OpenAI-compatible upstream with worker "
+        '"openai", beside a uvicorn+Starlette+httpx proxy with 1 and 2 workers, under wrk '
+        "(the largest --cores count; --duration, --connections, --baseline, --quick, --json apply)",
+    )
+    bench.add_argument(
+        "--streams",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="--upstream: concurrent SSE streams of 64 tokens (default 500)",
+    )
+    bench.add_argument(
+        "--dedup",
+        action="store_true",
+        help="--upstream: keep the result cache and coalescing on (default off)",
+    )
+    bench.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="--upstream: py-spy every process during the load phases (raw files in DIR) "
+        "and report where each one's CPU goes",
     )
 
 
@@ -147,6 +179,14 @@ def _cpu_list(text: str) -> tuple[int, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.upstream and args.http:
+        print("mpipeline bench: --upstream and --http are separate benches", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.upstream:
+        return _bench_upstream(args)
+    if args.streams is not None or args.dedup or args.profile is not None:
+        print("mpipeline bench: --streams, --dedup and --profile need --upstream", file=sys.stderr)
+        return ExitCode.USAGE
     if args.http:
         return _bench_http(args)
     if args.connections is not None or args.wrk_cpus is not None:
@@ -200,6 +240,38 @@ def _bench_http(args: argparse.Namespace) -> int:
     )
     _bench_logging()
     return _bench_http.main(opts)
+
+
+def _bench_upstream(args: argparse.Namespace) -> int:
+    from mpipeline.bench import upstream
+
+    misfits = {
+        "--requests": args.requests is not None,
+        "--rates": args.rates is not None,
+        "--rate-duration": args.rate_duration is not None,
+        "--window": args.window is not None,
+        "--shared-cores": args.shared_cores,
+        "--plot": args.plot is not None,
+        "--wrk-cpus": args.wrk_cpus is not None,
+    }
+    unused = [flag for flag, given in misfits.items() if given]
+    if unused:
+        print(f"mpipeline bench: {', '.join(unused)} do not apply to --upstream", file=sys.stderr)
+        return ExitCode.USAGE
+    opts = upstream.options(
+        quick=args.quick,
+        cores=max(args.cores),
+        duration_s=args.duration,
+        connections=args.connections,
+        streams=args.streams,
+        peer=args.baseline,
+        dedup=args.dedup,
+        progress=not args.no_progress,
+        json_path=args.json,
+        profile_dir=args.profile,
+    )
+    _bench_logging()
+    return upstream.main(opts)
 
 
 def _bench_logging() -> None:

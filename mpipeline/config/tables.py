@@ -140,6 +140,14 @@ class InferenceConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fie
     chunk_tokens: Annotated[
         int, _GE1, _doc("Tokens per streamed chunk sent on to post and the client.")
     ] = 1
+    coalesce_reads: Annotated[
+        bool,
+        _doc(
+            "A remote stream goes on read by read: the tokens that arrived in one network "
+            "read become one chunk (one message per hop instead of one per token; 4x to 7x "
+            "the streamed tokens/s, bench/RESULTS.md). false: chunk_tokens tokens per chunk."
+        ),
+    ] = True
     echo: EchoConfig = msgspec.field(default_factory=EchoConfig)
     openai: OpenAIConfig = msgspec.field(default_factory=OpenAIConfig)
     anthropic: AnthropicConfig = msgspec.field(default_factory=AnthropicConfig)

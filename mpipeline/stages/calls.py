@@ -84,6 +84,14 @@ class ShardCalls:
         self._cfg = cfg
         self.chooser = Chooser(upstreams, cfg.pool.strategy)
         self._limits = {u.name: asyncio.Semaphore(u.max_concurrency) for u in upstreams}
+        # With ``coalesce_reads``, a remote stream travels on read by read where the
+        # upstream can (``generate_reads``): the tokens that arrived together become
+        # one piece, so one chunk and one message per hop instead of one per token.
+        reads = cfg.coalesce_reads
+        self._pieces = {
+            u.name: getattr(u, "generate_reads", u.generate) if reads else u.generate
+            for u in upstreams
+        }
         self._breakers: dict[str, Breaker] = {}
         if board is not None:
             self.use_breakers(board)
@@ -118,13 +126,23 @@ class ShardCalls:
 
     # The entry point
 
-    async def tokens(self, job: Assembled, gen: Generation, stream: bool) -> AsyncIterator[str]:
+    def tokens(self, job: Assembled, gen: Generation, stream: bool) -> AsyncIterator[str]:
         """The reply's tokens (one piece holding the whole text when not ``stream``);
         ``gen`` has the usage and finish reason once the iterator ends.
 
         :raises UpstreamFailure: when no attempt succeeded (or one failed after
             tokens were passed on)
         """
+        if self._cache is None and self._coalescer is None:
+            # Nothing to replay, remember or share: the attempts are the whole
+            # path, one generator fewer to resume for every piece.
+            self._budget.deposit()
+            return self._attempts(job, gen, stream)
+        return self._deduplicated(job, gen, stream)
+
+    async def _deduplicated(
+        self, job: Assembled, gen: Generation, stream: bool
+    ) -> AsyncIterator[str]:
         self._budget.deposit()
         key = job.dedup_key
         cache = self._cache
@@ -240,8 +258,8 @@ class ShardCalls:
         deadline_ns = job.request.deadline_ns
         if self._remote:
             # The runner starts a message's coroutine eagerly, outside any task,
-            # and moves it into one at its first suspension. httpx's anyio cancel
-            # scopes must be entered in the task that exits them: suspend first.
+            # and moves it into one at its first suspension. The phase timeouts
+            # cancel the current task, so there must be one: suspend first.
             await asyncio.sleep(0)
         tried: list[str] = []
         attempt = 0
@@ -269,7 +287,7 @@ class ShardCalls:
                             sent = True
                             yield text
                     elif stream:
-                        inner = upstream.generate(job, one)
+                        inner = self._pieces[upstream.name](job, one)
                         async for piece in phased(
                             inner, upstream.timeouts, deadline_ns, upstream=upstream.name
                         ):

@@ -1,7 +1,7 @@
 """Model backends behind one ``Upstream`` protocol, built from the inference config.
 
 The network and local-model backends are imported only when configured: a
-pipeline that runs echo never loads httpx clients or llama.cpp.
+pipeline that runs echo never loads the HTTP client or llama.cpp.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """What an upstream's failure means: one table from status (or error type) to flags.
 
-Everything httpx raises or answers becomes an ``UpstreamFailure`` here, at the
-edge (httpcore's ``map_exceptions`` idea), so the shard's retry loop and circuit
-breaker read three flags (``retryable``, ``counts``, ``retry_after_s``) instead
-of catching ``httpx.*``. Messages are fixed text, the status, and at most one
+Everything the HTTP client raises or answers becomes an ``UpstreamFailure``
+here, at the edge (httpcore's ``map_exceptions`` idea), so the shard's retry
+loop and circuit breaker read three flags (``retryable``, ``counts``,
+``retry_after_s``) instead of catching ``OSError``, ``ssl.SSLError`` or a
+library's exceptions. Messages are fixed text, the status, and at most one
 short machine-readable error ``type``/``code`` of the upstream: never its free
 text (OpenAI's 401 message quotes part of the key), a header, a URL or the
 prompt, because a failure's message reaches logs, the DLQ and the client.
@@ -15,21 +16,28 @@ import email.utils
 import logging
 import math
 import re
+import ssl
+import sys
 import time
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
 
-import httpx
 import msgspec
 
 from mpipeline.errors import ErrorCode, UpstreamFailure
 
+if TYPE_CHECKING:
+    import httpx
+
 __all__ = [
     "ERROR_TYPE_STATUS",
+    "broken_failure",
     "classify",
     "error_failure",
     "error_label",
     "parse_retry_after",
     "protocol_failure",
+    "read_timeout_failure",
     "status_failure",
     "transport_failure",
 ]
@@ -62,7 +70,7 @@ ERROR_TYPE_STATUS: Final = {
 }
 
 
-def status_failure(status: int, headers: httpx.Headers, body: bytes) -> UpstreamFailure:
+def status_failure(status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
     """Classify a non-200 answer by its status (and Retry-After)."""
     label = error_label(_error_object(body))
     message = f"upstream answered HTTP {status}" + (f" ({label})" if label else "")
@@ -140,7 +148,7 @@ def _error_object(body: bytes) -> Any:
     return doc.get("error") if isinstance(doc, dict) else None
 
 
-def parse_retry_after(headers: httpx.Headers) -> float | None:
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait, from ``retry-after-ms`` (OpenAI) or ``Retry-After``
     (delta-seconds or an HTTP-date); None when absent or unparsable."""
     ms = headers.get("retry-after-ms")
@@ -173,13 +181,62 @@ def _seconds(value: str) -> float | None:
     return seconds
 
 
-def transport_failure(exc: httpx.HTTPError, *, in_body: bool) -> UpstreamFailure:
-    """Classify an httpx exception; ``in_body``: it came while reading a 200's body.
+def transport_failure(exc: BaseException, *, in_body: bool) -> UpstreamFailure:
+    """Classify a transport exception; ``in_body``: it came while reading a 200's body.
 
-    The exception's own text is never used: it may quote a header (an invalid
-    header value is the key) or the URL.
+    The workers' client raises plain ones while connecting (``TimeoutError``,
+    ``ssl.SSLError``, ``OSError``); httpx's are classified too, for code that
+    still calls through httpx, without importing httpx into every shard (an
+    httpx exception means httpx is loaded already). The exception's own text
+    is never used: it may quote a header (an invalid header value is the key)
+    or the URL.
     """
     logger.debug("upstream call failed: %s (in_body=%s)", type(exc).__name__, in_body)
+    httpx_module = sys.modules.get("httpx")
+    if httpx_module is not None and isinstance(exc, httpx_module.HTTPError):
+        return _httpx_failure(exc, in_body=in_body)
+    if isinstance(exc, TimeoutError):
+        return _timed_out("connect")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # The certificate will not verify any better next time: a config problem.
+        return UpstreamFailure(
+            "upstream TLS certificate could not be verified", retryable=False, counts=True
+        )
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamFailure("upstream TLS handshake failed", retryable=True, counts=True)
+    if isinstance(exc, OSError):
+        return broken_failure(in_body=in_body) if in_body else _connect_failed()
+    return UpstreamFailure("upstream call failed", retryable=True, counts=True)
+
+
+def _connect_failed() -> UpstreamFailure:
+    return UpstreamFailure("upstream connection failed", retryable=True, counts=True)
+
+
+def _timed_out(phase: str) -> UpstreamFailure:
+    return UpstreamFailure(
+        f"upstream {phase} timed out", code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True, counts=True
+    )
+
+
+def read_timeout_failure() -> UpstreamFailure:
+    """No byte came for longer than the client's read timeout (the backstop
+    behind the shard's phase timeouts)."""
+    return _timed_out("read")
+
+
+def broken_failure(*, in_body: bool, protocol: bool = False) -> UpstreamFailure:
+    """The connection ended, or the server broke HTTP/1.1 (``protocol``), during a call."""
+    if in_body:
+        return protocol_failure("upstream response was truncated")
+    if protocol:
+        return UpstreamFailure("upstream broke the HTTP protocol", retryable=True, counts=True)
+    return UpstreamFailure("upstream connection broke", retryable=True, counts=True)
+
+
+def _httpx_failure(exc: httpx.HTTPError, *, in_body: bool) -> UpstreamFailure:
+    import httpx
+
     if isinstance(exc, httpx.TimeoutException):
         phase = {
             httpx.ConnectTimeout: "connect",
@@ -200,16 +257,14 @@ def transport_failure(exc: httpx.HTTPError, *, in_body: bool) -> UpstreamFailure
     if in_body and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
         return protocol_failure("upstream response was truncated")
     if isinstance(exc, httpx.ConnectError):
-        message = "upstream connection failed"
-    elif isinstance(exc, httpx.RemoteProtocolError):
-        message = "upstream broke the HTTP protocol"
-    elif isinstance(exc, httpx.DecodingError):
-        message = "upstream sent an undecodable body"
-    elif isinstance(exc, httpx.NetworkError):
-        message = "upstream connection broke"
-    else:
-        message = "upstream call failed"
-    return UpstreamFailure(message, retryable=True, counts=True)
+        return _connect_failed()
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return broken_failure(in_body=False, protocol=True)
+    if isinstance(exc, httpx.DecodingError):
+        return UpstreamFailure("upstream sent an undecodable body", retryable=True, counts=True)
+    if isinstance(exc, httpx.NetworkError):
+        return broken_failure(in_body=False)
+    return UpstreamFailure("upstream call failed", retryable=True, counts=True)
 
 
 def protocol_failure(message: str) -> UpstreamFailure:

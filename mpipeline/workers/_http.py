@@ -2,7 +2,11 @@
 
 Each call is one attempt (no transport retries, no redirects) whose every
 failure leaves as an ``UpstreamFailure`` classified by ``_failures``, so the
-workers hold only their API's request and reply shapes.
+workers hold only their API's request and reply shapes. The client is the
+workers' own (``_client``: why, with the numbers, is there); a streamed
+reply is read a network read at a time, and each read's SSE events are
+decoded together (``sse_events``), so the tokens that arrive together leave
+together.
 """
 
 from __future__ import annotations
@@ -10,16 +14,17 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import httpx
 import msgspec
 
 from mpipeline.config import TimeoutsConfig, UpstreamConfig
-from mpipeline.errors import ConfigError
+from mpipeline.errors import ConfigError, UpstreamFailure
 from mpipeline.messages import Assembled
-from mpipeline.workers._failures import protocol_failure, status_failure, transport_failure
+from mpipeline.workers._client import Client, RequestHead, Timeouts
+from mpipeline.workers._conn import Conn
+from mpipeline.workers._failures import protocol_failure, status_failure
 from mpipeline.workers.base import WorkerContext
 from mpipeline.workers.sse import SSEDecoder, SSEEvent
 
@@ -32,17 +37,20 @@ __all__ = [
     "read_error_body",
     "send",
     "sse_events",
+    "stream_end",
     "stream_timeout",
     "unary_timeout",
 ]
 
-# The shard enforces the phase timeouts around each call; httpx's read timeout is
-# only a backstop behind them, so it must fire later than the shard's own timers.
+# The shard enforces the phase timeouts around each call; the client's read
+# timeout is only a backstop behind them, so it must fire later than the shard's own timers.
 BACKSTOP_FACTOR = 1.25
 # Longest wait for the end of a body after its stream's terminator.
 DRAIN_S = 1.0
 # Enough of an error body to find its type/code; the rest is free text we never use.
 ERROR_BODY_CAP = 64 * 1024
+# A non-streamed reply larger than this is not a chat completion.
+MAX_BODY = 64 * 1024 * 1024
 # Header-safe: visible ASCII only, so the key can never split or forge a header line.
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")
 
@@ -91,162 +99,119 @@ def read_api_key(env_name: str | None) -> ApiKey | None:
     return ApiKey(value)
 
 
-def build_client(config: UpstreamConfig, headers: dict[str, str]) -> httpx.AsyncClient:
+def build_client(config: UpstreamConfig, headers: Mapping[str, str]) -> Client:
     """One keep-alive pool per shard and upstream, sized to its concurrency.
 
     No transport retries and no redirects: the shard's retry loop is the only
     one (RELIABILITY 1.5), and a redirect would resend the key to another host.
     HTTP/1.1 only, because each call is one stream and h2 would add a dependency
-    for no gain at this fan-out. ``trust_env`` stays on for CA-bundle variables;
-    with an explicit transport httpx takes no proxy from the environment.
+    for no gain at this fan-out. Proxies come from the environment (``_client``).
+
+    :raises ConfigError: the URL, a header or the environment's proxy is unusable
     """
-    t = config.timeouts
-    limits = httpx.Limits(
-        max_connections=config.max_concurrency,
-        max_keepalive_connections=config.max_concurrency,
-    )
-    transport = httpx.AsyncHTTPTransport(retries=0, http1=True, http2=False, limits=limits)
-    return httpx.AsyncClient(
-        transport=transport,
+    return Client(
+        config.base_url,
         headers=headers,
-        timeout=stream_timeout(t),
-        follow_redirects=False,
+        max_connections=config.max_concurrency,
+        timeout=stream_timeout(config.timeouts),
     )
 
 
-def stream_timeout(t: TimeoutsConfig) -> httpx.Timeout:
+def stream_timeout(t: TimeoutsConfig) -> Timeouts:
     """Timeouts for a streamed call: no read waits longer than the longest phase gap."""
-    read = max(t.first_token_s, t.between_tokens_s) * BACKSTOP_FACTOR
-    return httpx.Timeout(connect=t.connect_s, read=read, write=t.connect_s, pool=t.connect_s)
+    return Timeouts(
+        connect=t.connect_s, read=max(t.first_token_s, t.between_tokens_s) * BACKSTOP_FACTOR
+    )
 
 
-def unary_timeout(t: TimeoutsConfig) -> httpx.Timeout:
-    """Timeouts for a non-streamed call, whose headers may come only after the whole reply."""
-    read = t.total_s * BACKSTOP_FACTOR
-    return httpx.Timeout(connect=t.connect_s, read=read, write=t.connect_s, pool=t.connect_s)
+def unary_timeout(t: TimeoutsConfig) -> Timeouts:
+    """Timeouts for a non-streamed call, whose head may come only after the whole reply."""
+    return Timeouts(connect=t.connect_s, read=t.total_s * BACKSTOP_FACTOR)
 
 
-async def send(
-    client: httpx.AsyncClient,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    phases: httpx.Timeout,
-) -> httpx.Response:
-    """POST ``body`` and return the open response once it is known to be a 200.
+async def send(client: Client, request: bytes, read_timeout: float) -> Conn:
+    """Send ``request`` and return its connection once the answer is known to be a 200.
 
-    The caller reads the body and must ``aclose()`` the response.
+    The caller reads the body and must ``client.release`` the connection.
 
     :raises UpstreamFailure: the call failed before a 200 arrived, or another status came
     """
-    request = client.build_request("POST", url, content=body, headers=headers, timeout=phases)
+    conn = await client.open(request, read_timeout)
+    if conn.status == 200:
+        return conn
     try:
-        response = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
-        raise transport_failure(exc, in_body=False) from None
-    if response.status_code == 200:
-        return response
-    try:
-        raw = await read_error_body(response)
-    except httpx.HTTPError:
+        raw = await read_error_body(conn)
+    except UpstreamFailure:
         raw = b""
     finally:
-        await response.aclose()
-    raise status_failure(response.status_code, response.headers, raw)
+        client.release(conn)
+    raise status_failure(conn.status, conn.headers(), raw)
 
 
-async def fetch(
-    client: httpx.AsyncClient,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    phases: httpx.Timeout,
-) -> bytes:
-    """POST ``body`` and return the whole body of the 200 that answers it.
+async def fetch(client: Client, request: bytes, read_timeout: float) -> bytes:
+    """Send ``request`` and return the whole body of the 200 that answers it.
 
     :raises UpstreamFailure: the call failed, another status came, or the body was cut
     """
-    response = await send(client, url, body, headers, phases)
+    conn = await send(client, request, read_timeout)
     try:
-        return await response.aread()
-    except httpx.HTTPError as exc:
-        raise transport_failure(exc, in_body=True) from None
+        parts: list[bytes] = []
+        size = 0
+        while data := await conn.read():
+            parts.append(data)
+            size += len(data)
+            if size > MAX_BODY:
+                raise protocol_failure("upstream reply is too large")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
-        await response.aclose()
+        client.release(conn)
 
 
-async def sse_events(
-    client: httpx.AsyncClient,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    phases: httpx.Timeout,
-    *,
-    last: Callable[[SSEEvent], bool],
-) -> AsyncGenerator[SSEEvent, None]:
-    """POST ``body`` and yield the reply's SSE events until the one ``last`` accepts
-    (the API's terminator, not yielded); then the connection goes back to the pool.
-
-    Close it with ``contextlib.aclosing`` so that a caller who stops early (a
-    client went away) closes the connection at once, which is how the upstream
-    learns to stop generating.
-
-    :raises UpstreamFailure: the call failed, the reply is not an event stream,
-        or it ended (cut mid-event or not) before its terminator
-    """
-    response = await send(client, url, body, headers, phases)
-    try:
-        ctype = response.headers.get("content-type", "")
-        if ctype and not ctype.lower().startswith("text/event-stream"):
-            raise protocol_failure("upstream sent malformed SSE (wrong content-type)")
-        decoder = SSEDecoder(strict=True)
-        chunks = response.aiter_bytes()
-        async for raw in chunks:
-            try:
-                events = decoder.feed(raw)
-            except ValueError:
-                raise protocol_failure("upstream sent malformed SSE") from None
-            for event in events:
-                if last(event):
-                    await drain(chunks)
-                    return
-                yield event
-        try:
-            decoder.finish()
-        except ValueError:
-            raise protocol_failure("upstream response was truncated") from None
-        raise protocol_failure("upstream stream ended early")
-    except httpx.HTTPError as exc:
-        raise transport_failure(exc, in_body=True) from None
-    finally:
-        await response.aclose()
-
-
-async def read_error_body(response: httpx.Response) -> bytes:
+async def read_error_body(conn: Conn) -> bytes:
     """At most ``ERROR_BODY_CAP`` bytes of an error response."""
     parts: list[bytes] = []
     size = 0
-    async for part in response.aiter_bytes():
-        parts.append(part)
-        size += len(part)
-        if size >= ERROR_BODY_CAP:
-            break
+    while size < ERROR_BODY_CAP and (data := await conn.read()):
+        parts.append(data)
+        size += len(data)
     return b"".join(parts)[:ERROR_BODY_CAP]
 
 
-async def drain(chunks: AsyncIterator[bytes]) -> None:
-    """Read what follows a stream's terminator (normally just the chunked-body
+def sse_events(decoder: SSEDecoder, data: bytes) -> list[SSEEvent]:
+    """The events one network read completed.
+
+    :raises UpstreamFailure: the bytes are not an event stream
+    """
+    try:
+        return decoder.feed(data)
+    except ValueError:
+        raise protocol_failure("upstream sent malformed SSE") from None
+
+
+def stream_end(decoder: SSEDecoder) -> UpstreamFailure:
+    """What a stream's body that ended before its terminator means: cut mid-event, or not."""
+    try:
+        decoder.finish()
+    except ValueError:
+        return protocol_failure("upstream response was truncated")
+    return protocol_failure("upstream stream ended early")
+
+
+async def drain(client: Client, conn: Conn) -> None:
+    """After a stream's terminator: read what follows (normally just the chunked-body
     end), so the connection can go back to the pool instead of being closed.
 
     Bounded by ``DRAIN_S``: a server that keeps talking after its terminator
     loses its connection, not our time. Errors here are moot: the reply is whole.
     """
-    try:
-        async with asyncio.timeout(DRAIN_S):
-            async for _ in chunks:
-                pass
-    except (TimeoutError, httpx.HTTPError):
-        pass
+    if not conn.done:
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                while await conn.read():
+                    pass
+        except (TimeoutError, UpstreamFailure):
+            pass
+    client.release(conn)
 
 
 T = TypeVar("T")
@@ -262,7 +227,7 @@ def decode(decoder: msgspec.json.Decoder[T], data: bytes | str) -> T:
 
 class HttpUpstream:
     """What the OpenAI and Anthropic upstreams share: the limits the shard reads,
-    the endpoint URL, the key read at ``start`` and one keep-alive pool per shard.
+    the endpoint, the key read at ``start`` and one keep-alive pool per shard.
     Subclasses name their ``path`` and the headers that carry the key."""
 
     remote = True
@@ -276,10 +241,11 @@ class HttpUpstream:
         self.timeouts = config.timeouts
         self.max_concurrency = config.max_concurrency
         self._config = config
-        self._url = config.base_url.rstrip("/") + self.path
-        self._client: httpx.AsyncClient | None = None
-        self._stream_timeout = stream_timeout(config.timeouts)
-        self._unary_timeout = unary_timeout(config.timeouts)
+        self._client: Client | None = None
+        self._stream_head: RequestHead | None = None
+        self._unary_head: RequestHead | None = None
+        self._stream_read_s = stream_timeout(config.timeouts).read
+        self._unary_read_s = unary_timeout(config.timeouts).read
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={self._config.model!r})"
@@ -292,41 +258,57 @@ class HttpUpstream:
         """The API's request body for ``job``."""
         raise NotImplementedError
 
-    def _events(
-        self, job: Assembled, last: Callable[[SSEEvent], bool]
-    ) -> AsyncGenerator[SSEEvent, None]:
-        """The streaming call's SSE events; close it with ``contextlib.aclosing``."""
-        headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
-        body = self._body(job, stream=True)
+    async def _open_stream(self, job: Assembled) -> tuple[Client, Conn]:
+        """Start the streaming call: its connection once a 200 event stream answers.
+
+        The caller reads it and must ``release`` it (``drain`` after the terminator).
+
+        :raises UpstreamFailure: the call failed, or the reply is not an event stream
+        """
         client = self._require_client()
-        return sse_events(client, self._url, body, headers, self._stream_timeout, last=last)
+        assert self._stream_head is not None
+        request = self._stream_head.render(self._body(job, stream=True))
+        conn = await send(client, request, self._stream_read_s)
+        ctype = conn.header(b"content-type")
+        if ctype and not ctype.lower().startswith("text/event-stream"):
+            client.release(conn)
+            raise protocol_failure("upstream sent malformed SSE (wrong content-type)")
+        return client, conn
 
     async def _fetch(self, job: Assembled, decoder: msgspec.json.Decoder[T]) -> T:
         """The non-streaming call's reply, decoded.
 
         :raises UpstreamFailure: the call failed, or the reply is not the API's JSON
         """
-        headers = {"accept": "application/json"}
-        body = self._body(job, stream=False)
-        raw = await fetch(self._require_client(), self._url, body, headers, self._unary_timeout)
-        return decode(decoder, raw)
+        client = self._require_client()
+        assert self._unary_head is not None
+        request = self._unary_head.render(self._body(job, stream=False))
+        return decode(decoder, await fetch(client, request, self._unary_read_s))
 
     async def start(self) -> None:
         """Read the key and open the connection pool.
 
-        :raises ConfigError: the key's environment variable is unset or unusable
+        :raises ConfigError: the key's environment variable is unset or unusable,
+            or the URL or the environment's proxy is
         """
-        headers = self._headers(read_api_key(self._config.api_key_env))
-        if self._client is not None:
-            await self._client.aclose()
-        self._client = build_client(self._config, headers)
+        client = build_client(self._config, self._headers(read_api_key(self._config.api_key_env)))
+        # identity: a compressed body would need a decoder for no gain on loopback or LAN.
+        self._stream_head = client.request_head(
+            self.path, {"accept": "text/event-stream", "accept-encoding": "identity"}
+        )
+        self._unary_head = client.request_head(
+            self.path, {"accept": "application/json", "accept-encoding": "identity"}
+        )
+        old, self._client = self._client, client
+        if old is not None:
+            await old.close()
 
     async def stop(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            await client.aclose()
+            await client.close()
 
-    def _require_client(self) -> httpx.AsyncClient:
+    def _require_client(self) -> Client:
         if self._client is None:
             raise RuntimeError(f"upstream {self.name} used before start()")
         return self._client

@@ -5,22 +5,24 @@ separate field, turns must alternate and start with the user, ``max_tokens``
 is required, and a stream is a sequence of named events that ends with
 ``message_stop`` and may carry an ``error`` event (``overloaded_error``) after
 a 200. Event payloads are decoded into one loose Struct that names only the
-fields read, so event types the API adds later pass through harmlessly.
+fields read, so event types the API adds later pass through harmlessly. A
+stream is read a network read at a time: ``generate`` yields token by token,
+``generate_reads`` one piece per read (the tokens that arrived together).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import msgspec
 
 from mpipeline.config import AnthropicConfig, PoolUpstreamConfig
+from mpipeline.errors import UpstreamFailure
 from mpipeline.messages import Assembled
 from mpipeline.workers import _failures, _http
 from mpipeline.workers.base import Generation, WorkerContext
-from mpipeline.workers.sse import SSEEvent
+from mpipeline.workers.sse import SSEDecoder, SSEEvent
 
 __all__ = ["AnthropicUpstream", "stop_reason"]
 
@@ -131,34 +133,46 @@ class AnthropicUpstream(_http.HttpUpstream):
         body["stream"] = stream
         return _ENCODER.encode(body)
 
-    async def generate(self, job: Assembled, gen: Generation) -> AsyncIterator[str]:
+    def generate(self, job: Assembled, gen: Generation) -> AsyncIterator[str]:
         """Stream the reply's ``text_delta`` pieces as tokens.
 
         :raises UpstreamFailure: any failure, classified (see ``_failures``)
         """
-        events = self._events(job, last=_is_stop)
-        async with contextlib.aclosing(events):
-            async for sse in events:
-                event = _http.decode(_EVENT, sse.data)
-                kind = event.type
-                if kind == "content_block_delta":
-                    delta = event.delta
-                    if delta is not None and delta.type == "text_delta" and delta.text:
-                        gen.completion_tokens += 1
-                        yield delta.text
-                elif kind == "message_start":
-                    if event.message is not None and event.message.usage is not None:
-                        _take_usage(event.message.usage, gen)
-                    # Its output_tokens is a placeholder; the count starts at the deltas.
-                    gen.completion_tokens = 0
-                elif kind == "message_delta":
-                    if event.delta is not None:
-                        gen.finish_reason = stop_reason(event.delta.stop_reason)
-                    if event.usage is not None:
-                        _take_usage(event.usage, gen)
-                elif kind == "error" or sse.event == "error":
-                    raise _failures.error_failure(event.error, what="upstream failed mid-stream")
-                # ping, content_block_start/stop and future event types: nothing to do.
+        return self._stream(job, gen, per_read=False)
+
+    def generate_reads(self, job: Assembled, gen: Generation) -> AsyncIterator[str]:
+        """Stream the reply as pieces: the tokens of each network read, joined.
+
+        :raises UpstreamFailure: any failure, classified (see ``_failures``)
+        """
+        return self._stream(job, gen, per_read=True)
+
+    async def _stream(
+        self, job: Assembled, gen: Generation, *, per_read: bool
+    ) -> AsyncGenerator[str, None]:
+        client, conn = await self._open_stream(job)
+        try:
+            decoder = SSEDecoder(strict=True)
+            while True:
+                data = await conn.read()
+                if not data:
+                    raise _http.stream_end(decoder)
+                tokens: list[str] = []
+                done, failure = _take(_http.sse_events(decoder, data), gen, tokens)
+                if done:
+                    await _http.drain(client, conn)
+                if tokens:
+                    if not per_read:
+                        for token in tokens:
+                            yield token
+                    else:
+                        yield tokens[0] if len(tokens) == 1 else "".join(tokens)
+                if failure is not None:
+                    raise failure
+                if done:
+                    return
+        finally:
+            client.release(conn)
 
     async def complete(self, job: Assembled, gen: Generation) -> str:
         """The non-streaming call: every text block of the reply, joined.
@@ -177,8 +191,38 @@ class AnthropicUpstream(_http.HttpUpstream):
         return text
 
 
-def _is_stop(event: SSEEvent) -> bool:
-    return event.event == "message_stop"
+def _take(
+    events: list[SSEEvent], gen: Generation, tokens: list[str]
+) -> tuple[bool, UpstreamFailure | None]:
+    """Append the events' text to ``tokens``; whether ``message_stop`` came, and the
+    failure that stopped the stream (an ``error`` event, malformed JSON), if any."""
+    for sse in events:
+        if sse.event == "message_stop":
+            return True, None
+        try:
+            event = _http.decode(_EVENT, sse.data)
+        except UpstreamFailure as exc:
+            return False, exc
+        kind = event.type
+        if kind == "content_block_delta":
+            delta = event.delta
+            if delta is not None and delta.type == "text_delta" and delta.text:
+                gen.completion_tokens += 1
+                tokens.append(delta.text)
+        elif kind == "message_start":
+            if event.message is not None and event.message.usage is not None:
+                _take_usage(event.message.usage, gen)
+            # Its output_tokens is a placeholder; the count starts at the deltas.
+            gen.completion_tokens = 0
+        elif kind == "message_delta":
+            if event.delta is not None:
+                gen.finish_reason = stop_reason(event.delta.stop_reason)
+            if event.usage is not None:
+                _take_usage(event.usage, gen)
+        elif kind == "error" or sse.event == "error":
+            return False, _failures.error_failure(event.error, what="upstream failed mid-stream")
+        # ping, content_block_start/stop and future event types: nothing to do.
+    return False, None
 
 
 def _conversation(job: Assembled) -> tuple[str, list[dict[str, str]]]:

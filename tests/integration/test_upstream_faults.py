@@ -151,7 +151,13 @@ def test_a_stall_mid_stream_ends_in_an_error_event_and_is_not_retried(
 ) -> None:
     """Scenario 27: the between-token timeout fires after three tokens."""
     upstream.default = StallAfter(3)
-    sp = _start(start_supervisor, upstream, timeouts={"between_tokens_s": 0.5})
+    # One chunk per token (not per read), so the three before the stall are counted.
+    sp = _start(
+        start_supervisor,
+        upstream,
+        timeouts={"between_tokens_s": 0.5},
+        **{"stages.inference.coalesce_reads": False},
+    )
     body = {"input": "one two three four five", "stream": True}
     with sp.explain(), httpx.Client(base_url=sp.url, timeout=20) as client:
         with client.stream("POST", "/v1/prompt", json=body) as reply:
@@ -261,6 +267,8 @@ def test_anthropic_streams_through_the_pipeline(
             "stages.inference.worker": "anthropic",
             "stages.inference.anthropic": cfg,
             "stages.inference.retry.max_retries": 0,
+            # One chunk per token, as the upstream sent them.
+            "stages.inference.coalesce_reads": False,
         },
         env={"MPL_TEST_UPSTREAM_KEY": CANARY},
     )

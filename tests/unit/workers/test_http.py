@@ -55,10 +55,10 @@ def test_client_has_no_retries_redirects_or_http2() -> None:
             assert client.follow_redirects is False
             assert client.timeout.connect == 1
             assert client.timeout.read == 4 * _http.BACKSTOP_FACTOR
-            # httpcore's pool keeps its settings private; these are the ones that matter.
-            pool = client._transport._pool  # type: ignore[attr-defined]
-            assert pool._retries == 0 and pool._http2 is False
-            assert pool._max_connections == config.max_concurrency
+            # The workers' own client shows its policy; these are the settings that matter.
+            pool = client
+            assert pool.retries == 0 and pool.http2 is False
+            assert pool.max_connections == config.max_concurrency
 
     asyncio.run(main())
     assert _http.unary_timeout(t).read == 20 * _http.BACKSTOP_FACTOR
