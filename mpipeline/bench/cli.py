@@ -216,17 +216,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_http(args: argparse.Namespace) -> int:
     from mpipeline.bench import over_http as _bench_http
 
-    misfits = {
-        "--requests": args.requests is not None,
-        "--rates": args.rates is not None,
-        "--rate-duration": args.rate_duration is not None,
-        "--window": args.window is not None,
-        "--shared-cores": args.shared_cores,
-        "--plot": args.plot is not None,
-    }
-    unused = [flag for flag, given in misfits.items() if given]
-    if unused:
-        print(f"mpipeline bench: {', '.join(unused)} do not apply to --http", file=sys.stderr)
+    if _misfits(args, "--http"):
         return ExitCode.USAGE
     opts = _bench_http.options(
         quick=args.quick,
@@ -245,18 +235,7 @@ def _bench_http(args: argparse.Namespace) -> int:
 def _bench_upstream(args: argparse.Namespace) -> int:
     from mpipeline.bench import upstream
 
-    misfits = {
-        "--requests": args.requests is not None,
-        "--rates": args.rates is not None,
-        "--rate-duration": args.rate_duration is not None,
-        "--window": args.window is not None,
-        "--shared-cores": args.shared_cores,
-        "--plot": args.plot is not None,
-        "--wrk-cpus": args.wrk_cpus is not None,
-    }
-    unused = [flag for flag, given in misfits.items() if given]
-    if unused:
-        print(f"mpipeline bench: {', '.join(unused)} do not apply to --upstream", file=sys.stderr)
+    if _misfits(args, "--upstream", wrk_cpus=True):
         return ExitCode.USAGE
     opts = upstream.options(
         quick=args.quick,
@@ -272,6 +251,23 @@ def _bench_upstream(args: argparse.Namespace) -> int:
     )
     _bench_logging()
     return upstream.main(opts)
+
+
+def _misfits(args: argparse.Namespace, mode: str, *, wrk_cpus: bool = False) -> bool:
+    """Say which of the in-process bench's options were given to an HTTP mode; True if any."""
+    given = {
+        "--requests": args.requests is not None,
+        "--rates": args.rates is not None,
+        "--rate-duration": args.rate_duration is not None,
+        "--window": args.window is not None,
+        "--shared-cores": args.shared_cores,
+        "--plot": args.plot is not None,
+        "--wrk-cpus": wrk_cpus and args.wrk_cpus is not None,
+    }
+    unused = [flag for flag, on in given.items() if on]
+    if unused:
+        print(f"mpipeline bench: {', '.join(unused)} do not apply to {mode}", file=sys.stderr)
+    return bool(unused)
 
 
 def _bench_logging() -> None:

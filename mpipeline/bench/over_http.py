@@ -38,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ from mpipeline.bench.servers import (
     gateway_config,
     peer_command,
 )
-from mpipeline.bench.wrk import run_wrk, wrk_command, wrk_script, wrk_version
+from mpipeline.bench.wrk import package_version, run_wrk, wrk_command, wrk_script, wrk_version
 from mpipeline.config import dump_toml
 
 DEFAULT_DURATION_S = 5
@@ -331,17 +330,10 @@ def _settings(opts: Options) -> dict[str, float | int | str | list[int] | None]:
         "prompt_bytes": PROMPT_BYTES,
         "output_tokens": OUTPUT_TOKENS,
         "wrk": wrk_version(),
-        "uvicorn": _version("uvicorn"),
-        "starlette": _version("starlette"),
-        "httptools": _version("httptools"),
+        "uvicorn": package_version("uvicorn"),
+        "starlette": package_version("starlette"),
+        "httptools": package_version("httptools"),
     }
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def main(opts: Options) -> int:

@@ -34,7 +34,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import msgspec
@@ -54,7 +53,7 @@ from mpipeline.bench.upstream_report import (
     verdicts,
     write_json,
 )
-from mpipeline.bench.wrk import run_wrk, wrk_command, wrk_version
+from mpipeline.bench.wrk import package_version, run_wrk, wrk_command, wrk_version
 from mpipeline.config import PipelineConfig, dump_toml
 
 UPSTREAM = "fake-upstream"
@@ -339,15 +338,10 @@ def _settings(opts: Options, cores: list[int]) -> dict[str, float | int | str | 
         "wrk_threads": 1,
         "dedup": "on" if opts.dedup else "off (no result cache, no coalescing)",
         "wrk": wrk_version(),
-        **{d: _version(d) for d in ("aiohttp", "httpx", "uvicorn", "starlette", "httptools")},
+        **{
+            d: package_version(d) for d in ("aiohttp", "httpx", "uvicorn", "starlette", "httptools")
+        },
     }
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def main(opts: Options) -> int:

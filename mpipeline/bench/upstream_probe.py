@@ -31,7 +31,7 @@ import uvloop
 
 from mpipeline.bench.cpu import pin
 from mpipeline.bench.load import Latency, prompt_body, summarize
-from mpipeline.bench.wrk import WRK_MARKER, WRK_POOL
+from mpipeline.bench.wrk import body_script
 
 PATH = "/v1/chat/completions"
 MODEL = "fake-model"
@@ -72,59 +72,12 @@ def chat_json(text: str, *, stream: bool, max_tokens: int) -> bytes:
 def chat_script(*, stream: bool, max_tokens: int) -> str:
     """A wrk Lua script: POSTs of chat bodies with unique prompts; ``done()`` prints JSON.
 
-    Same shape as ``bench.wrk.wrk_script`` (the ``/v1/prompt`` one), whose
-    ``parse_wrk`` reads the line it prints.
+    ``bench.wrk.body_script`` with OpenAI's request shape around the prompt,
+    so ``parse_wrk`` reads the line it prints.
     """
-    body = prompt_body()
-    if "]==]" in body or '"' in body or "\\" in body:
-        raise ValueError("the prompt body must need no JSON or Lua escaping")
     head = '{"model":"' + MODEL + '","messages":[{"role":"user","content":"'
     tail = f'"}}],"max_tokens":{max_tokens},"stream":{"true" if stream else "false"}}}'
-    return f"""\
-local head = [==[{head}]==]
-local body = [==[{body}]==]
-local tail = [==[{tail}]==]
-local pool = {{}}
-local n = 0
-local threads = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-
-function setup(thread)
-  thread:set("tid", threads)
-  threads = threads + 1
-end
-
-function init(args)
-  local t = tid or 0
-  for k = 1, {WRK_POOL} do
-    local input = string.format("%02d%08d %s", t % 100, k, body)
-    pool[k] = wrk.format(nil, nil, nil, head .. input .. tail)
-  end
-end
-
-function request()
-  n = n % {WRK_POOL} + 1
-  return pool[n]
-end
-
-local function num(x)
-  if x ~= x or x == math.huge or x == -math.huge then return 0 end
-  return x
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '\\n{WRK_MARKER}{{"requests":%d,"duration_us":%d,"bytes":%d,'
-    .. '"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,'
-    .. '"mean":%.1f,"stdev":%.1f,"p50":%d,"p90":%d,"p99":%d,"max":%d}}\\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    num(latency.mean), num(latency.stdev),
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-"""
+    return body_script(head, prompt_body(), tail)
 
 
 class _Conn:

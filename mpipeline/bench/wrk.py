@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import resource
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import msgspec
@@ -59,21 +60,32 @@ class WrkStats(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def wrk_script(body: str, *, stream: bool, max_tokens: int | None = None) -> str:
-    """A wrk Lua script: POSTs of unique prompts, and a ``done()`` that prints JSON.
+    """A wrk Lua script for ``POST /v1/prompt`` with unique prompts (see ``body_script``).
 
-    Each thread builds ``WRK_POOL`` requests in ``init`` and cycles through them;
-    a request's input is an 11-byte prefix (thread id, counter) and ``body``.
-    ``done()`` prints one line, ``WRK_MARKER`` and a JSON object, so the numbers
-    are parsed from JSON instead of wrk's human-readable text.
+    The JSON is ``{"input": <unique prompt>, "stream"...}``.
     """
     extra = ',"stream":true' if stream else ""
     if max_tokens is not None:
         extra += f',"max_tokens":{max_tokens}'
-    if "]==]" in body or '"' in body or "\\" in body:
+    return body_script('{"input":"', body, '"' + extra + "}")
+
+
+def body_script(head: str, body: str, tail: str) -> str:
+    """A wrk Lua script: POSTs of ``head + <unique prompt> + tail``; ``done()`` prints JSON.
+
+    Each thread builds ``WRK_POOL`` requests in ``init`` and cycles through them;
+    a request's prompt is an 11-byte prefix (thread id, counter) and ``body``.
+    ``done()`` prints one line, ``WRK_MARKER`` and a JSON object, so the numbers
+    are parsed from JSON (``parse_wrk``) instead of wrk's human-readable text.
+    """
+    if any("]==]" in part for part in (head, body, tail)):
+        raise ValueError("the request parts must need no Lua escaping (no ]==])")
+    if '"' in body or "\\" in body:
         raise ValueError("the prompt body must need no JSON or Lua escaping")
     return f"""\
+local head = [==[{head}]==]
 local body = [==[{body}]==]
-local extra = [==[{extra}]==]
+local tail = [==[{tail}]==]
 local pool = {{}}
 local n = 0
 local threads = 0
@@ -89,7 +101,7 @@ function init(args)
   local t = tid or 0
   for k = 1, {WRK_POOL} do
     local input = string.format("%02d%08d %s", t % 100, k, body)
-    pool[k] = wrk.format(nil, nil, nil, '{{"input":"' .. input .. '"' .. extra .. '}}')
+    pool[k] = wrk.format(nil, nil, nil, head .. input .. tail)
   end
 end
 
@@ -202,3 +214,11 @@ def wrk_version() -> str:
         return "not installed"
     text = (proc.stdout + proc.stderr).strip().splitlines()
     return text[0].split(" [")[0] if text else "unknown"
+
+
+def package_version(dist: str) -> str:
+    """An installed distribution's version, for a run's record of what it measured."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
