@@ -35,6 +35,7 @@ __all__ = [
     "PromptRequest",
     "Reply",
     "Retrieved",
+    "StructuredChunk",
     "ToAssemble",
     "ToGateway",
     "ToInference",
@@ -80,10 +81,19 @@ class Message(
 
 
 class Turn(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
-    """One message of a conversation: ``role`` is system, user or assistant."""
+    """One message of a conversation: ``role`` is system, user or assistant.
+
+    ``raw`` is the message exactly as an OpenAI client sent it (a JSON object),
+    kept only when it says more than a role and a text: content parts (images),
+    an assistant's ``tool_calls``, a tool result's ``tool_call_id``, a name, a
+    ``developer`` role, fields we do not know. An OpenAI-compatible upstream
+    gets it as it came; ``role`` and ``content`` (the text parts, joined) are
+    what every other stage and worker reads.
+    """
 
     role: str
     content: str
+    raw: bytes = b""
 
 
 class PromptRequest(Message, tag="req", frozen=True, kw_only=True):
@@ -113,6 +123,13 @@ class PromptRequest(Message, tag="req", frozen=True, kw_only=True):
     # The conversation before ``input`` (oldest first), as chat APIs take it;
     # ``input`` is the newest user turn.
     history: list[Turn] = []
+    # The request's other fields, as a JSON object in OpenAI's names (sampling,
+    # tools, response_format, fields we do not know...), passed to an
+    # OpenAI-compatible upstream as they came; b"": none (the usual case).
+    params: bytes = b""
+    # The input message as the client sent it, when it is more than text
+    # (``Turn.raw``: image parts, a tool result).
+    input_raw: bytes = b""
 
 
 class Passage(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
@@ -173,13 +190,34 @@ class TokenChunk(Reply, tag="tok", frozen=True, kw_only=True):
     text: str
 
 
+class StructuredChunk(TokenChunk, tag="stok", frozen=True, kw_only=True):
+    """A streamed piece that is more than text: ``raw`` is the upstream's own chunk
+    (JSON) with its tool-call delta, refusal or logprobs, which the OpenAI route
+    passes on as it came; ``text`` is its content (often none), for every other route.
+
+    A message of its own rather than a field of every ``TokenChunk``: plain
+    tokens are the hottest message of all, and stay as small and cheap as before.
+    """
+
+    raw: bytes
+
+
 class Completed(Reply, tag="done", frozen=True, kw_only=True):
-    """The final result of a request (the whole text, also after a stream)."""
+    """The final result of a request (the whole text, also after a stream).
+
+    ``raw`` is the upstream's own JSON when the reply is more than text: the
+    whole chat completion (tool calls, refusal, logprobs, system_fingerprint),
+    or a stream's final usage chunk; the OpenAI route answers with it. Post's
+    transforms touch ``text`` only, and not even that when ``verbatim`` (the
+    model was asked for JSON: a trimmed or cut JSON document is a broken one).
+    """
 
     text: str
     usage: Usage
     finish_reason: str = "stop"
     stamps: dict[str, int] = {}
+    raw: bytes = b""
+    verbatim: bool = False
 
 
 class Failed(Reply, tag="fail", frozen=True, kw_only=True):
@@ -197,9 +235,9 @@ class Failed(Reply, tag="fail", frozen=True, kw_only=True):
 ToRag: TypeAlias = PromptRequest
 ToAssemble: TypeAlias = Retrieved | Failed
 ToInference: TypeAlias = Assembled | Failed
-ToPost: TypeAlias = TokenChunk | Completed | Failed
+ToPost: TypeAlias = TokenChunk | StructuredChunk | Completed | Failed
 ToStream: TypeAlias = ToPost
-ToGateway: TypeAlias = TokenChunk | Completed | Failed
+ToGateway: TypeAlias = TokenChunk | StructuredChunk | Completed | Failed
 
 # The stage registry: the stages between the gateway's ingress and its return
 # rings, in flow order, each with what its input ring carries. The one list of

@@ -33,16 +33,27 @@ def dedup_key(request: PromptRequest) -> str:
     """Identity of the work a request asks for, independent of who asked.
 
     Built from the request alone (not the assembled prompt) so that the
-    client can compute the inference shard without running assemble. The
-    conversation so far is part of the work: the same words after a different
-    history are a different request.
+    client can compute the inference shard without running assemble. Every
+    part that can change the answer is in it: the conversation so far (the
+    same words after a different history are a different request), each
+    message's own JSON (an image, a tool call) and the request's other fields
+    (``params``: temperature, tools, response_format...). JSON holds no NUL
+    byte, so the separators keep the parts apart.
     """
-    if not request.history:
+    if not request.history and not request.params and not request.input_raw:
         return xxhash.xxh3_128_hexdigest(f"{request.max_tokens}\0{request.input}".encode())
     h = xxhash.xxh3_128(f"{request.max_tokens}\0".encode())
+    h.update(request.params)
+    h.update(b"\0")
     for turn in request.history:
         h.update(f"{turn.role}\0{turn.content}\0".encode())
+        if turn.raw:
+            h.update(turn.raw)
+            h.update(b"\0")
     h.update(request.input.encode())
+    if request.input_raw:
+        h.update(b"\0")
+        h.update(request.input_raw)
     return h.hexdigest()
 
 

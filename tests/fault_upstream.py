@@ -18,8 +18,11 @@ Usage::
 
 Each request takes the next behaviour from the script, or ``default`` when it
 is empty. With no tokens given, ``Ok`` echoes the last user message word by
-word. Every call is recorded (arrival ``time.monotonic()``, path, JSON body,
-headers) so tests can count upstream calls and measure the gaps between them.
+word. ``Shaped`` answers with an OpenAI reply given whole (tool calls, a
+refusal, logprobs, ``system_fingerprint``), streamed as the deltas given.
+Every call is recorded (arrival ``time.monotonic()``, path, JSON body,
+headers) so tests can count upstream calls, measure the gaps between them,
+and check that a request arrived exactly as its client sent it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "InvalidJSON",
     "MalformedSSE",
     "Ok",
+    "Shaped",
     "StallAfter",
     "Status",
     "TruncatedChunked",
@@ -68,6 +72,24 @@ class Ok:
     finish_reason: str = "stop"
     usage: bool = True
     cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """An OpenAI reply with structure, as given.
+
+    ``message`` is the assistant message of a reply that is not streamed;
+    ``deltas`` are a stream's, one chunk each (after the role chunk). Every
+    chunk and the completion carry ``extra`` at the top (``system_fingerprint``)
+    and ``logprobs`` in their choice; ``usage`` replaces the usual counts.
+    """
+
+    message: dict[str, Any] | None = None
+    deltas: list[dict[str, Any]] | None = None
+    finish_reason: str = "stop"
+    extra: dict[str, Any] | None = None
+    logprobs: Any = None
+    usage: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +154,7 @@ class AnthropicError:
 
 Behaviour = (
     Ok
+    | Shaped
     | Status
     | Hang
     | HangAfterHeaders
@@ -358,6 +381,9 @@ async def _behave(reply: wire.Exchange, b: Behaviour) -> None:
         extra = () if b.retry_after is None else (("retry-after", str(b.retry_after)),)
         await wire.send(writer, b.code, body, extra, b.content_type)
         return
+    if isinstance(b, Shaped):
+        await _shaped(reply, b)
+        return
     if isinstance(b, AnthropicError) and not (reply.stream and reply.api == "anthropic"):
         status = wire.ERROR_STATUS.get(b.type, 500)
         await wire.send(writer, status, wire.anthropic_error(b.type))
@@ -466,3 +492,36 @@ async def _unary(reply: wire.Exchange, b: Behaviour) -> None:
         )
         return
     await wire.send(writer, 200, body)
+
+
+async def _shaped(reply: wire.Exchange, b: Shaped) -> None:
+    """A ``Shaped`` reply: the completion, or its chunks then usage (if asked) and [DONE]."""
+    usage = b.usage or {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    head = {"id": "chatcmpl-shaped", "created": 1700000000, "model": reply.model, **(b.extra or {})}
+    writer = reply.writer
+    if not reply.stream:
+        whole = {"index": 0, "message": b.message, "logprobs": b.logprobs}
+        doc = {
+            **head,
+            "object": "chat.completion",
+            "choices": [whole | {"finish_reason": b.finish_reason}],
+        }
+        await wire.send(writer, 200, msgspec.json.encode(doc | {"usage": usage}))
+        return
+
+    def event(choices: list[dict[str, Any]], **more: Any) -> bytes:
+        doc = {**head, "object": "chat.completion.chunk", "choices": choices, **more}
+        return b"data: " + msgspec.json.encode(doc) + b"\n\n"
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": b.logprobs, "finish_reason": finish}
+
+    await wire.start_stream(writer)
+    await wire.chunk(writer, event([choice({"role": "assistant", "content": None})]))
+    for delta in b.deltas or []:
+        await wire.chunk(writer, event([choice(delta)]))
+    await wire.chunk(writer, event([choice({}, b.finish_reason)]))
+    if reply.include_usage:
+        await wire.chunk(writer, event([], usage=usage))
+    await wire.chunk(writer, b"data: [DONE]\n\n")
+    await wire.end_chunked(writer)

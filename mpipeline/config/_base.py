@@ -21,9 +21,15 @@ RING_MAX_BYTES = GIB
 # Ring positions are 8-byte aligned single stores (RELIABILITY 2.5).
 RING_ALIGN = 8
 
+# The longest deadline of any request, in seconds: a client's own (deadline_ms,
+# X-Request-Timeout) and the gateway's defaults alike. An hour covers a long
+# reasoning stream; longer is almost always a unit mistake and would pin a slot.
+MAX_DEADLINE_S = 3600
+
 _GE0 = Meta(ge=0)
 _GE1 = Meta(ge=1)
 _SECONDS = Meta(gt=0)
+_DEADLINE = Meta(gt=0, le=MAX_DEADLINE_S)
 
 
 def _doc(text: str, *examples: object) -> Meta:

@@ -11,10 +11,12 @@ import msgspec
 from msgspec import Meta
 
 from mpipeline.config._base import (
+    _DEADLINE,
     _GE0,
     _GE1,
     _RING,
     _SECONDS,
+    MAX_DEADLINE_S,
     MIB,
     Cpus,
     PinnedConfig,
@@ -187,6 +189,28 @@ class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fiel
             "the replica raises its open-files limit to fit (README: file descriptors)."
         ),
     ] = 10_000
+    timeout_s: Annotated[
+        float,
+        _DEADLINE,
+        _doc(
+            "Deadline, in seconds, of a request that names none and is not a stream: its "
+            "answer (or a 504) comes within it. A request sets its own with the header "
+            "X-Request-Timeout (seconds; every route and the WebSocket), deadline_ms "
+            "(POST /v1/prompt, WebSocket messages), or, on /v1/chat/completions without "
+            "stream, the openai SDK's x-stainless-read-timeout. 600 is the openai SDK's "
+            f"own default; at most {MAX_DEADLINE_S}."
+        ),
+    ] = 600.0
+    stream_timeout_s: Annotated[
+        float,
+        _DEADLINE,
+        _doc(
+            "Deadline, in seconds, of a stream (SSE, WebSocket) that names none. Within "
+            "it a stream is bounded by its upstream's between_tokens_s, so a long "
+            "generation goes on while tokens flow and a silent upstream is cut early. "
+            f"At most {MAX_DEADLINE_S}."
+        ),
+    ] = 3600.0
     stall_timeout_s: Annotated[
         float,
         _SECONDS,

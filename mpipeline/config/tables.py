@@ -18,10 +18,12 @@ import msgspec
 from msgspec import Meta
 
 from mpipeline.config._base import (
+    _DEADLINE,
     _GE1,
     _RING,
     _SECONDS,
     GIB,
+    MAX_DEADLINE_S,
     MIB,
     RING_ALIGN,
     RING_MAX_BYTES,
@@ -116,6 +118,17 @@ class InferenceConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fie
     """Model shards: a session always reaches shard hash(session_id) % replicas."""
 
     replicas: Annotated[int, _GE1, _doc("Shards: processes running the model worker.")] = 2
+    timeout_s: Annotated[
+        float,
+        _DEADLINE,
+        _doc(
+            "Seconds one request may take in the shard: its whole generation, streamed "
+            "or not. As long as the longest deadline, so that the request's own deadline "
+            "(gateway.timeout_s, gateway.stream_timeout_s, X-Request-Timeout, "
+            "deadline_ms) and the upstream's timeouts are what end a generation, never "
+            "a shorter stage limit."
+        ),
+    ] = float(MAX_DEADLINE_S)
     concurrency: Annotated[
         int,
         _GE1,
@@ -140,6 +153,15 @@ class InferenceConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fie
     chunk_tokens: Annotated[
         int, _GE1, _doc("Tokens per streamed chunk sent on to post and the client.")
     ] = 1
+    drop_params: Annotated[
+        bool,
+        _doc(
+            "A /v1/chat/completions field the worker cannot honour (echo: temperature; "
+            "llama_cpp: tools; anthropic: seed...) is refused with 400 "
+            "invalid_request_error naming it. true drops such fields instead, as "
+            "LiteLLM's drop_params does (README: fields and backends)."
+        ),
+    ] = False
     coalesce_reads: Annotated[
         bool,
         _doc(
@@ -250,6 +272,7 @@ __all__ = [
     "GatewayConfig",
     "InferenceConfig",
     "LlamaCppConfig",
+    "MAX_DEADLINE_S",
     "MIB",
     "MetricsConfig",
     "OpenAIConfig",

@@ -33,14 +33,21 @@ class TimeoutsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         _SECONDS,
         _doc(
             "Seconds from sending the request to the first token. Keep it under the "
-            "request deadline (the stage's timeout_s), so that a hung upstream times out "
+            "request's deadline (gateway.timeout_s), so that a hung upstream times out "
             "as itself and counts for its circuit."
         ),
     ] = 20.0
     between_tokens_s: Annotated[
         float, _SECONDS, _doc("Longest gap inside a stream, in seconds.")
     ] = 10.0
-    total_s: Annotated[float, _SECONDS, _doc("Seconds for the whole call, all tokens.")] = 600.0
+    total_s: Annotated[
+        float,
+        _SECONDS,
+        _doc(
+            "Seconds for the whole call, all tokens: a backstop behind the request's own "
+            "deadline (gateway.stream_timeout_s for a stream), which normally ends first."
+        ),
+    ] = 3600.0
 
 
 class UpstreamConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

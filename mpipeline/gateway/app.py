@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Mapping
 from typing import Self
 
 from mpipeline.auth import BearerAuth, open_bind_warning
-from mpipeline.config import GatewayConfig, PipelineConfig
+from mpipeline.config import GatewayConfig, InferenceConfig, PipelineConfig
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
 from mpipeline.gateway import openapi, schemas
 from mpipeline.gateway.admission import Admission
@@ -34,7 +34,7 @@ from mpipeline.gateway.exchange import Reply, Request, Response, Switch
 from mpipeline.gateway.fds import connection_budget
 from mpipeline.gateway.metrics import GatewayMetrics
 from mpipeline.gateway.native import NativeApi
-from mpipeline.gateway.openai import ChatCompletions
+from mpipeline.gateway.openai import Backend, ChatCompletions
 from mpipeline.gateway.ratelimit import RateLimiter
 from mpipeline.gateway.router import Router
 from mpipeline.gateway.server import HttpServer, bind
@@ -61,6 +61,11 @@ def model_name(cfg: PipelineConfig) -> str:
 class Gateway:
     """HTTP routes over ``pipeline``; ``start`` listens, ``close`` drains and stops.
 
+    ``inference`` is the pipeline's inference table: what its worker honours
+    decides which chat fields are passed, refused or dropped (the defaults'
+    echo worker when None). The gateway gives ``pipeline`` its default
+    deadlines (``cfg.timeout_s``, ``cfg.stream_timeout_s``).
+
     :raises ConfigError: (from the constructor) when ``cfg.auth_token_env``
         names a variable that is unset or empty
     """
@@ -75,6 +80,7 @@ class Gateway:
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         environ: Mapping[str, str] | None = None,
         limiter: RateLimiter | None = None,
+        inference: InferenceConfig | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._cfg = cfg
@@ -86,15 +92,19 @@ class Gateway:
             stall_timeout_s=cfg.stall_timeout_s,
             max_connections=cfg.max_connections,
         )
-        # The same stall limit for streams the client library holds for a reader.
+        # The same stall limit for streams the client library holds for a reader,
+        # and the deadlines of requests that name none.
         pipeline.stall_timeout_s = cfg.stall_timeout_s
+        pipeline.timeout_s = cfg.timeout_s
+        pipeline.stream_timeout_s = cfg.stream_timeout_s
         self._draining = False
         # A gateway replica gets the supervisor's shared buckets; on its own a
         # gateway keeps private ones (closed with it), or none when limits are off.
         self._admission = Admission.for_gateway(cfg.rate_limit, limiter)
         admission = self._admission
         native = NativeApi(pipeline, self, admission=admission, keepalive_s=keepalive_s)
-        chat = ChatCompletions(pipeline, model, keepalive_s, admission=admission)
+        backend = Backend.of(inference or InferenceConfig())
+        chat = ChatCompletions(pipeline, model, keepalive_s, admission=admission, backend=backend)
         keepalive = KeepAlive(cfg.ws_ping_interval_s, cfg.ws_idle_timeout_s)
         stream = WebSocketApi(
             pipeline, max_message=cfg.max_body_bytes, admission=admission, keepalive=keepalive
@@ -237,6 +247,7 @@ async def serve(
     model: str = DEFAULT_MODEL,
     keepalive_s: float = SSE_KEEPALIVE_S,
     drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    inference: InferenceConfig | None = None,
 ) -> None:
     """Serve HTTP for ``pipeline`` until ``stop`` completes (or this task is cancelled).
 
@@ -244,7 +255,12 @@ async def serve(
     :raises MPipelineError: when the address is in use
     """
     gateway = Gateway(
-        pipeline, cfg, model=model, keepalive_s=keepalive_s, drain_timeout_s=drain_timeout_s
+        pipeline,
+        cfg,
+        model=model,
+        keepalive_s=keepalive_s,
+        drain_timeout_s=drain_timeout_s,
+        inference=inference,
     )
     await gateway.start(sock)
     try:

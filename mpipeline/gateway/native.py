@@ -22,7 +22,7 @@ import msgspec
 
 from mpipeline import rundir
 from mpipeline.errors import MPipelineError, RequestFailed
-from mpipeline.gateway import schemas, sse
+from mpipeline.gateway import deadlines, schemas, sse
 from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Response
 from mpipeline.gateway.openapi import PATH as OPENAPI_PATH
@@ -132,11 +132,15 @@ class NativeApi(schemas.NativeErrors):
             limit = f"X-Session-Id is longer than {schemas.MAX_SESSION_ID} characters"
             response.send_reply(self._problem(Problem(limit)))
             return
+        deadline_ms = deadlines.requested_ms(request, stream=body.stream)
+        if isinstance(deadline_ms, Problem):
+            response.send_reply(self._problem(deadline_ms))
+            return
         refused = self._admission.check(session)
         if refused is not None:
             response.send_reply(self.rate_limited(refused))
             return
-        options = schemas.request_options(body, session)
+        options = schemas.request_options(body, session, deadline_ms)
         if body.stream:
             events = sse.pipeline_events(self._pipeline, body.input, options)
             renderer = _PromptRenderer()
@@ -161,6 +165,8 @@ class _PromptRenderer:
 
     def render(self, event: TokenChunk | Completed) -> bytes:
         if isinstance(event, TokenChunk):
+            if not event.text:
+                return b""  # structure with no text (a tool-call delta): not ours to show
             chunk = ChunkOut(request_id=event.request_id, index=event.index, text=event.text)
             return sse.event(_ENCODE(chunk), "chunk")
         return sse.event(_ENCODE(schemas.prompt_result(event, time.monotonic_ns())), "done")

@@ -4,12 +4,14 @@
 OpenAI-style error are built from these types, and ``openapi.py`` derives
 their JSON Schemas from the same types, so the served ``/openapi.json`` can
 never drift from the bytes on the wire (the schemathesis test checks every
-answer against it).
+answer against it). A structured reply from an OpenAI-compatible upstream
+(tool calls, refusal, logprobs) is passed on as the upstream sent it, in the
+same shape: the optional fields here document what it may hold.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -38,27 +40,39 @@ class ChatUsage(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
-    role: Literal["assistant"] = "assistant"
-    content: str
+class ToolCallOut(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    type: str
+    # {"name", "arguments"}: the arguments are the model's JSON, as a string.
+    function: dict[str, Any]
+
+
+class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    role: Literal["assistant"]
+    # None when the reply is tool calls only.
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+    refusal: str | None = None
 
 
 class Choice(msgspec.Struct, frozen=True, kw_only=True):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    # OpenAI's {"content": [...]} when the request asked for logprobs.
+    logprobs: dict[str, Any] | None = None
 
 
-class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
+class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A non-streaming chat completion (``object: chat.completion``)."""
 
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: Literal["chat.completion"]
     created: int
     model: str
     choices: list[Choice]
     usage: ChatUsage
+    system_fingerprint: str | None = None
 
 
 class Model(msgspec.Struct, frozen=True, kw_only=True):

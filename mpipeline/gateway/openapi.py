@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from mpipeline.gateway.openai import ChatBody
+from mpipeline.gateway.openai_request import ChatBody
 from mpipeline.gateway.openai_shapes import ChatCompletion, ModelList, OpenAIErrorBody
 from mpipeline.gateway.schemas import ErrorBody, Health, PromptBody, PromptResult, Readiness
 

@@ -66,7 +66,8 @@ async def _serve(
 ) -> None:
     ctl = ControlBlock.attach(ctl_name)
     ctl.booting(spec.slot, os.getpid())
-    pipeline = Pipeline.for_gateway(info, spec.client)
+    # Its requests' default deadlines are the gateway's (Gateway sets them).
+    pipeline = Pipeline.for_gateway(info, spec.client, timeout_s=cfg.gateway.timeout_s)
     limiter: RateLimiter | None = None
     try:
         await pipeline.start()
@@ -78,6 +79,7 @@ async def _serve(
             model=model_name(cfg),
             drain_timeout_s=STOP_GRACE_S,
             limiter=limiter,
+            inference=cfg.stages.inference,
         )
         metrics = _metrics(spec, cfg, ctl_name, info)
         if metrics is not None:

@@ -175,11 +175,13 @@ class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """Why a body was refused: a message, where (a JSON path without ``$.``), which status."""
+    """Why a body was refused: a message, where (a JSON path without ``$.``), which
+    status, and a code for styles that have one (OpenAI's ``unsupported_parameter``)."""
 
     message: str
     field: str | None = None
     status: int = 400
+    code: str | None = None
 
 
 def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T | Problem:
@@ -197,16 +199,19 @@ def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T | Problem:
         return Problem("invalid JSON: nested too deeply")
 
 
-def request_options(body: PromptBody, session: str | None) -> RequestOptions:
+def request_options(
+    body: PromptBody, session: str | None, deadline_ms: float | None = None
+) -> RequestOptions:
     """How to run a native request (``POST /v1/prompt`` and a WebSocket message).
 
-    ``session`` is the body's ``session_id`` or the route's own (a header).
+    ``session`` is the body's ``session_id`` or the route's own (a header);
+    ``deadline_ms`` the route's (``X-Request-Timeout``), which the body's own wins over.
     """
     return RequestOptions(
         session_id=session,
         metadata=body.metadata or None,
         priority=PRIORITIES[body.priority],
-        deadline_ms=body.deadline_ms,
+        deadline_ms=body.deadline_ms if body.deadline_ms is not None else deadline_ms,
         max_tokens=whole(body.max_tokens),
         history=[Turn(role=t.role, content=t.content) for t in body.history] or None,
     )

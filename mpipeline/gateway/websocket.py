@@ -47,15 +47,17 @@ rate limits' refusal that a message's ``error`` carries.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from mpipeline.gateway import schemas
+from mpipeline.errors import ErrorCode
+from mpipeline.gateway import deadlines, schemas
 from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Switch, Wire
 from mpipeline.gateway.style import Handler, Upgrade
@@ -63,10 +65,12 @@ from mpipeline.gateway.websocket_session import (
     KEEPALIVE,
     MAX_IN_FLIGHT,
     Admit,
+    Event,
     KeepAlive,
     Session,
     Streams,
 )
+from mpipeline.pipeline import RequestOptions
 
 __all__ = [
     "MAX_IN_FLIGHT",
@@ -78,6 +82,7 @@ __all__ = [
     "Session",
     "Streams",
     "WebSocketApi",
+    "WithDeadline",
     "accept",
 ]
 
@@ -161,9 +166,15 @@ class WebSocketApi(schemas.NativeErrors):
         self.upgrades: dict[str, Upgrade] = {PATH: self.upgrade}
 
     def upgrade(self, request: Request) -> Reply | Switch:
+        deadline_ms = deadlines.requested_ms(request, stream=True)
+        if isinstance(deadline_ms, schemas.Problem):
+            return self.error_reply(400, deadline_ms.message, field=deadline_ms.field)
+        streams = self._streams
+        if deadline_ms is not None:
+            streams = WithDeadline(streams, deadline_ms)
         opened = accept(
             request,
-            self._streams,
+            streams,
             max_message=self._max_message,
             admit=self.admit,
             keepalive=self._keepalive,
@@ -176,3 +187,24 @@ class WebSocketApi(schemas.NativeErrors):
         """The rate limits for one message's request: None, or the 429 whose error it gets."""
         refused = self._admission.check(session)
         return None if refused is None else self.rate_limited(refused)
+
+
+class WithDeadline:
+    """The pipeline as one connection's requests see it: the handshake's
+    ``X-Request-Timeout`` is the deadline of each that names none (``deadline_ms``)."""
+
+    def __init__(self, streams: Streams, deadline_ms: float) -> None:
+        self._streams = streams
+        self._deadline_ms = deadline_ms
+
+    def stream_events(
+        self, text: str, options: RequestOptions | None = None, /
+    ) -> AsyncIterator[Event]:
+        if options is None:
+            options = RequestOptions(deadline_ms=self._deadline_ms)
+        elif options.deadline_ms is None:
+            options = msgspec.structs.replace(options, deadline_ms=self._deadline_ms)
+        return self._streams.stream_events(text, options)
+
+    def cancel(self, request_id: str, reason: str, code: ErrorCode) -> bool:
+        return self._streams.cancel(request_id, reason, code)

@@ -326,6 +326,8 @@ class Session:
                 if request_id is None:
                     request_id = event.request_id
                     await self._send(_ENCODE(AcceptedOut(ref=ref, request_id=request_id)))
+                if isinstance(event, TokenChunk) and not event.text:
+                    continue  # structure with no text (a tool-call delta): not ours to show
                 await self._send(_ENCODE(_render(event, ref)))
         except ReaderStalled as stalled:
             # Cut slow_client, with its DLQ record; the connection closes.
@@ -392,7 +394,7 @@ class Session:
 
 
 def _render(event: Event, ref: str | None) -> ChunkMessage | DoneOut:
-    if type(event) is TokenChunk:
+    if isinstance(event, TokenChunk):
         return ChunkMessage(
             request_id=event.request_id, index=event.index, text=event.text, ref=ref
         )

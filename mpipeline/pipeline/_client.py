@@ -64,7 +64,10 @@ class Pipeline:
     ) -> None:
         self._config_arg = config
         self._run_dir_arg = Path(run_dir) if run_dir is not None else None
+        # The deadline of a request that names none; streams may get their own
+        # (the gateway sets both from gateway.timeout_s and stream_timeout_s).
         self.timeout_s = timeout_s
+        self.stream_timeout_s: float | None = None
         self.boot_timeout_s = boot_timeout_s
         # A stream whose reader takes nothing for this long is cut ``slow_client``
         # (``_chunks.py``); the gateway sets its ``stall_timeout_s`` here.
@@ -236,7 +239,12 @@ class Pipeline:
                 raise RequestFailed(self._table.failed("", session_id, *refused))
         now = time.monotonic_ns()
         deadline_ms = opts.deadline_ms
-        timeout = self.timeout_s if deadline_ms is None else deadline_ms / 1000.0
+        if deadline_ms is not None:
+            timeout = deadline_ms / 1000.0
+        elif stream and self.stream_timeout_s is not None:
+            timeout = self.stream_timeout_s
+        else:
+            timeout = self.timeout_s
         req = PromptRequest(
             request_id=f"{self._prefix}{next(self._ids)}",
             session_id=session_id,
@@ -248,12 +256,14 @@ class Pipeline:
             stream=stream,
             max_tokens=opts.max_tokens,
             history=list(opts.history or ()),
+            params=opts.params or b"",
+            input_raw=opts.input_raw or b"",
         )
         loop = asyncio.get_running_loop()
         chunks = ChunkBuffer() if stream else None
         pending = Pending(req, req.deadline_ns, loop.create_future(), now, chunks)
         pending.custom_deadline = deadline_ms is not None
-        self._table.add(pending)
+        self._table.add(pending, int(timeout * 1e9))
         self.stats["submitted"] += 1
         assert self._outbox is not None
         self._outbox.put(req, loop)
@@ -301,7 +311,7 @@ class Pipeline:
         :raises RequestFailed: as ``submit``, possibly after some chunks.
         """
         async for event in self.stream_events(text, merged(options, fields)):
-            if type(event) is TokenChunk:
+            if isinstance(event, TokenChunk):
                 yield event
 
     async def stream_events(

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from mpipeline.dlq import DeadLetterQueue, gone_letter, letter_for
 from mpipeline.errors import ErrorCode, RequestFailed
-from mpipeline.messages import Completed, Failed, PromptRequest, TokenChunk
+from mpipeline.messages import Completed, Failed, PromptRequest, StructuredChunk, TokenChunk
 from mpipeline.pipeline._chunks import HARD_LIMIT, HIGH_WATER, LOW_WATER, ChunkBuffer
 from mpipeline.routing import request_key, shard_for
 
@@ -53,6 +53,8 @@ class Pending:
     # Set for requests with their own deadline_ms; the rest expire in submit order.
     custom_deadline: bool = False
     route: dict[str, int] = field(default_factory=dict)
+    # The submit-order queue of its default timeout, which it leaves when it ends.
+    queue: dict[str, Pending] | None = None
 
 
 class Inflight:
@@ -61,6 +63,10 @@ class Inflight:
     def __init__(self, stats: dict[str, int]) -> None:
         self.pending: dict[str, Pending] = {}
         self.stats = stats
+        # Requests on a default timeout, one queue per timeout (ns): in submit order,
+        # so in deadline order too, and expiry stops at the first live one. Streams
+        # and plain requests have defaults of their own (an hour against minutes).
+        self._queues: dict[int, dict[str, Pending]] = {}
         # Requests with their own deadline, as (deadline_ns, request id).
         self._deadlines: list[tuple[int, str]] = []
         self.dlq: DeadLetterQueue | None = None
@@ -73,10 +79,25 @@ class Inflight:
         # Streams paused because their reader is behind, by request id.
         self.paused: dict[str, Pending] = {}
 
-    def add(self, pending: Pending) -> None:
-        self.pending[pending.request.request_id] = pending
+    def add(self, pending: Pending, timeout_ns: int = 0) -> None:
+        """Track ``pending`` until its outcome; ``timeout_ns`` is the default timeout it
+        is on (the queue it expires in), unless it has a deadline of its own."""
+        rid = pending.request.request_id
+        self.pending[rid] = pending
         if pending.custom_deadline:
-            heapq.heappush(self._deadlines, (pending.deadline_ns, pending.request.request_id))
+            heap = self._deadlines
+            heapq.heappush(heap, (pending.deadline_ns, rid))
+            # Ended requests stay in the heap until their deadline: with deadlines of
+            # up to an hour, sweep them out once they outnumber the live ones.
+            if len(heap) > 2 * len(self.pending) + 1024:
+                self._deadlines = [e for e in heap if e[1] in self.pending]
+                heapq.heapify(self._deadlines)
+            return
+        queue = self._queues.get(timeout_ns)
+        if queue is None:
+            queue = self._queues[timeout_ns] = {}
+        queue[rid] = pending
+        pending.queue = queue
 
     def failed(
         self,
@@ -106,7 +127,7 @@ class Inflight:
             else:
                 self.stats["late"] += 1  # already answered (expired, restarted): never twice
             return
-        if type(msg) is TokenChunk:
+        if type(msg) is TokenChunk or type(msg) is StructuredChunk:
             chunks = pending.chunks
             if chunks is not None and chunks.put(msg) >= HIGH_WATER:
                 self._behind(pending, chunks)
@@ -115,6 +136,8 @@ class Inflight:
             return
         if type(msg) is Completed:
             del self.pending[msg.request_id]
+            if pending.queue is not None:
+                del pending.queue[msg.request_id]
             if pending.chunks is not None and pending.chunks.paused_ns:
                 self._unpause(pending, pending.chunks)
             self.stats["completed"] += 1
@@ -139,6 +162,8 @@ class Inflight:
         client saw always has its record, even if this process dies next.
         """
         del self.pending[failed.request_id]
+        if pending.queue is not None:
+            del pending.queue[failed.request_id]
         chunks = pending.chunks
         if chunks is not None and chunks.paused_ns:
             self._unpause(pending, chunks)
@@ -233,17 +258,16 @@ class Inflight:
     def _expired(self, cutoff: int) -> Iterable[str]:
         """In-flight requests whose deadline is before ``cutoff``, without a full scan.
 
-        Requests on the default timeout expire in submit order, which is the
-        table's insertion order: scan from the front and stop at the first
-        live one. Requests with their own deadline sit in a heap.
+        Requests on a default timeout expire in submit order, the order of their
+        queue: scan each from the front and stop at the first live one. Requests
+        with their own deadline sit in a heap.
         """
         out = []
-        for rid, p in self.pending.items():
-            if p.custom_deadline:
-                continue
-            if p.deadline_ns > cutoff:
-                break
-            out.append(rid)
+        for queue in self._queues.values():
+            for rid, p in queue.items():
+                if p.deadline_ns > cutoff:
+                    break
+                out.append(rid)
         heap = self._deadlines
         while heap and heap[0][0] <= cutoff:
             _, rid = heapq.heappop(heap)

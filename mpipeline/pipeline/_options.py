@@ -35,6 +35,11 @@ class RequestOptions(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int | None = None
     # The conversation before the text, oldest first.
     history: Sequence[Turn] | None = None
+    # The request's other fields as a JSON object in OpenAI's names (sampling,
+    # tools, response_format...), for an OpenAI-compatible upstream as they are.
+    params: bytes | None = None
+    # The input as the JSON message the client sent, when it is more than text.
+    input_raw: bytes | None = None
 
 
 class RequestFields(TypedDict, total=False):
@@ -46,6 +51,8 @@ class RequestFields(TypedDict, total=False):
     deadline_ms: float | None
     max_tokens: int | None
     history: Sequence[Turn] | None
+    params: bytes | None
+    input_raw: bytes | None
 
 
 DEFAULT = RequestOptions()

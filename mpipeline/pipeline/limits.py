@@ -10,6 +10,7 @@ client gets a 400 naming the field; a Python caller gets a ``RequestFailed``
 
 from __future__ import annotations
 
+from mpipeline.config import MAX_DEADLINE_S
 from mpipeline.errors import ErrorCode
 from mpipeline.pipeline._options import RequestOptions
 
@@ -25,9 +26,10 @@ MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 # Earlier turns of a conversation.
 MAX_HISTORY = 4096
-# The longest deadline: 10 minutes. Longer is almost always a unit mistake
-# (seconds sent as ms) and would pin a slot.
-MAX_DEADLINE_MS = 600_000
+# The longest deadline: an hour (config.MAX_DEADLINE_S, which bounds the
+# gateway's defaults too). Longer is almost always a unit mistake (seconds sent
+# as ms) and would pin a slot.
+MAX_DEADLINE_MS = MAX_DEADLINE_S * 1000
 
 
 def problem(options: RequestOptions) -> tuple[str, str] | None:
@@ -45,7 +47,15 @@ def problem(options: RequestOptions) -> tuple[str, str] | None:
         return "session_id", f"must be 1 to {MAX_SESSION_ID} characters"
     if options.history is not None and len(options.history) > MAX_HISTORY:
         return "history", f"holds more than {MAX_HISTORY} turns"
+    # Sent upstream as they are: a cheap check of the shape, the upstream judges the rest.
+    for field, raw in (("params", options.params), ("input_raw", options.input_raw)):
+        if raw and not _json_object(raw):
+            return field, "must be a JSON object (bytes)"
     return _metadata_problem(options.metadata)
+
+
+def _json_object(raw: bytes) -> bool:
+    return isinstance(raw, bytes) and raw[:1] == b"{" and raw.rstrip()[-1:] == b"}"
 
 
 def _metadata_problem(metadata: dict[str, str] | None) -> tuple[str, str] | None:
@@ -67,16 +77,18 @@ def refusal(text: str, options: RequestOptions, max_bytes: int) -> tuple[ErrorCo
     """Why a request must be refused before any work, as (code, reason), or None.
 
     ``max_bytes`` is what a record of the first ring leaves for the text,
-    the history and the metadata; the rest of the request fits in the margin.
+    the history, the metadata and the raw OpenAI parts (``params``, a
+    message's own JSON); the rest of the request fits in the margin.
     """
     bad = problem(options)
     if bad is not None:
         field, why = bad
         return ErrorCode.INVALID_REQUEST, f"{field}: {why}"
     turns = options.history or ()
-    size = len(text) + sum(len(t.content) + 16 for t in turns)
+    size = len(text) + sum(len(t.content) + len(t.raw) + 16 for t in turns)
     if options.metadata:
         size += sum(len(k) + len(v) + 8 for k, v in options.metadata.items())
+    size += len(options.params or b"") + len(options.input_raw or b"")
     # Four bytes per character bound the UTF-8 size: encode only near the limit.
     if size * 4 > max_bytes and _utf8_size(text, options) > max_bytes:
         return ErrorCode.TOO_LARGE, f"input of {size} characters exceeds the limit of {max_bytes}"
@@ -85,7 +97,8 @@ def refusal(text: str, options: RequestOptions, max_bytes: int) -> tuple[ErrorCo
 
 def _utf8_size(text: str, options: RequestOptions) -> int:
     """Bytes of a request's text on the wire (16 bytes of framing per turn or pair)."""
-    size = len(text.encode())
-    size += sum(len(t.content.encode()) + len(t.role) + 16 for t in options.history or ())
+    size = len(text.encode()) + len(options.params or b"") + len(options.input_raw or b"")
+    turns = options.history or ()
+    size += sum(len(t.content.encode()) + len(t.raw) + len(t.role) + 16 for t in turns)
     meta = options.metadata or {}
     return size + sum(len(k.encode()) + len(v.encode()) + 16 for k, v in meta.items())

@@ -45,6 +45,10 @@ class CachedResult:
     finish_reason: str = "stop"
     # Prompt tokens the backend reused when it made this result.
     cached_tokens: int = 0
+    # The upstream's own JSON for a structured reply (``Generation.raw``), and the
+    # bytes of JSON it holds in all, its structured pieces' included (the size bound).
+    raw: bytes = b""
+    raw_bytes: int = 0
 
 
 class Flight:
@@ -220,8 +224,9 @@ class Coalescer:
 class ResultCache:
     """Recent results by key: at most ``entries``, each for ``ttl_s`` seconds, LRU first out.
 
-    Results whose text exceeds ``max_chars`` are not kept: one huge reply
-    would otherwise cost the memory of thousands of ordinary ones.
+    Results whose text (with the upstream JSON a structured reply carries)
+    exceeds ``max_chars`` are not kept: one huge reply would otherwise cost
+    the memory of thousands of ordinary ones.
     """
 
     def __init__(self, entries: int, ttl_s: float, max_chars: int) -> None:
@@ -254,7 +259,7 @@ class ResultCache:
 
     def put(self, key: str, value: CachedResult, now: float) -> bool:
         """Keep ``value`` until ``now + ttl_s``; False when it is too long to keep."""
-        if len(value.text) > self.max_chars or self.entries <= 0:
+        if len(value.text) + value.raw_bytes > self.max_chars or self.entries <= 0:
             self.skipped += 1
             return False
         items = self._items

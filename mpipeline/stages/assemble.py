@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import msgspec
+
 from mpipeline.config import AssembleConfig
 from mpipeline.messages import Assembled, Passage, PromptRequest, Retrieved, Turn
 from mpipeline.routing import dedup_key
@@ -19,17 +21,24 @@ def conversation(system: str, request: PromptRequest, context: list[Passage]) ->
     """The chat the model sees: one system turn (with the context), the history, the input.
 
     A client's own system turns replace the configured system prompt: an
-    OpenAI client that sends one means it. Retrieved context joins the system
-    turn, before the question, most relevant first.
+    OpenAI client that sends one means it. With no context to add, the
+    client's conversation goes on exactly as it came, its system turns where
+    it put them (an OpenAI-compatible upstream gets each message's own JSON).
+    Retrieved context joins one system turn made of the client's (or the
+    configured prompt), before the question, most relevant first.
     """
-    own = [t.content for t in request.history if t.role == "system"]
+    history = request.history
+    question = Turn(role="user", content=request.input, raw=request.input_raw)
+    own = [t.content for t in history if t.role == "system"]
+    if own and not context:
+        return [*history, question]
     system = "\n\n".join(own) if own else system
     if context:
         ctx = "\n\n".join(f"[{p.source}] {p.text}" for p in context)
         system = f"{system}\n\nContext:\n{ctx}" if system else f"Context:\n{ctx}"
     turns = [Turn(role="system", content=system)] if system else []
-    turns += [t for t in request.history if t.role != "system"]
-    turns.append(Turn(role="user", content=request.input))
+    turns += [t for t in history if t.role != "system"]
+    turns.append(question)
     return turns
 
 
@@ -66,10 +75,32 @@ class Assemble(Stage[Retrieved | PromptRequest, Assembled]):
 
 
 def _fit(turns: list[Turn], budget: int) -> list[Turn]:
-    """Drop the oldest history turns (never the system turn or the input) to fit ``budget``."""
+    """Drop the oldest history turns (never the system turn or the input) to fit ``budget``.
+
+    A tool result whose call went with the turns before it goes too: an
+    OpenAI-compatible upstream refuses a result that answers no call.
+    """
     head = turns[:1] if turns[0].role == "system" and len(turns) > 1 else []
     body = turns[len(head) :]
     size = sum(len(t.content) for t in turns)
-    while len(body) > 1 and size > budget:
+    dropped = False
+    while len(body) > 1 and (size > budget or (dropped and _tool_result(body[0]))):
         size -= len(body.pop(0).content)
+        dropped = True
     return head + body
+
+
+class _Role(msgspec.Struct):
+    role: str = ""
+
+
+_ROLE = msgspec.json.Decoder(_Role)
+
+
+def _tool_result(turn: Turn) -> bool:
+    if not turn.raw:
+        return False
+    try:
+        return _ROLE.decode(turn.raw).role == "tool"
+    except msgspec.DecodeError:
+        return False

@@ -250,6 +250,8 @@ class ShardCalls:
             completion_tokens=gen.completion_tokens,
             finish_reason=gen.finish_reason,
             cached_tokens=gen.cached_tokens,
+            raw=gen.raw,
+            raw_bytes=gen.raw_bytes,
         )
 
     # The retry loop
@@ -323,6 +325,8 @@ class ShardCalls:
             gen.completion_tokens = one.completion_tokens
             gen.finish_reason = one.finish_reason
             gen.cached_tokens = one.cached_tokens
+            gen.raw = one.raw
+            gen.raw_bytes = one.raw_bytes
             return
 
     def _failed_attempt(
@@ -444,3 +448,5 @@ def _fill(gen: Generation, result: CachedResult) -> None:
     gen.finish_reason = result.finish_reason
     # Coalesced requests share the call's usage, as they share its reply.
     gen.cached_tokens = result.cached_tokens
+    gen.raw = result.raw
+    gen.raw_bytes = result.raw_bytes

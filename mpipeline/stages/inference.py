@@ -3,19 +3,35 @@
 One shard per core, chosen by session hash, so a session's cache and state
 stay on one core. Requests run concurrently as tasks (a model call is I/O
 or a long computation), but the turns of one session run in order.
+
+A piece that is more than text (``Structured``: a tool-call delta, a
+refusal) becomes a ``StructuredChunk`` of its own carrying the upstream's JSON,
+never joined with its neighbours; the result carries the upstream's reply
+JSON when there is one, and says when its text is a JSON document that post
+must leave as it is (``response_format`` json_object or json_schema).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import cast
 
 from mpipeline.config import InferenceConfig
-from mpipeline.messages import Assembled, Completed, Message, PromptRequest, TokenChunk, Usage
+from mpipeline.messages import (
+    Assembled,
+    Completed,
+    Message,
+    PromptRequest,
+    StructuredChunk,
+    TokenChunk,
+    Usage,
+)
 from mpipeline.resilience import BreakerBoard
 from mpipeline.stages.base import AsyncStage, StageContext
 from mpipeline.stages.calls import ShardCalls
 from mpipeline.workers import Upstream, WorkerContext, build_upstreams
-from mpipeline.workers.base import Generation
+from mpipeline.workers._params import json_mode
+from mpipeline.workers.base import Generation, Structured
 
 
 def breakers_name(segments: str) -> str:
@@ -70,6 +86,14 @@ class Inference(AsyncStage[Assembled, Message]):
         index = 0
         async for token in calls.tokens(msg, gen, True):
             parts.append(token)
+            if type(token) is not str:  # Structured: a chunk of its own, with its JSON
+                if pending:
+                    yield self._chunk(req, index, "".join(pending))
+                    index += 1
+                    pending.clear()
+                yield self._chunk(req, index, str(token), cast(Structured, token).raw)
+                index += 1
+                continue
             if per_chunk:
                 pending.append(token)
                 if len(pending) >= per_chunk:
@@ -83,14 +107,27 @@ class Inference(AsyncStage[Assembled, Message]):
                     index += 1
                     pending.clear()
         if pending:
-            yield TokenChunk(
+            yield self._chunk(req, index, "".join(pending))
+        yield self._completed(req, "".join(parts), gen)
+
+    @staticmethod
+    def _chunk(req: PromptRequest, index: int, text: str, raw: bytes = b"") -> TokenChunk:
+        if raw:
+            return StructuredChunk(
                 request_id=req.request_id,
                 session_id=req.session_id,
                 reply_to=req.reply_to,
                 index=index,
-                text="".join(pending),
+                text=text,
+                raw=raw,
             )
-        yield self._completed(req, "".join(parts), gen)
+        return TokenChunk(
+            request_id=req.request_id,
+            session_id=req.session_id,
+            reply_to=req.reply_to,
+            index=index,
+            text=text,
+        )
 
     @staticmethod
     def _completed(req: PromptRequest, text: str, gen: Generation) -> Completed:
@@ -106,4 +143,6 @@ class Inference(AsyncStage[Assembled, Message]):
             ),
             finish_reason=gen.finish_reason,
             stamps=req.stamps,
+            raw=gen.raw,
+            verbatim=json_mode(req.params),
         )

@@ -2,6 +2,11 @@
 
 Works chunk by chunk on streams (so tokens are not held back) and on the
 final text: trimming and a hard cap on output length.
+
+Its transforms touch text content only: tool calls and the rest of a
+structured reply travel in ``raw``, which post never reads, and a reply the
+client asked to be JSON (``verbatim``) is left exactly as the model wrote
+it, since a trimmed or cut JSON document is a broken one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ class Post(Stage[TokenChunk | Completed | Failed, Message]):
         self._config = config
 
     def process(self, msg: TokenChunk | Completed | Failed) -> Iterable[Message]:
-        if not isinstance(msg, Completed):
+        if not isinstance(msg, Completed) or msg.verbatim:
             return (msg,)
         text = msg.text.strip() if self._config.strip else msg.text
         finish = msg.finish_reason

@@ -31,11 +31,13 @@ from mpipeline.messages import Completed, Failed, Message, TokenChunk
 from mpipeline.stages.base import AsyncStage, BaseStage, Stage, StageContext
 
 
-class SinkRecord(msgspec.Struct, frozen=True, kw_only=True):
+class SinkRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One line of the ``sink_jsonl`` file: a result, by field name.
 
     Self-describing (not the rings' positional encoding), so the file stays
-    readable by other tools and across versions.
+    readable by other tools and across versions. ``reply`` is the upstream's
+    own JSON for a structured reply (``Completed.raw``: tool calls, refusal),
+    embedded as it came; a plain reply's line has none.
     """
 
     request_id: str
@@ -47,6 +49,7 @@ class SinkRecord(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    reply: msgspec.Raw | None = None
 
 
 def sink_record(msg: Completed) -> SinkRecord:
@@ -59,6 +62,7 @@ def sink_record(msg: Completed) -> SinkRecord:
         prompt_tokens=msg.usage.prompt_tokens,
         completion_tokens=msg.usage.completion_tokens,
         cached_tokens=msg.usage.cached_tokens,
+        reply=msgspec.Raw(msg.raw) if msg.raw else None,
     )
 
 

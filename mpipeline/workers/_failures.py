@@ -35,6 +35,7 @@ __all__ = [
     "classify",
     "error_failure",
     "error_label",
+    "invalid_request",
     "parse_retry_after",
     "protocol_failure",
     "read_timeout_failure",
@@ -270,3 +271,9 @@ def _httpx_failure(exc: httpx.HTTPError, *, in_body: bool) -> UpstreamFailure:
 def protocol_failure(message: str) -> UpstreamFailure:
     """A 200 whose body is not what the API promises (bad JSON or SSE, cut short)."""
     return UpstreamFailure(message, retryable=True, counts=True)
+
+
+def invalid_request(message: str) -> UpstreamFailure:
+    """A request the worker cannot send as it is: the caller's error (400), not the
+    upstream's, so it is neither retried nor counted against the circuit."""
+    return UpstreamFailure(message, code=ErrorCode.INVALID_REQUEST, retryable=False, counts=False)

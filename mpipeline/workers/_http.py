@@ -280,10 +280,17 @@ class HttpUpstream:
 
         :raises UpstreamFailure: the call failed, or the reply is not the API's JSON
         """
+        return decode(decoder, await self._fetch_body(job))
+
+    async def _fetch_body(self, job: Assembled) -> bytes:
+        """The non-streaming call's reply, as the upstream sent it.
+
+        :raises UpstreamFailure: the call failed, or another status than 200 came
+        """
         client = self._require_client()
         assert self._unary_head is not None
         request = self._unary_head.render(self._body(job, stream=False))
-        return decode(decoder, await fetch(client, request, self._unary_read_s))
+        return await fetch(client, request, self._unary_read_s)
 
     async def start(self) -> None:
         """Read the key and open the connection pool.

@@ -8,6 +8,11 @@ a 200. Event payloads are decoded into one loose Struct that names only the
 fields read, so event types the API adds later pass through harmlessly. A
 stream is read a network read at a time: ``generate`` yields token by token,
 ``generate_reads`` one piece per read (the tokens that arrived together).
+
+Of an OpenAI request's other fields it translates what the Messages API has
+(``fields.ANTHROPIC``): ``temperature`` and ``top_p`` as they are, ``stop``
+as ``stop_sequences``, ``max_completion_tokens`` as ``max_tokens``; the
+gateway refuses the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from mpipeline.config import AnthropicConfig, PoolUpstreamConfig
 from mpipeline.errors import UpstreamFailure
 from mpipeline.messages import Assembled
 from mpipeline.workers import _failures, _http
+from mpipeline.workers._params import sampling
 from mpipeline.workers.base import Generation, WorkerContext
 from mpipeline.workers.sse import SSEDecoder, SSEEvent
 
@@ -128,8 +134,14 @@ class AnthropicUpstream(_http.HttpUpstream):
         if system:
             body["system"] = system
         body["messages"] = messages
-        if config.temperature is not None:
-            body["temperature"] = config.temperature
+        sample = sampling(job.request)
+        temperature = config.temperature if sample.temperature is None else sample.temperature
+        if temperature is not None:
+            body["temperature"] = temperature
+        if sample.top_p is not None:
+            body["top_p"] = sample.top_p
+        if stops := sample.stops:
+            body["stop_sequences"] = stops
         body["stream"] = stream
         return _ENCODER.encode(body)
 

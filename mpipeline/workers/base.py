@@ -24,13 +24,40 @@ class Generation:
     """Running totals an upstream fills in while it streams.
 
     ``cached_tokens`` counts prompt tokens the backend did not have to evaluate
-    again (a local model's session cache, a server's prompt cache).
+    again (a local model's session cache, a server's prompt cache). ``raw`` is
+    the upstream's own JSON for a reply that is more than text: the whole
+    chat completion of a call that was not streamed, or a stream's final usage
+    chunk (``Completed.raw``); b"" for a plain reply.
     """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
     cached_tokens: int = 0
+    raw: bytes = b""
+    # Bytes of upstream JSON the reply carries in all: ``raw`` and every
+    # ``Structured`` piece's (what a cached copy of it costs beyond its text).
+    raw_bytes: int = 0
+
+
+class Structured(str):
+    """A piece of a streamed reply that is more than text: its text, plus the
+    upstream's own chunk (``raw``, JSON) with the tool-call delta, refusal or
+    logprobs it carried, which the OpenAI route passes on as it came.
+
+    A ``str``, so that everything between an upstream and the client that
+    joins, caches, coalesces or counts pieces keeps working unchanged, and the
+    chunk travels with its piece through all of it; the inference stage turns
+    it into a ``StructuredChunk`` of its own. Plain pieces stay
+    plain ``str``: ``type(piece) is str`` tells them apart.
+    """
+
+    raw: bytes
+
+    def __new__(cls, text: str, raw: bytes) -> Structured:
+        piece = super().__new__(cls, text)
+        piece.raw = raw
+        return piece
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +104,7 @@ LOCAL_TIMEOUTS = TimeoutsConfig(connect_s=1e9, first_token_s=1e9, between_tokens
 __all__ = [
     "LOCAL_TIMEOUTS",
     "Generation",
+    "Structured",
     "Upstream",
     "WorkerContext",
 ]

@@ -1,8 +1,10 @@
 """Echo: a model stand-in that streams the user's input back, token by token.
 
 It exists for tests and benchmarks: it behaves like a model (a first-token
-delay, a per-token delay, an output cap, usage counts) without one, so the
-pipeline's own cost can be measured in isolation.
+delay, a per-token delay, an output cap, stop sequences, usage counts)
+without one, so the pipeline's own cost can be measured in isolation. Of a
+request's other fields it honours only ``stop`` (``fields.ECHO``); the
+gateway refuses the rest.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import AsyncIterator
 
 from mpipeline.config import EchoConfig
 from mpipeline.messages import Assembled, PromptRequest
+from mpipeline.workers._params import sampling
+from mpipeline.workers._stops import StopScanner
 from mpipeline.workers.base import LOCAL_TIMEOUTS, Generation, WorkerContext
 
 # A token is a word with its trailing whitespace (the first also takes any leading
@@ -46,7 +50,12 @@ class EchoWorker:
         # Scan only as far as needed: one token past the limit tells "length" from "stop".
         found = [m.group() for m in itertools.islice(_TOKEN.finditer(request.input), limit + 1)]
         gen.finish_reason = "length" if len(found) > limit else "stop"
-        return found[:limit]
+        tokens = found[:limit]
+        if request.params:
+            stops = sampling(request).stops
+            if stops:
+                return _until_stop(tokens, StopScanner(stops), gen)
+        return tokens
 
     async def generate(self, job: Assembled, gen: Generation) -> AsyncIterator[str]:
         delay = self._config.token_delay_ms / 1000.0
@@ -71,6 +80,27 @@ class EchoWorker:
             text = text if words else ""
             gen.completion_tokens = len(words)
             gen.finish_reason = "stop"
+        if request.params:
+            stops = sampling(request).stops
+            cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                gen.completion_tokens = len(text.split())
+                gen.finish_reason = "stop"
         if self._config.token_delay_ms > 0 and gen.completion_tokens:
             await asyncio.sleep(self._config.token_delay_ms / 1000.0 * gen.completion_tokens)
         return text
+
+
+def _until_stop(tokens: list[str], scanner: StopScanner, gen: Generation) -> list[str]:
+    """``tokens`` cut at the first stop sequence (the finish reason is then "stop")."""
+    out: list[str] = []
+    for token in tokens:
+        if piece := scanner.feed(token):
+            out.append(piece)
+        if scanner.stopped:
+            gen.finish_reason = "stop"
+            return out
+    if tail := scanner.flush():
+        out.append(tail)
+    return out

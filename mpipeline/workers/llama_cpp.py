@@ -15,7 +15,11 @@ tokens: a client that goes away stops its generation at the next token.
 
 Prompts are rendered in the model's own chat format by ``_chat_format`` (which
 says why the packaged Gemma's chat completions used to come back empty), and a
-reply ends at any end-of-generation token (``<end_of_turn>``, ``<eos>``).
+reply ends at any end-of-generation token (``<end_of_turn>``, ``<eos>``), or at
+one of the request's ``stop`` sequences. A request's ``temperature``,
+``top_p``, ``seed``, ``presence_penalty`` and ``frequency_penalty`` set the
+sampler for its generation (``fields.LLAMA_CPP``); the config's values are
+the defaults.
 
 llama-cpp-python (``pip install mpipeline[llama]``) is imported only in
 ``start()``; version 0.3.36 is pinned because this module uses its ``Llama``
@@ -42,7 +46,9 @@ from mpipeline.errors import ConfigError, ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled, Turn
 from mpipeline.workers import _llama_log
 from mpipeline.workers._chat_format import NO_TEMPLATE, ChatTemplate, pick_template
+from mpipeline.workers._params import Sampling, sampling
 from mpipeline.workers._session_cache import SessionCache, SessionState, Tokens, common_prefix
+from mpipeline.workers._stops import StopScanner
 from mpipeline.workers.base import LOCAL_TIMEOUTS, Generation, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,8 @@ SEQ = 0
 TOP_K = 40
 TOP_P = 0.95
 MIN_P = 0.05
+# llama.cpp seeds are 32-bit, and all ones means "draw one at random".
+SEED_RANGE = 0xFFFFFFFF
 _Done = object()  # queue sentinel: the generation thread has finished
 
 
@@ -219,6 +227,7 @@ class LlamaCppUpstream:
         emit: Callable[[str], None] | None,
     ) -> str:
         llm = self._llm
+        sample = sampling(job.request)
         turns = job.messages or [Turn(role="user", content=job.request.input)]
         prompt = np.asarray(self._template(turns), dtype=np.intc)
         max_tokens = job.request.max_tokens or self._config.max_tokens
@@ -235,7 +244,8 @@ class LlamaCppUpstream:
         session = job.request.session_id
         try:
             gen.cached_tokens = self._restore(prompt, session)
-            text = self._decode(prompt[gen.cached_tokens :], max_tokens, gen, stop, emit)
+            out = _Output(StopScanner(sample.stops), emit)
+            text = self._decode(prompt[gen.cached_tokens :], max_tokens, sample, gen, stop, out)
         except RuntimeError as exc:  # llama_decode failed: the context state is unknown
             llm.reset()
             raise UpstreamFailure(f"{self.name}: {exc}", retryable=False) from exc
@@ -268,9 +278,10 @@ class LlamaCppUpstream:
         self,
         suffix: Tokens,
         max_tokens: int,
+        sample: Sampling,
         gen: Generation,
         stop: threading.Event,
-        emit: Callable[[str], None] | None,
+        out: _Output,
     ) -> str:
         """Evaluate the rest of the prompt, then sample until a stop or ``max_tokens``."""
         llm = self._llm
@@ -283,18 +294,9 @@ class LlamaCppUpstream:
                 return ""
             llm.eval(suffix[start : start + n_batch].tolist())
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        parts: list[str] = []
         gen.finish_reason = "length"
         vocab = llm._model.vocab
-        tokens = llm.generate(
-            suffix[last:].tolist(),
-            temp=self._config.temperature,
-            top_k=TOP_K,
-            top_p=TOP_P,
-            min_p=MIN_P,
-            repeat_penalty=1.0,
-            reset=False,
-        )
+        tokens = self._sampled(suffix[last:].tolist(), sample)
         produced = 0
         try:
             for token in tokens:
@@ -303,10 +305,9 @@ class LlamaCppUpstream:
                     break
                 produced += 1
                 gen.completion_tokens = produced
-                if piece := decoder.decode(llm.detokenize([token])):
-                    parts.append(piece)
-                    if emit is not None:
-                        emit(piece)
+                if out.put(decoder.decode(llm.detokenize([token]))):
+                    gen.finish_reason = "stop"  # one of the request's stop sequences
+                    break
                 if produced >= max_tokens:
                     break
                 if stop.is_set():
@@ -314,11 +315,29 @@ class LlamaCppUpstream:
                     break
         finally:
             tokens.close()
-        if tail := decoder.decode(b"", final=True):
-            parts.append(tail)
-            if emit is not None:
-                emit(tail)
-        return "".join(parts)
+        out.end(decoder.decode(b"", final=True))
+        return "".join(out.parts)
+
+    def _sampled(self, tokens: list[int], sample: Sampling) -> Any:
+        """llama.cpp's token generator, with the request's sampling over the config's."""
+        cfg, llm = self._config, self._llm
+        # The sampler is seeded afresh by each generate(): the same seed, the same reply.
+        # The config's 0 (the default) means llama.cpp's random seed.
+        if sample.seed is not None:
+            llm.set_seed(sample.seed % SEED_RANGE)
+        else:
+            llm.set_seed(cfg.seed or self._lib.LLAMA_DEFAULT_SEED)
+        return llm.generate(
+            tokens,
+            temp=cfg.temperature if sample.temperature is None else sample.temperature,
+            top_k=TOP_K,
+            top_p=TOP_P if sample.top_p is None else sample.top_p,
+            min_p=MIN_P,
+            repeat_penalty=1.0,
+            frequency_penalty=sample.frequency_penalty or 0.0,
+            presence_penalty=sample.presence_penalty or 0.0,
+            reset=False,
+        )
 
     def _save(self) -> SessionState:
         llm, lib = self._llm, self._lib
@@ -340,6 +359,37 @@ class LlamaCppUpstream:
         n = len(state.tokens)
         llm.input_ids[:n] = state.tokens
         llm.n_tokens = n
+
+
+class _Output:
+    """The reply's text as it is decoded: cut at a stop sequence, handed to ``emit``."""
+
+    __slots__ = ("emit", "parts", "scanner")
+
+    def __init__(self, scanner: StopScanner, emit: Callable[[str], None] | None) -> None:
+        self.scanner = scanner
+        self.emit = emit
+        self.parts: list[str] = []
+
+    def put(self, piece: str) -> bool:
+        """Pass ``piece`` on (up to a stop sequence); True when a stop was reached."""
+        if self.scanner.active:
+            piece = self.scanner.feed(piece)
+        if piece:
+            self.parts.append(piece)
+            if self.emit is not None:
+                self.emit(piece)
+        return self.scanner.stopped
+
+    def end(self, tail: str) -> None:
+        """The generation is over: what the decoder and the scanner still held."""
+        if self.scanner.stopped:
+            return
+        rest = (self.scanner.feed(tail) + self.scanner.flush()) if self.scanner.active else tail
+        if rest:
+            self.parts.append(rest)
+            if self.emit is not None:
+                self.emit(rest)
 
 
 __all__ = ["LlamaCppUpstream", "SessionCache", "SessionState", "common_prefix", "packaged_model"]

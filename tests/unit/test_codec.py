@@ -174,7 +174,9 @@ def test_wrong_type_mid_batch() -> None:
     record = msgspec.msgpack.encode(
         [chunk(), Retrieved(request=PromptRequest(request_id="r", input="i"))]
     )
-    with pytest.raises(DecodeError, match=r"TokenChunk \| Completed \| Failed record"):
+    with pytest.raises(
+        DecodeError, match=r"TokenChunk \| StructuredChunk \| Completed \| Failed record"
+    ):
         post_codec().decode_many(record)
 
 

@@ -1,19 +1,20 @@
 from __future__ import annotations
 
+import gc
 import typing
 
 import msgspec
 import pytest
 from hypothesis import given
 
-from mpipeline.errors import ErrorCode
+from mpipeline.codec import Codec
+from mpipeline.errors import DecodeError, ErrorCode
 from mpipeline.messages import (
     EDGE_TYPES,
     Assembled,
     Completed,
     Failed,
     Message,
-    Passage,
     Priority,
     PromptRequest,
     Reply,
@@ -44,21 +45,19 @@ def make_failed() -> Failed:
     )
 
 
-def test_priority_orders_critical_first() -> None:
-    assert sorted(Priority, reverse=True)[-1] is Priority.CRITICAL
-    assert [int(p) for p in Priority] == [0, 1, 2, 3]
-
-
-def test_request_defaults() -> None:
-    req = PromptRequest(request_id="r1", input="hi")
-    assert req.session_id is None
-    assert req.metadata == {}
-    assert req.priority is Priority.NORMAL
-    assert req.deadline_ns == 0
-    assert req.reply_to == 0
-    assert req.stream is False
-    assert req.max_tokens is None
-    assert req.stamps == {}
+def test_priority_crosses_a_ring_as_its_number_and_a_stray_number_is_refused() -> None:
+    # The runner's backlog orders by this number (tests/unit/runner/test_async.py);
+    # a record whose priority is none of the four must not decode into one.
+    codec = Codec(PromptRequest)
+    wire = msgspec.msgpack.decode(codec.encode(make_request(priority=Priority.LOW)))
+    fields = wire[0]
+    at = fields.index(int(Priority.LOW))
+    for p in Priority:
+        fields[at] = int(p)
+        assert codec.decode_one(msgspec.msgpack.encode(wire)).priority is p
+    fields[at] = len(Priority)
+    with pytest.raises(DecodeError, match="enum"):
+        codec.decode_one(msgspec.msgpack.encode(wire))
 
 
 def test_mutable_defaults_are_not_shared() -> None:
@@ -68,12 +67,16 @@ def test_mutable_defaults_are_not_shared() -> None:
     assert a.metadata is not b.metadata
 
 
-def test_messages_are_frozen_but_stamps_are_writable() -> None:
+def test_messages_are_frozen_but_stamps_written_later_travel_with_them() -> None:
+    # Each stage stamps the message it passes on (runner._runner); the stamp
+    # must reach the next stage although the message itself is frozen.
     req = make_request()
     with pytest.raises(AttributeError):
         req.input = "changed"  # type: ignore[misc]
     req.stamps["gateway"] = 123
-    assert req.stamps == {"gateway": 123}
+    codec = Codec(Assembled)
+    out = codec.decode_one(codec.encode(Assembled(request=req, prompt="p", dedup_key="k")))
+    assert out.request.stamps == {"gateway": 123}
 
 
 def test_tags_are_short_and_unique() -> None:
@@ -82,10 +85,20 @@ def test_tags_are_short_and_unique() -> None:
     assert all(cls.__struct_config__.tag_field == "t" for cls in TAGGED)
 
 
-def test_options_are_inherited() -> None:
-    for cls in [*TAGGED, Passage, Usage]:
-        config = cls.__struct_config__
-        assert config.frozen and config.array_like and not config.gc
+@given(any_message)
+def test_every_message_is_frozen_untracked_by_gc_and_an_array_on_the_wire(msg: Message) -> None:
+    # What the Message base promises every edge type: no field changes after
+    # it is made, no GC cost per message, and a compact array that names its type.
+    field = msg.__struct_fields__[0]
+    with pytest.raises(AttributeError):
+        setattr(msg, field, getattr(msg, field))
+    assert not gc.is_tracked(msg)
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(msg))
+    assert isinstance(wire, list) and wire[0] == type(msg).__struct_config__.tag
+    nested = [getattr(msg, "request", None), getattr(msg, "usage", None)]
+    for part in [*nested, *getattr(msg, "context", ())]:  # Retrieved's Passages
+        if part is not None:
+            assert not gc.is_tracked(part)
 
 
 def test_array_like_wire_form_starts_with_tag() -> None:
@@ -160,8 +173,11 @@ def test_edge_types_cover_every_consumer() -> None:
     assert EDGE_TYPES["rag"] is PromptRequest
     assert set(typing.get_args(EDGE_TYPES["assemble"])) == {Retrieved, Failed}
     assert set(typing.get_args(EDGE_TYPES["inference"])) == {Assembled, Failed}
+    from mpipeline.messages import StructuredChunk
+
     for stage in ("post", "stream", "gateway"):
-        assert set(typing.get_args(EDGE_TYPES[stage])) == {TokenChunk, Completed, Failed}
+        replies = {TokenChunk, StructuredChunk, Completed, Failed}
+        assert set(typing.get_args(EDGE_TYPES[stage])) == replies
 
 
 def test_edge_types_is_read_only() -> None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -314,3 +315,36 @@ def test_calls_before_start_fail_clearly() -> None:
     worker = LlamaCppUpstream(LlamaCppConfig())
     with pytest.raises(UpstreamFailure, match="not started"):
         asyncio.run(worker.complete(job([Turn(role="user", content="x")]), Generation()))
+
+
+# A request's own sampling fields (fields.LLAMA_CPP)
+
+
+def sampled(turns: list[Turn], params: dict[str, Any], max_tokens: int = 12) -> Assembled:
+    base = job(turns, max_tokens=max_tokens)
+    req = msgspec.structs.replace(base.request, params=msgspec.json.encode(params))
+    return msgspec.structs.replace(base, request=req)
+
+
+def test_a_requests_seed_and_temperature_set_its_sampling(model: Model) -> None:
+    turns = [Turn(role="user", content="Write a word about the sea.")]
+    hot = {"temperature": 1.5, "top_p": 1.0, "seed": 1234}
+    first, _ = model.complete(sampled(turns, hot))
+    again, _ = model.complete(sampled(turns, hot))
+    assert first == again  # the same seed, the same reply
+    others = {model.complete(sampled(turns, {**hot, "seed": s}))[0] for s in range(1, 6)}
+    assert len(others | {first}) > 1  # at 1.5 other seeds wander off
+    greedy, _ = model.complete(sampled(turns, {"temperature": 0}))
+    default, _ = model.complete(job(turns, max_tokens=12))
+    assert greedy == default  # the config's temperature is 0: greedy
+
+
+def test_a_requests_stop_sequence_ends_the_reply_there(model: Model) -> None:
+    turns = [Turn(role="user", content="Count: 1, 2, 3, 4, 5, 6, 7, 8")]
+    free, _ = model.complete(job(turns, max_tokens=16))
+    assert len(free) > 4
+    stop = free.strip()[2:5]  # something the reply says, a little way in
+    cut, gen = model.complete(sampled(turns, {"stop": [stop, "\x00never"]}, 16))
+    assert cut == free[: free.index(stop)] and gen.finish_reason == "stop"
+    pieces, streamed = model.stream(sampled(turns, {"stop": stop}, 16))
+    assert "".join(pieces) == cut and streamed.finish_reason == "stop"

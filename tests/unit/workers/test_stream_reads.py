@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from mpipeline.config import AnthropicConfig, OpenAIConfig, TimeoutsConfig
 from mpipeline.errors import UpstreamFailure
 from mpipeline.messages import Assembled, PromptRequest
+from mpipeline.workers._openai_wire import Chunk, RawChunk
 from mpipeline.workers.anthropic import AnthropicUpstream
 from mpipeline.workers.base import Generation
 from mpipeline.workers.openai import OpenAIUpstream, decode_read
@@ -31,6 +33,11 @@ def _delta(text: str) -> bytes:
     return _event({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
 
 
+def _read(chunk: Chunk) -> Any:
+    """What the worker reads of a chunk, plain or structured."""
+    return chunk.chunk if isinstance(chunk, RawChunk) else chunk
+
+
 def _texts(decoder: SSEDecoder, reads: list[bytes]) -> tuple[list[str], bool]:
     """Every token the reads carry, decoded read by read as the worker does."""
     tokens: list[str] = []
@@ -38,7 +45,7 @@ def _texts(decoder: SSEDecoder, reads: list[bytes]) -> tuple[list[str], bool]:
     for data in reads:
         chunks, done, failure = decode_read(decoder, data)
         assert failure is None
-        choices = [choice for chunk in chunks for choice in chunk.choices or []]
+        choices = [choice for chunk in chunks for choice in _read(chunk).choices or []]
         tokens += [c.delta.content for c in choices if c.delta is not None and c.delta.content]
         if done:
             break
@@ -62,15 +69,16 @@ def test_a_read_of_whole_events_and_done() -> None:
     ids=["comment", "crlf", "event-name", "multi-line", "done-only"],
 )
 def test_other_shapes_take_the_sse_decoder(data: bytes) -> None:
-    from mpipeline.workers import openai
+    from mpipeline.workers import _openai_wire
 
-    assert openai._whole_events(data) is None
+    assert _openai_wire._whole_events(data) is None
 
 
 def test_malformed_json_keeps_the_chunks_before_it() -> None:
     data = _delta("a") + b"data: {not json\n\n" + _delta("b")
     chunks, done, failure = decode_read(SSEDecoder(strict=True), data)
-    assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta] == ["a"]
+    read = [_read(c) for c in chunks]
+    assert [c.choices[0].delta.content for c in read if c.choices and c.choices[0].delta] == ["a"]
     assert not done and failure is not None and "malformed JSON" in str(failure)
 
 
