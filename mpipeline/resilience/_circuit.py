@@ -283,8 +283,13 @@ class Breaker:
                             q[base + S_PROBE_SEQ])  # fmt: skip
                 d[base + S_LEASE] = 0.0
                 q[base + S_REPORTED] += 1
-                if self._judge(now, changes) == OPEN:
+                verdict = self._judge(now, changes)
+                if verdict == OPEN:
                     return Refusal("open", max(now + self._open_s, not_before) - now)
+                if verdict == CLOSED:  # it was the last probe, and enough had succeeded
+                    if now < not_before:
+                        return Refusal("deferred", not_before - now)
+                    return Permit(q[base + S_STATE] >> 2)
         if now < not_before:
             return Refusal("deferred", not_before - now)
         if q[base + S_GRANTED] >= self._probes:

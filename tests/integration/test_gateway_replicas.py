@@ -153,19 +153,25 @@ def test_sigterm_closes_the_listener_then_drains_and_leaves_nothing(
     start_supervisor: SupervisorFactory,
 ) -> None:
     sp = _start(start_supervisor, **{"stages.inference.echo.token_delay_ms": 100.0})
+    # 15 tokens x 100 ms (echo's max_tokens is 16): in the shard for 1.5 s.
+    words = " ".join("abcdefghijklmno")
     with sp.explain():
         url = sp.url
         port = int(url.rsplit(":", 1)[1])
+        shard = sp.slot("inference-0")
         result: dict[str, httpx.Response] = {}
 
         def slow() -> None:
-            result["reply"] = httpx.post(
-                f"{url}/v1/prompt", json={"input": "a b c d e"}, timeout=30
-            )
+            result["reply"] = httpx.post(f"{url}/v1/prompt", json={"input": words}, timeout=30)
+
+        def in_the_shard() -> bool:
+            assert thread.is_alive(), "the request ended before the shard was seen holding it"
+            with sp.control() as ctl:
+                return ctl.get(shard, R_INFLIGHT) == 1
 
         thread = threading.Thread(target=slow)
         thread.start()
-        time.sleep(0.2)  # let it reach the shard: 5 tokens x 100 ms
+        wait_until(in_the_shard, 10, "the request to reach the shard")
         sp.send(signal.SIGTERM)
 
         def refused() -> bool:
@@ -179,7 +185,7 @@ def test_sigterm_closes_the_listener_then_drains_and_leaves_nothing(
         thread.join(30)
         # The request in flight when the drain began still got its answer.
         assert result["reply"].status_code == 200
-        assert result["reply"].json()["text"] == "a b c d e"
+        assert result["reply"].json()["text"] == words
         assert sp.wait_exit(30) == 0
         assert run_segments(sp.run_id) == []
         with socket.socket() as again:  # I5: the port is free at once

@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from mpipeline.errors import ExitCode, MPipelineError
 from mpipeline.ops import profile as profiling
 from mpipeline.pipeline import Pipeline
 from mpipeline.rundir import LOCK_FILE, STATE_FILE
+from tests.conftest import machine_fact, missing, require_binary
 from tests.integration.conftest import SupervisorFactory, SupervisorProcess
 
 pytestmark = pytest.mark.integration
@@ -59,12 +59,13 @@ def _require_py_spy() -> str:
     try:
         return profiling.find_py_spy()
     except MPipelineError as exc:
-        pytest.skip(f"py-spy is not available: {exc}")
+        missing("py-spy", f"scripts/setup.sh installs it (requirements/all.txt): {exc}")
 
 
 def _skip_if_refused(done: subprocess.CompletedProcess[str]) -> None:
     if done.returncode != 0 and "ptrace was refused" in done.stderr:
-        pytest.skip(f"ptrace is not permitted here:\n{done.stderr}")
+        # The kernel's or the container's rule, not something an install changes.
+        machine_fact(f"ptrace is not permitted here:\n{done.stderr}")
 
 
 async def _profile_under_load(
@@ -335,11 +336,9 @@ def test_profile_stops_before_py_spy_when_yama_forbids_attaching(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(
-    os.geteuid() == 0 or os.stat("/proc/1").st_uid == os.geteuid(),
-    reason="this user may trace pid 1 (root, or pid 1 is ours); simulated above instead",
-)
 def test_real_py_spy_refusal_on_a_process_we_may_not_trace(tmp_path: Path) -> None:
+    if os.geteuid() == 0 or os.stat("/proc/1").st_uid == os.geteuid():
+        machine_fact("this user may trace pid 1 (root, or pid 1 is ours); simulated above instead")
     py_spy = _require_py_spy()
     target = profiling.Target("init", 1)  # another user's process: ptrace is refused
 
@@ -350,12 +349,18 @@ def test_real_py_spy_refusal_on_a_process_we_may_not_trace(tmp_path: Path) -> No
     assert "CAP_SYS_PTRACE" in str(info.value)
 
 
+@pytest.fixture
+def capsh() -> str:
+    """capsh, as root only: dropping CAP_SYS_PTRACE needs it (libcap2-bin)."""
+    if os.geteuid() != 0:
+        machine_fact("needs root to drop CAP_SYS_PTRACE")
+    return require_binary("capsh", "apt-get install libcap2-bin (scripts/setup.sh)")
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("capsh") is None,
-    reason="needs root and capsh to drop CAP_SYS_PTRACE",
-)
-def test_real_refusal_without_cap_sys_ptrace(running_supervisor: SupervisorProcess) -> None:
+def test_real_refusal_without_cap_sys_ptrace(
+    capsh: str, running_supervisor: SupervisorProcess
+) -> None:
     # Root without CAP_SYS_PTRACE may not trace a process holding capabilities it lacks.
     _require_py_spy()
     sp = running_supervisor
@@ -366,7 +371,7 @@ def test_real_refusal_without_cap_sys_ptrace(running_supervisor: SupervisorProce
     )
 
     done = subprocess.run(
-        ["capsh", "--drop=cap_sys_ptrace", "--", "-c", cmd],
+        [capsh, "--drop=cap_sys_ptrace", "--", "-c", cmd],
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT_S,

@@ -6,20 +6,17 @@ rule in alerts.yml loaded and evaluating cleanly, and the two alerts pending.
 The second runs ``mpipeline run`` with metrics on, pushes requests through
 the Python API, lints a scrape with ``promtool check metrics``, holds it to
 the metrics contract (names, types, labels that cannot carry user data) and
-reads it back through Prometheus. It skips itself while the supervisor serves
-no ``/metrics`` (connection refused), so it starts running the day the
-endpoint lands.
+reads it back through Prometheus. The supervisor binds /metrics on port 0
+and names the port in its state file, so no other process can take it first.
+Without prometheus or promtool both skip, and fail under CI (tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.server
-import shutil
-import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -28,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mpipeline.messages import Completed
 from mpipeline.pipeline import Pipeline
+from tests.conftest import require_binary
 from tests.integration.conftest import SupervisorFactory
 from tests.prometheus import ALERTS, CORE_METRICS, LABELS, METRICS, family
 from tests.prometheus_server import PrometheusServer, Sample, start_prometheus
@@ -37,10 +35,6 @@ __all__ = ["start_prometheus"]  # the fixture, imported to be used here
 pytestmark = pytest.mark.integration
 
 StartPrometheus = Callable[[str], PrometheusServer]
-PROMTOOL = shutil.which("promtool")
-# How long a just-ready supervisor may take to bind /metrics before we call it absent.
-ENDPOINT_GRACE_S = 5.0
-POLL_S = 0.1
 REQUESTS = 20
 HANG_S = 30.0
 # Labels Prometheus itself gives every series (target, histogram bucket bound).
@@ -73,13 +67,6 @@ mpipeline_circuit_state{upstream="openai"} 1
 mpipeline_replica_up{stage="rag",replica="rag-0"} 1
 """
 PENDING = {"MPipelineRingNearlyFull", "MPipelineCircuitOpen"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _alert_names() -> set[str]:
@@ -145,19 +132,11 @@ def test_prometheus_scrapes_and_evaluates_our_alerts(
     assert ring["metric"]["edge"] == "assemble0-inference0"
 
 
-def _scrape_or_skip(url: str) -> str:
-    """The body of ``GET url``; skips the test while nothing listens there."""
-    deadline = time.monotonic() + ENDPOINT_GRACE_S
-    while True:
-        try:
-            response = httpx.get(url, timeout=5.0)
-        except httpx.ConnectError:
-            if time.monotonic() > deadline:
-                pytest.skip(f"metrics endpoint not built yet: GET {url} refused")
-            time.sleep(POLL_S)
-            continue
-        assert response.status_code == 200, f"GET {url}: {response.status_code}"
-        return response.text
+def _scrape(url: str) -> str:
+    """The body of ``GET url``, which must answer 200."""
+    response = httpx.get(url, timeout=5.0)
+    assert response.status_code == 200, f"GET {url}: {response.status_code}"
+    return response.text
 
 
 def _is_created(name: str) -> bool:
@@ -191,13 +170,13 @@ def _check_contract(exposition: str) -> None:
 def test_live_pipeline_metrics_scraped_by_prometheus(
     start_supervisor: SupervisorFactory, start_prometheus: StartPrometheus
 ) -> None:
-    if PROMTOOL is None:
-        pytest.skip("promtool is missing: apt-get install prometheus (scripts/setup.sh)")
-    port = _free_port()
-    sp = start_supervisor({"metrics.enabled": True, "metrics.port": port})
-    target = f"127.0.0.1:{port}"
-    url = f"http://{target}/metrics"
-    _scrape_or_skip(url)
+    promtool = require_binary("promtool", "apt-get install prometheus (scripts/setup.sh)")
+    # Port 0: the supervisor binds any free port and writes the URL in its state
+    # file before it is ready, so /metrics already listens (no probe-then-bind race).
+    sp = start_supervisor({"metrics.enabled": True, "metrics.port": 0})
+    url = sp.state["metrics_url"]
+    parsed = httpx.URL(url)
+    target = f"{parsed.host}:{parsed.port}"
 
     async def push() -> None:
         async with Pipeline.attach(sp.run_dir) as p:
@@ -207,13 +186,11 @@ def test_live_pipeline_metrics_scraped_by_prometheus(
 
     with sp.explain():
         asyncio.run(push())
-        response = httpx.get(url, timeout=5.0)
-        assert response.status_code == 200, f"GET {url}: {response.status_code}"
-        body = response.text
+        body = _scrape(url)
 
         # (a) The exposition passes promtool's lint and our contract.
         lint = subprocess.run(
-            [PROMTOOL, "check", "metrics"],
+            [promtool, "check", "metrics"],
             input=body,
             capture_output=True,
             text=True,

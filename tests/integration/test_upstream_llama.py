@@ -21,7 +21,7 @@ from tests.integration.conftest import (
     SupervisorProcess,
     with_field,
 )
-from tests.llama_server import LlamaServer, llama_server
+from tests.llama_server import LlamaServer, llama_server, require_llama
 
 pytestmark = pytest.mark.timeout(240)
 __all__ = ["llama_server"]  # the fixture, imported to be used here
@@ -106,7 +106,7 @@ def test_a_local_model_shard_reuses_a_sessions_history_on_its_next_turn(
     """The ``llama_cpp`` worker inside a supervised shard: the second turn of a
     session lands on the shard that holds its KV state and evaluates only the
     new tokens (usage.prompt_tokens_details.cached_tokens)."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (mpipeline[llama])")
+    require_llama()
     sp = start_supervisor(
         {
             "gateway.replicas": 1,
@@ -149,7 +149,7 @@ def test_the_local_model_example_config_answers_through_the_gateway(
     start_supervisor: SupervisorFactory, configs: ConfigFactory
 ) -> None:
     """config/examples/local-model.toml as shipped (ports and run dir moved aside)."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (mpipeline[llama])")
+    require_llama()
     example = load(Path(__file__).parents[2] / "config" / "examples" / "local-model.toml")
     assert example.stages.inference.worker == "llama_cpp"
     assert (example.stages.inference.replicas, example.stages.inference.cores_per_replica) == (2, 1)

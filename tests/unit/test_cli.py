@@ -3,8 +3,12 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
+import jsonschema_rs
 import pytest
 
 from mpipeline import __version__, _shm, config, rundir, supervisor
@@ -113,15 +117,56 @@ def test_config_read_error_is_reported(
     assert capsys.readouterr().err == f"{tmp_path / 'x.toml'}: Permission denied\n"
 
 
-def test_config_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("toml", "refused"),
+    [
+        ('colour = "blue"\n', "colour: unknown key"),
+        ('[gateway]\nport = "eighty"\n', "gateway.port: expected int, got str"),
+        ("[stages.inference]\nreplicas = 0\n", "stages.inference.replicas: must be >= 1"),
+    ],
+)
+def test_config_schema_refuses_what_validate_refuses_and_accepts_the_shipped_file(
+    toml: str, refused: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Editors check pipeline.toml against this schema: it must agree with the loader."""
     assert main(["config", "schema"]) == ExitCode.OK
-    assert isinstance(json.loads(capsys.readouterr().out), dict)
+    schema = jsonschema_rs.validator_for(json.loads(capsys.readouterr().out))
+    assert schema.is_valid(tomllib.loads(DEFAULT_CONFIG.read_text()))
+    assert schema.is_valid(tomllib.loads(config.dump_toml(config.PipelineConfig())))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml)
+    assert not schema.is_valid(tomllib.loads(toml))
+    assert main(["config", "validate", str(bad)]) == ExitCode.USAGE
+    assert refused in capsys.readouterr().err
 
 
-def test_shm_sweep(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(_shm, "sweep_stale", lambda: ["mpl-dead-a", "mpl-dead-b"])
+def test_shm_sweep_removes_the_segments_of_dead_creators_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A private /dev/shm: the machine's may hold segments of runs of other users or sessions.
+    monkeypatch.setattr(_shm, "SHM_DIR", tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        born = _shm.proc_start_ticks(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert born is not None
+    me = _shm.proc_start_ticks(os.getpid())
+    assert me is not None
+
+    def segment(name: str, magic: int, pid: int, start_ticks: int) -> None:
+        (tmp_path / name).write_bytes(_shm.CREATOR_SLOTS.pack(magic, pid, start_ticks) + bytes(64))
+
+    segment("mpl-dead", _shm.MAGIC, child.pid, born)
+    (tmp_path / "mpl-dead.dbell").write_bytes(b"")
+    segment("mpl-live", _shm.MAGIC, os.getpid(), me)
+    segment("mpl-not-ours", _shm.MAGIC ^ 1, child.pid, born)  # the prefix alone proves nothing
+    (tmp_path / "mpl-orphan.sbell").write_bytes(b"")  # a doorbell without its segment
+
     assert main(["shm", "sweep"]) == ExitCode.OK
-    assert capsys.readouterr().out == "mpl-dead-a\nmpl-dead-b\nremoved 2 stale segments\n"
+    assert capsys.readouterr().out == "mpl-dead\nremoved 1 stale segments\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mpl-live", "mpl-not-ours"]
 
 
 def test_config_validate_error_is_reported(

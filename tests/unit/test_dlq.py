@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
@@ -41,10 +42,11 @@ from mpipeline.dlq import (
     read_entries,
 )
 from mpipeline.errors import ErrorCode, ExitCode, MPipelineError, RequestFailed
-from mpipeline.messages import Completed, Failed, Priority, PromptRequest, Usage
+from mpipeline.messages import Completed, Failed, Priority, PromptRequest, Usage, failed_from
 from mpipeline.ops import dlq as _cli_dlq
 from mpipeline.pipeline import Pipeline
 from mpipeline.pipeline._inflight import Pending
+from mpipeline.workers._failures import status_failure
 
 CANARY = "sk-canary-9f8e7d6c5b4a"
 
@@ -167,14 +169,23 @@ def test_a_symlink_is_refused(path: Path, tmp_path: Path) -> None:
         DeadLetterQueue(path)
 
 
-def test_records_hold_only_what_the_client_sent(
-    path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # RELIABILITY I7: keys live in the environment, never in a request, so never here.
-    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", CANARY)
-    _write(path, [_letter(), gone_letter(_failed("x0-1"))])
-    assert CANARY not in path.read_text()
+def test_a_failure_that_quotes_the_key_is_recorded_without_it(path: Path) -> None:
+    # RELIABILITY I7. The one way a key can reach a record: an upstream's 401
+    # that quotes it (OpenAI's does), classified by the worker and carried as
+    # the Failed's reason (runner/_pool.py), then written here.
+    error = {
+        "message": f"Incorrect API key provided: {CANARY}",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    }
+    headers = httpx.Headers({"www-authenticate": f'Bearer realm="{CANARY}"'})
+    failure = status_failure(401, headers, json.dumps({"error": error}).encode())
+    request = _request("k0-1")
+    failed = failed_from(request, failure.code, str(failure), "inference")
+    _write(path, [letter_for(request, failed, 250.0), gone_letter(failed)])
+    text = path.read_text()
+    assert text.count("upstream answered HTTP 401 (invalid_api_key)") == 2  # recorded...
+    assert CANARY not in text  # ...without the key
 
 
 # Group commit and durability

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require_binary
 from tests.prometheus import (
     ALERTS,
     ALERTS_TEST,
@@ -30,11 +30,6 @@ from tests.prometheus import (
     metric_names,
 )
 
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None,
-    reason="promtool is missing: apt-get install prometheus (scripts/setup.sh installs it)",
-)
 PROMTOOL_TIMEOUT_S = 60.0
 DATASOURCE_UID = "${DS_PROMETHEUS}"
 GRID_WIDTH = 24
@@ -50,10 +45,13 @@ _BLOCK = ("|", "|-", ">", ">-")
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run promtool; its output is the failure message when it disagrees."""
-    assert PROMTOOL is not None
+    """Run promtool; its output is the failure message when it disagrees.
+
+    Skips where promtool is missing, and fails under CI (``tests.conftest.missing``).
+    """
+    binary = require_binary("promtool", "apt-get install prometheus (scripts/setup.sh)")
     return subprocess.run(
-        [PROMTOOL, *args],
+        [binary, *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -145,7 +143,6 @@ def test_family_maps_histogram_series_to_their_metric() -> None:
 # Alerts
 
 
-@needs_promtool
 def test_alert_rules_are_valid() -> None:
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -154,7 +151,6 @@ def test_alert_rules_are_valid() -> None:
     assert int(found[1]) == len(alert_exprs(ALERTS.read_text(encoding="utf-8")))
 
 
-@needs_promtool
 def test_alert_rule_unit_tests_pass() -> None:
     """Each alert fires on its synthetic series and stays silent on a healthy pipeline."""
     result = promtool("test", "rules", ALERTS_TEST.name, cwd=ALERTS_TEST.parent)
@@ -179,7 +175,6 @@ def test_alerts_use_only_exported_metrics() -> None:
         assert not unknown, f"{name} uses series nobody exports: {unknown}"
 
 
-@needs_promtool
 def test_example_prometheus_config_is_valid() -> None:
     result = promtool("check", "config", str(PROMETHEUS_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -226,7 +221,6 @@ def test_dashboard_uses_only_exported_metrics_and_shows_them_all(
     assert not set(METRICS) - shown, f"no panel shows {sorted(set(METRICS) - shown)}"
 
 
-@needs_promtool
 def test_dashboard_queries_parse(dashboard: dict[str, Any], tmp_path: Path) -> None:
     """promtool parses every panel query, each checked as a recording rule."""
     exprs = dashboard_exprs(dashboard)

@@ -9,9 +9,16 @@ crash fails the wrong requests and hangs the right ones.
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
+import sys
+from typing import Any
 
+import msgspec
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpipeline.errors import ErrorCode
 from mpipeline.messages import (
@@ -22,9 +29,11 @@ from mpipeline.messages import (
     PromptRequest,
     Retrieved,
     TokenChunk,
+    Turn,
     Usage,
 )
 from mpipeline.routing import dedup_key, message_key, request_key, shard_for
+from tests.strategies import texts
 
 STAGES = ("rag", "assemble", "inference", "post", "stream")
 
@@ -155,3 +164,59 @@ def test_every_reply_of_a_request_routes_together() -> None:
 def test_message_key_rejects_an_unroutable_message() -> None:
     with pytest.raises(TypeError, match="cannot route Message"):
         message_key(Message())
+
+
+# The same answer in every process
+
+# Runs in a child with its own PYTHONHASHSEED: the routing of each request
+# into each stage, and a salted str hash to show the seed took effect.
+_ROUTE_IN_CHILD = """
+import sys
+import msgspec
+from mpipeline.messages import PromptRequest
+from mpipeline.routing import request_key, shard_for
+stages, ns = sys.argv[1].split(","), [int(n) for n in sys.argv[2].split(",")]
+requests = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=list[PromptRequest])
+routes = [[(request_key(r, s), [shard_for(request_key(r, s), n) for n in ns]) for s in stages]
+          for r in requests]
+sys.stdout.buffer.write(msgspec.msgpack.encode([hash("salted?"), routes]))
+"""
+REPLICAS = (2, 3, 5, 8)
+turns = st.builds(Turn, role=st.sampled_from(["system", "user", "assistant"]), content=texts)
+routed_requests = st.builds(
+    PromptRequest,
+    request_id=texts,
+    session_id=st.none() | texts,
+    input=texts,
+    max_tokens=st.none() | st.integers(1, 1 << 20),
+    history=st.lists(turns, max_size=3),
+)
+
+
+def _routes_in_a_child(requests: list[PromptRequest], hash_seed: str) -> tuple[int, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", _ROUTE_IN_CHILD, ",".join(STAGES), ",".join(map(str, REPLICAS))],
+        input=msgspec.msgpack.encode(requests),
+        capture_output=True,
+        env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    salted, routes = msgspec.msgpack.decode(done.stdout)
+    return salted, routes
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(routed_requests, min_size=1, max_size=60))
+def test_every_process_routes_every_request_to_the_same_replica(
+    requests: list[PromptRequest],
+) -> None:
+    """Gateway, client and runners are separate processes, each with its own str hash salt."""
+    here = [
+        [[request_key(r, s), [shard_for(request_key(r, s), n) for n in REPLICAS]] for s in STAGES]
+        for r in requests
+    ]
+    (salt_a, routes_a), (salt_b, routes_b) = (_routes_in_a_child(requests, s) for s in "12")
+    assert salt_a != salt_b  # the children's hash() differs, so routing must not use it
+    assert routes_a == routes_b == here

@@ -26,6 +26,7 @@ class ScriptedApp:
     def __init__(self) -> None:
         self.cancelled = asyncio.Event()
         self.waiting = asyncio.Event()
+        self.slow_started = asyncio.Event()
         self.bodies: list[bytes] = []
 
     def precheck(self, request: Request) -> Reply | None:
@@ -52,6 +53,7 @@ class ScriptedApp:
                 self.cancelled.set()
                 raise
         elif request.path == "/slow":
+            self.slow_started.set()
             await asyncio.sleep(0.2)
             response.send(200, b"slow")
         # any other path: no response at all
@@ -299,7 +301,7 @@ def test_stop_lets_a_request_in_progress_finish_then_closes() -> None:
         host, port = server.address
         async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
             slow = asyncio.ensure_future(client.post("/slow"))
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(app.slow_started.wait(), 10)  # in progress when stop begins
             await server.stop(5.0)
             response = await slow
             assert response.status_code == 200 and response.headers["connection"] == "close"

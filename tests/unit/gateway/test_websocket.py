@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,9 @@ from mpipeline.messages import Completed, Failed, Priority, TokenChunk, Turn, Us
 from mpipeline.pipeline import RequestOptions
 
 LIMIT = 1000
+POLL_S = 0.02
+# Polls in a row without change before a count is taken as settled (0.2 s).
+QUIET_POLLS = 10
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 HANDSHAKE = {
     "host": "test",
@@ -39,13 +43,15 @@ HANDSHAKE = {
 
 
 class FakeStreams:
-    """Streams the input's words as chunks; ``slow`` words wait, ``fail`` fails."""
+    """Streams the input's words as chunks; a ``hold`` word waits for ``release``,
+    ``fail`` fails."""
 
     def __init__(self) -> None:
         self.ids = itertools.count()
         self.started: list[str] = []
         self.closed: list[str] = []
         self.step = 0.0
+        self.release = asyncio.Event()
         self.yielded = 0
         self.options: list[RequestOptions | None] = []
         # Requests cut by the session (a reader that stalled), with the code given.
@@ -81,8 +87,8 @@ class FakeStreams:
                         stage="post",
                     )
                     raise RequestFailed(failed)
-                if word == "slow":
-                    await asyncio.sleep(0.2)
+                if word == "hold":
+                    await self.release.wait()
                 await asyncio.sleep(self.step)
                 yield TokenChunk(
                     request_id=rid, session_id=session_id, reply_to=0, index=i, text=word
@@ -235,6 +241,28 @@ async def session(streams: FakeStreams | None = None) -> AsyncIterator[tuple[Htt
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), 20))
+
+
+async def until(predicate: Callable[[], object], what: str, within_s: float) -> None:
+    """Poll ``predicate`` against a deadline; fail naming ``what``."""
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {within_s:.0f}s waiting for {what}"
+        await asyncio.sleep(POLL_S)
+
+
+async def settled(read: Callable[[], int], within_s: float = 10.0) -> int:
+    """``read()`` once it has stopped changing: the same over ``QUIET_POLLS`` polls
+    in a row (each lets the event loop run everything that is ready)."""
+    deadline = time.monotonic() + within_s
+    last, same = read(), 0
+    while same < QUIET_POLLS:
+        assert time.monotonic() < deadline, f"still changing after {within_s:.0f}s: {last}"
+        await asyncio.sleep(POLL_S)
+        now = read()
+        same = same + 1 if now == last else 0
+        last = now
+    return last
 
 
 def test_handshake_then_a_streamed_request() -> None:
@@ -452,7 +480,7 @@ def test_concurrent_requests_interleave_each_in_order() -> None:
         streams = FakeStreams()
         streams.step = 0.01
         async with session(streams) as (_, client):
-            client.send_json({"input": "slow a b", "ref": "slow"})
+            client.send_json({"input": "hold a b", "ref": "slow"})
             client.send_json({"input": "c d e", "ref": "fast"})
             got: dict[str, list[dict[str, Any]]] = {"slow": [], "fast": []}
             order: list[str] = []
@@ -461,8 +489,9 @@ def test_concurrent_requests_interleave_each_in_order() -> None:
                 got[message["ref"]].append(message)
                 if message["type"] == "done":
                     order.append(message["ref"])
+                    streams.release.set()  # the first held back until the second is done
             assert order == ["fast", "slow"]
-            for ref, text in (("slow", "slowab"), ("fast", "cde")):
+            for ref, text in (("slow", "holdab"), ("fast", "cde")):
                 kinds = [m["type"] for m in got[ref]]
                 assert kinds == ["accepted", "chunk", "chunk", "chunk", "done"]
                 assert [m["index"] for m in got[ref][1:-1]] == [0, 1, 2]
@@ -476,11 +505,11 @@ def test_a_client_that_does_not_read_stalls_its_stream() -> None:
         streams = FakeStreams()
         async with session(streams) as (_, client):
             client.send_json({"input": "flood"})
-            await asyncio.sleep(0.5)  # not reading: socket buffers fill, then writes wait
-            stalled = streams.yielded
-            await asyncio.sleep(0.3)
+            await until(lambda: streams.yielded, "the stream to start", 10)
+            # Not reading: socket buffers fill, then writes wait.
+            stalled = await settled(lambda: streams.yielded)
             # Bounded by the kernel's socket buffers, not by the 6.5 GB on offer.
-            assert streams.yielded == stalled < 1000
+            assert 0 < stalled < 1000
             assert (await client.message())["type"] == "accepted"
             for _ in range(50):
                 assert (await client.message())["type"] == "chunk"
@@ -492,15 +521,12 @@ def test_a_client_that_does_not_read_stalls_its_stream() -> None:
 def test_disconnect_mid_stream_closes_the_stream_at_once() -> None:
     async def main() -> None:
         streams = FakeStreams()
-        streams.step = 0.05
+        streams.step = 0.25  # 100 words: 25 s unless the disconnect closes it
         async with session(streams) as (server, client):
             client.send_json({"input": " ".join(["w"] * 100)})
             assert (await client.message())["type"] == "accepted"
             client.writer.transport.abort()
-            for _ in range(100):
-                if streams.closed:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: streams.closed, "the stream to close", 10)
             assert streams.closed == ["r0"]
             # The server serves on.
             status, _, _, again = await handshake(server)
@@ -531,24 +557,24 @@ def test_client_close_is_echoed_and_cancels_requests() -> None:
 def test_server_stop_lets_requests_finish_then_closes_1001() -> None:
     async def main() -> None:
         streams = FakeStreams()
-        streams.step = 0.02
         async with serving(streams) as server:
             status, _, _, client = await handshake(server)
             assert status == 101
-            client.send_json({"input": "a b c d e", "ref": "inflight"})
+            client.send_json({"input": "a b hold c", "ref": "inflight"})
             assert (await client.message())["type"] == "accepted"
             stopping = asyncio.ensure_future(server.stop(5.0))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # stop() begins: the session now refuses new requests
             client.send_json({"input": "too late", "ref": "late"})
             late = done = None
             while late is None or done is None:
                 message = await client.message()
                 if message["ref"] == "late":
                     late = message
+                    streams.release.set()  # only now may the request in flight finish
                 elif message["type"] == "done":
                     done = message
             assert late["error"]["type"] == "shutting_down"
-            assert done["text"] == "abcde"
+            assert done["text"] == "abholdc"
             assert await client.close_code() == CloseCode.GOING_AWAY
             await asyncio.wait_for(stopping, 5)
             assert streams.closed == ["r0"]

@@ -7,7 +7,6 @@ import contextlib
 import multiprocessing
 import os
 import stat
-import time
 import uuid
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -213,6 +212,21 @@ def test_a_lost_probe_expires_and_counts_as_a_failure() -> None:
         assert br.state().state == "open"
 
 
+def test_a_lost_last_probe_that_still_closes_the_circuit_lets_the_call_through() -> None:
+    # Found by test_breaker_model.py: the call that noticed the loss closed the
+    # circuit, yet was refused as "probing".
+    with board(consecutive_failures=1, open_s=1.0, probes=2, probe_success_rate=0.5) as b:
+        br = b.breaker("u")
+        fail(br, 1)
+        t = T0 + 1.0
+        br.record(permit(br, t), True, t)
+        permit(br, t, lease_s=0.5)  # never reported
+        closed = permit(br, t + 0.5)  # lost: 1 of 2 succeeded, which is enough
+        assert closed.probe == 0 and br.state().state == "closed"
+        br.record(closed, False, t + 0.5)  # a verdict of the closed state: counted
+        assert br.state().state == "open"
+
+
 def test_a_probe_released_without_verdict_gives_its_turn_back() -> None:
     with board(consecutive_failures=1, open_s=1.0, probes=2) as b:
         br = b.breaker("u")
@@ -314,8 +328,8 @@ def test_segment_is_0600_shared_and_unlinked(name: str) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.stat().st_size == layout.segment_size(4)
     other = BreakerBoard.attach(name, cfg)
-    fail(owner.breaker("u"), 1, time.monotonic())
-    assert refusal(other.breaker("u"), time.monotonic()).reason == "open"
+    fail(owner.breaker("u"), 1)
+    assert refusal(other.breaker("u")).reason == "open"
     assert [s.name for s in other.snapshot()] == ["u"]
     other.unlink()  # not the creator: a no-op
     assert path.exists()
@@ -339,51 +353,55 @@ def test_attach_refuses_other_segments_and_sweep_knows_the_board(name: str) -> N
     assert _shm.sweep_stale(prefix=name, alive=lambda pid, start: False) == [name]
 
 
+# The two processes share the parent's injected clock: a descheduled process
+# cannot see the circuit close early, as it could with a real open_s of 50 ms.
+SHARED_OPEN_S = 30.0
+
+
 def _child(name: str, conn: Connection) -> None:
-    """Child: attach, then obey ``fail N`` / ``probe`` / ``exit`` from the parent."""
-    cfg = BreakerConfig(consecutive_failures=3, open_s=0.05, probes=1)
+    """Child: attach, then obey ``(fail|probe|exit, now)`` from the parent."""
+    cfg = BreakerConfig(consecutive_failures=3, open_s=SHARED_OPEN_S, probes=1)
     b = BreakerBoard.attach(name, cfg)
     br = b.breaker("shared")
     conn.send("ready")
     while True:
-        cmd = conn.recv()
+        cmd, now = conn.recv()
         if cmd == "fail":
-            fail(br, 3, time.monotonic())
-            conn.send(br.state().state)
+            fail(br, 3, now)
+            conn.send(br.state(now).state)
         elif cmd == "probe":
-            decision = br.allow(time.monotonic(), lease_s=60.0)
+            decision = br.allow(now, lease_s=60.0)
             conn.send(isinstance(decision, Permit) and decision.probe > 0)
         else:
             os._exit(0)  # with the probe still out: it is never reported
 
 
 def test_two_processes_share_one_board(name: str) -> None:
-    cfg = BreakerConfig(consecutive_failures=3, open_s=0.05, probes=1)
+    cfg = BreakerConfig(consecutive_failures=3, open_s=SHARED_OPEN_S, probes=1)
     b = BreakerBoard.create(name, cfg, slots=4)
     br = b.breaker("shared")
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
     child = ctx.Process(target=_child, args=(name, theirs))
     child.start()
+    reopened = T0 + SHARED_OPEN_S + 2
     try:
         assert ours.poll(60) and ours.recv() == "ready"
-        ours.send("fail")
+        ours.send(("fail", T0))
         assert ours.poll(30) and ours.recv() == "open"
-        assert refusal(br, time.monotonic()).reason == "open"  # the child's failures
-        deadline = time.monotonic() + 5
-        while br.state().retry_at > time.monotonic() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        ours.send("probe")
+        assert refusal(br, T0 + 1).reason == "open"  # the child's failures
+        assert br.state(T0 + 1).retry_at == T0 + SHARED_OPEN_S
+        ours.send(("probe", T0 + SHARED_OPEN_S))
         assert ours.poll(30) and ours.recv() is True
-        assert refusal(br, time.monotonic()).reason == "probing"
-        ours.send("exit")
+        assert refusal(br, T0 + SHARED_OPEN_S + 1).reason == "probing"  # the child holds it
+        ours.send(("exit", 0.0))
         child.join(30)
-        # The holder died with its probe out: counted as failed at once, not after 60 s.
-        deadline = time.monotonic() + 5
-        while b.breaker("shared").state().opens < 2 and time.monotonic() < deadline:
-            br.allow(time.monotonic())
-            time.sleep(0.01)
-        assert br.state().opens == 2
+        assert child.exitcode == 0
+        # The holder died with its probe out: counted as failed at once, long
+        # before its 60 s lease ends, and the circuit opens again.
+        assert refusal(br, reopened).reason == "open"
+        state = br.state(reopened)
+        assert (state.opens, state.opened_at) == (2, reopened)
     finally:
         if child.is_alive():
             child.kill()

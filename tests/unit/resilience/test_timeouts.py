@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 
 import pytest
+import uvloop
 
 from mpipeline.config import TimeoutsConfig
 from mpipeline.errors import ErrorCode, UpstreamFailure
@@ -179,7 +180,6 @@ def test_bounded_lets_a_calls_own_timeout_error_through() -> None:
 
 def test_uvloop_clock_and_deadline() -> None:
     """uvloop keeps its own clock (libuv's, in ms): deadlines are converted, not compared raw."""
-    uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         up = Upstream([0, 0])
         assert runner.run(collect(up, limits(first=SHORT, between=SHORT))) == ["t0", "t1"]

@@ -201,7 +201,9 @@ def test_the_circuit_opens_and_then_fails_fast_without_calling() -> None:
         started = time.monotonic()
         with pytest.raises(UpstreamFailure) as info:
             await _run(calls, _job())
-        assert time.monotonic() - started < 0.005
+        # Fast is shown by the call count below (no fourth call); this only rules
+        # out waiting for the circuit (open_s = 30), with room for a loaded box.
+        assert time.monotonic() - started < breaker.open_s / 10
         return info.value
 
     refused = asyncio.run(go())
