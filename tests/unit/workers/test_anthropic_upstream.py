@@ -32,6 +32,9 @@ from tests.fault_upstream import (
 CANARY = "sk-ant-canary-93be41d07a"
 KEY_ENV = "MPL_TEST_ANTHROPIC_KEY"
 FAST = TimeoutsConfig(connect_s=0.5, first_token_s=0.15, between_tokens_s=0.15, total_s=0.3)
+# Happy paths get room: a loaded 2-core box can take a second to schedule one.
+# FAST is only for the tests about timeouts.
+ROOMY = TimeoutsConfig(connect_s=10, first_token_s=10, between_tokens_s=10, total_s=20)
 
 T = TypeVar("T")
 
@@ -48,7 +51,7 @@ def _worker(up: FaultUpstream, **overrides: Any) -> AnthropicUpstream:
         "base_url": up.url,
         "model": "claude-test",
         "api_key_env": KEY_ENV,
-        "timeouts": FAST,
+        "timeouts": ROOMY,
     }
     return AnthropicUpstream(AnthropicConfig(**(fields | overrides)))
 
@@ -131,7 +134,7 @@ def test_pool_member_config_without_max_tokens_gets_the_default(
         model="m",
         api_key_env=None,
         version="2099-01-01",
-        timeouts=FAST,
+        timeouts=ROOMY,
     )
     worker = AnthropicUpstream(config, name=config.name)
     assert worker.name == "claude"
@@ -297,7 +300,7 @@ def test_faults_are_classified(
     stream: bool,
 ) -> None:
     upstream.script(behaviour)
-    worker = _worker(upstream)
+    worker = _worker(upstream, **({"timeouts": FAST} if expected is TIMEOUT else {}))
 
     async def call() -> object:
         if stream:

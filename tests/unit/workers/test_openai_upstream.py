@@ -35,6 +35,9 @@ CANARY = "sk-canary-5d1e0b7a2c9f"
 KEY_ENV = "MPL_TEST_OPENAI_KEY"
 # Small enough that a hung upstream costs a test a fraction of a second.
 FAST = TimeoutsConfig(connect_s=0.5, first_token_s=0.15, between_tokens_s=0.15, total_s=0.3)
+# Happy paths get room: a loaded 2-core box can take a second to schedule one.
+# FAST is only for the tests about timeouts.
+ROOMY = TimeoutsConfig(connect_s=10, first_token_s=10, between_tokens_s=10, total_s=20)
 
 T = TypeVar("T")
 
@@ -51,7 +54,7 @@ def _worker(up: FaultUpstream, **overrides: Any) -> OpenAIUpstream:
         "base_url": up.openai_url,
         "model": "test-model",
         "api_key_env": KEY_ENV,
-        "timeouts": FAST,
+        "timeouts": ROOMY,
     }
     return OpenAIUpstream(OpenAIConfig(**(fields | overrides)))
 
@@ -183,7 +186,7 @@ def test_closing_the_stream_early_disconnects_the_upstream(upstream: FaultUpstre
 
 def test_a_timed_out_call_lets_go_of_its_connection(upstream: FaultUpstream) -> None:
     upstream.script(Hang(), StallAfter(1))
-    worker = _worker(upstream)
+    worker = _worker(upstream, timeouts=FAST)
 
     async def two_timeouts() -> None:
         for _ in range(2):
@@ -263,7 +266,7 @@ def test_faults_are_classified(
     stream: bool,
 ) -> None:
     upstream.script(behaviour)
-    worker = _worker(upstream)
+    worker = _worker(upstream, **({"timeouts": FAST} if expected is TIMEOUT else {}))
 
     async def call() -> object:
         if stream:
