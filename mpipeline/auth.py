@@ -20,7 +20,8 @@ _LOOPBACK_NAMES = ("localhost",)
 
 
 class BearerAuth:
-    """Checks ``Authorization: Bearer <token>``; with no token, lets everything in."""
+    """Checks ``Authorization: Bearer <token>`` (or the token as ``x-api-key``); with no
+    token, lets everything in."""
 
     def __init__(self, token: str | None) -> None:
         self._token = token.encode() if token else None
@@ -57,6 +58,14 @@ class BearerAuth:
         # Header values arrive as latin-1 text: this gives back the bytes sent.
         sent = credentials.strip().encode("latin-1", "replace")
         return hmac.compare_digest(sent, self._token)
+
+    def allows_key(self, api_key: str | None) -> bool:
+        """True for the right token sent bare, as Anthropic's SDK sends it (``x-api-key``)."""
+        if self._token is None:
+            return True
+        if api_key is None:
+            return False
+        return hmac.compare_digest(api_key.strip().encode("latin-1", "replace"), self._token)
 
     def __repr__(self) -> str:
         return f"BearerAuth(enabled={self.enabled})"

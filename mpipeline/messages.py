@@ -130,6 +130,14 @@ class PromptRequest(Message, tag="req", frozen=True, kw_only=True):
     # The input message as the client sent it, when it is more than text
     # (``Turn.raw``: image parts, a tool result).
     input_raw: bytes = b""
+    # The model asked for, by its canonical name (the gateway resolves aliases);
+    # "": the run's default model (the only one without ``[[models]]``).
+    model: str = ""
+    # An OpenAI endpoint other than chat (``/completions``, ``/embeddings``):
+    # ``params`` is then the client's whole body, which an OpenAI-compatible
+    # upstream gets as it came, and rag and assemble leave the request alone.
+    # "": a chat request (every other field above applies).
+    endpoint: str = ""
 
 
 class Passage(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):

@@ -23,14 +23,14 @@ import uvloop
 
 from mpipeline import faults as faults_mod
 from mpipeline import logs
-from mpipeline.config import PipelineConfig, load
+from mpipeline.config import Catalog, PipelineConfig, load
 from mpipeline.control import ControlBlock, ReplicaState
 from mpipeline.errors import BootError, ExitCode
 from mpipeline.metrics import Writer, attach_writer, stage_region
 from mpipeline.runner import StageRunner
 from mpipeline.stages import STAGES, AsyncStage, Stage, StageContext
 from mpipeline.topology import ReplicaSpec
-from mpipeline.workers import upstream_names
+from mpipeline.workers import served_upstream_names
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -118,7 +118,7 @@ def _metrics_writer(spec: ReplicaSpec, cfg: PipelineConfig, segments: str) -> Wr
     """This replica's region of the run's metrics block (None when metrics are off)."""
     if not cfg.metrics.enabled:
         return None
-    names = upstream_names(cfg.stages.inference) if spec.stage == "inference" else []
+    names = served_upstream_names(Catalog.of(cfg)) if spec.stage == "inference" else []
     region = stage_region(spec.stage, spec.name, spec.outputs, names)
     return attach_writer(segments, spec.slot, region)
 

@@ -36,13 +36,14 @@ def dedup_key(request: PromptRequest) -> str:
     client can compute the inference shard without running assemble. Every
     part that can change the answer is in it: the conversation so far (the
     same words after a different history are a different request), each
-    message's own JSON (an image, a tool call) and the request's other fields
-    (``params``: temperature, tools, response_format...). JSON holds no NUL
-    byte, so the separators keep the parts apart.
+    message's own JSON (an image, a tool call), the request's other fields
+    (``params``: temperature, tools, response_format...) and the model. JSON
+    and model names hold no NUL byte, so the separators keep the parts apart.
     """
+    head = f"{request.max_tokens}\0{request.model}\0{request.endpoint}\0"
     if not request.history and not request.params and not request.input_raw:
-        return xxhash.xxh3_128_hexdigest(f"{request.max_tokens}\0{request.input}".encode())
-    h = xxhash.xxh3_128(f"{request.max_tokens}\0".encode())
+        return xxhash.xxh3_128_hexdigest(f"{head}{request.input}".encode())
+    h = xxhash.xxh3_128(head.encode())
     h.update(request.params)
     h.update(b"\0")
     for turn in request.history:

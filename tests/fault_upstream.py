@@ -338,7 +338,10 @@ class FaultUpstream:
         except msgspec.DecodeError:
             body = None
         arrived = time.monotonic()
-        api = {"completions": "openai", "messages": "anthropic"}.get(path.rpartition("/")[2])
+        # /v1/completions and /v1/embeddings are the openai API's too (scripted with Status).
+        api = {"completions": "openai", "embeddings": "openai", "messages": "anthropic"}.get(
+            path.rpartition("/")[2]
+        )
         # A request neither API would take does not use up a scripted behaviour.
         behaviour: Behaviour
         if api is None:

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from mpipeline.config import _toml
+from mpipeline.config._base import ENV_NAME
 from mpipeline.config._files import (
     CONFIG_ENV,
     DEFAULT_PATH,
@@ -32,17 +33,16 @@ from mpipeline.config._files import (
     shipped_files,
     write_new,
 )
+from mpipeline.config.catalog import Catalog, ServedModel, check_served
 from mpipeline.config.tables import *  # noqa: F403 - the tables are this package's API
 from mpipeline.config.tables import (
     ERROR_RING_BYTES,
     MIB,
     STAGE_ORDER,
     Cpus,
-    InferenceConfig,
     PinnedConfig,
     PipelineConfig,
     StageConfig,
-    UpstreamConfig,
 )
 from mpipeline.config.tables import __all__ as _tables
 from mpipeline.errors import ConfigError as ConfigError
@@ -53,7 +53,6 @@ SHM_HEADROOM = 1.2
 SHM_DIR = "/dev/shm"
 _LOOPBACK_NAMES = ("localhost",)
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Where an issue is said to be when no file was read, and when an override caused it.
 DEFAULTS = "built-in defaults"
 COMMAND_LINE = "command line"
@@ -261,10 +260,10 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
     if cfg.metrics.enabled and cfg.metrics.port == cfg.gateway.port != 0:
         out.append(("metrics.port", f"is the same as gateway.port ({cfg.gateway.port})"))
     env = cfg.gateway.auth_token_env
-    if env is not None and not _ENV_NAME.fullmatch(env):
+    if env is not None and not ENV_NAME.fullmatch(env):
         # Never echo it: someone may have pasted the token itself here.
         out.append(("gateway.auth_token_env", "must be the NAME of an environment variable"))
-    out += _check_worker(cfg.stages.inference)
+    out += check_served(cfg)
     slots = cfg.gateway.rate_limit.session_slots
     if slots & (slots - 1):
         out.append(("gateway.rate_limit.session_slots", f"{slots} is not a power of two"))
@@ -286,32 +285,6 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
             "(docker run --shm-size)"
         )
         out.append((field, message))
-    return out
-
-
-def _check_worker(inf: InferenceConfig) -> list[_toml.Problem]:
-    """The chosen worker's table: URLs, key variable names, pool members."""
-    out: list[_toml.Problem] = []
-    upstreams: list[tuple[str, UpstreamConfig]] = []
-    if inf.worker in ("openai", "anthropic"):
-        upstreams.append((f"stages.inference.{inf.worker}", getattr(inf, inf.worker)))
-    elif inf.worker == "pool":
-        members = inf.pool.upstreams
-        if not members:
-            out.append(("stages.inference.pool.upstreams", "worker is pool but none are listed"))
-        names = [m.name for m in members]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            out.append(("stages.inference.pool.upstreams", f"names used twice: {', '.join(twice)}"))
-        upstreams += [(f"stages.inference.pool.upstreams[{i}]", m) for i, m in enumerate(members)]
-    for path, up in upstreams:
-        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", up.base_url):
-            # No echo of the value: a URL may carry credentials.
-            out.append((f"{path}.base_url", "must be an http:// or https:// URL without a query"))
-        if up.api_key_env and not _ENV_NAME.fullmatch(up.api_key_env):
-            out.append((f"{path}.api_key_env", "must be the NAME of an environment variable"))
-        if not up.model:
-            out.append((f"{path}.model", "must name the model to call"))
     return out
 
 
@@ -375,11 +348,13 @@ def _mib(n: float) -> str:
 __all__ = [
     *_tables,
     "COMMAND_LINE",
+    "Catalog",
     "CONFIG_ENV",
     "ConfigError",
     "ConfigIssue",
     "DEFAULTS",
     "DEFAULT_PATH",
+    "ServedModel",
     "active_stages",
     "cpus_for",
     "default_toml",

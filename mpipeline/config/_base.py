@@ -7,6 +7,7 @@ inference stage's worker tables) can use them without importing each other.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -25,6 +26,9 @@ RING_ALIGN = 8
 # X-Request-Timeout) and the gateway's defaults alike. An hour covers a long
 # reasoning stream; longer is almost always a unit mistake and would pin a slot.
 MAX_DEADLINE_S = 3600
+
+# What a field ending in ``_env`` must hold: the NAME of an environment variable.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 _GE0 = Meta(ge=0)
 _GE1 = Meta(ge=1)

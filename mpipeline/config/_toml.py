@@ -33,6 +33,8 @@ Problem = tuple[str, str]
 
 # How tomllib ends its error messages.
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+# How msgspec says a Struct was built without a required field.
+_MISSING = re.compile(r"Missing required argument '([^']+)'")
 # Characters of a bare key (TOML 1.0).
 _BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -44,6 +46,8 @@ class _Scanner:
         self.text = text
         self.pos = 0
         self.found: dict[str, int] = {}
+        # Arrays of tables met so far, by path: how many members each has.
+        self.arrays: dict[tuple[str, ...], int] = {}
 
     @property
     def line(self) -> int:
@@ -158,13 +162,28 @@ class _Scanner:
                 double = self.peek(2) == "[["
                 self.pos += 2 if double else 1
                 line = self.line
-                table = self.key()
+                table = self.indexed(self.key())
                 self.found.setdefault(".".join(table), line)
+                if double:
+                    # [[models]] starts members models[0], models[1]...
+                    n = self.arrays.get(tuple(table), 0)
+                    self.arrays[tuple(table)] = n + 1
+                    table = [*table[:-1], f"{table[-1]}[{n}]"]
+                    self.found.setdefault(".".join(table), line)
                 self.expect("]")
                 if double:
                     self.expect("]")
             else:
                 self.pair(table)
+
+    def indexed(self, key: list[str]) -> list[str]:
+        """``key`` inside the last member of each array of tables it starts with:
+        ``[models.openai]`` after a second ``[[models]]`` is ``models[1].openai``."""
+        out: list[str] = []
+        for part in key[:-1]:
+            n = self.arrays.get((*out, part))
+            out.append(part if n is None else f"{part}[{n - 1}]")
+        return [*out, key[-1]]
 
 
 def key_lines(text: str) -> dict[str, int]:
@@ -187,7 +206,9 @@ def line_of(lines: Mapping[str, int], field: str) -> int | None:
         line = lines.get(".".join(parts))
         if line is not None:
             return line
-        parts.pop()
+        last = parts.pop()
+        if last.endswith("]"):  # models[2] written inline: the line of models
+            parts.append(last[: last.index("[")])
     return None
 
 
@@ -257,12 +278,41 @@ def decode_table(cls: type[_S], data: object, path: str, out: list[Problem]) -> 
             out.append((where, f"unknown key; {hint}"))
         elif isinstance(info.type, type) and issubclass(info.type, msgspec.Struct):
             good[key] = decode_table(info.type, value, where, out)
+        elif (member := _table_of_list(info.type)) is not None and isinstance(value, list):
+            good[key] = _decode_members(member, value, where, out)
         else:
             try:
                 good[key] = msgspec.convert(value, type=info.type)
             except msgspec.ValidationError as exc:
                 out.append((where, _explain(value, info.type, exc)))
     return cls(**good)
+
+
+def _table_of_list(tp: Any) -> type[msgspec.Struct] | None:
+    """The table type of a list of tables (``[[models]]``), else None."""
+    base = typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+    if typing.get_origin(base) is not list:
+        return None
+    (member,) = typing.get_args(base)
+    return member if isinstance(member, type) and issubclass(member, msgspec.Struct) else None
+
+
+def _decode_members(cls: type[_S], values: list[Any], path: str, out: list[Problem]) -> list[_S]:
+    """Each member of an array of tables on its own (``models[1].openai.base_url``);
+    a member that cannot be built is reported and left out."""
+    members = []
+    for i, value in enumerate(values):
+        where = f"{path}[{i}]"
+        if not isinstance(value, dict):
+            out.append((where, f"expected a table, got {type(value).__name__}"))
+            continue
+        try:
+            members.append(decode_table(cls, value, where, out))
+        except TypeError as exc:  # a required key is missing: msgspec names it
+            missing = _MISSING.search(str(exc))
+            key = missing[1] if missing else "?"
+            out.append((where, f"missing required key {key!r}"))
+    return members
 
 
 def _explain(value: object, tp: Any, exc: msgspec.ValidationError) -> str:

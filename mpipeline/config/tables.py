@@ -33,6 +33,7 @@ from mpipeline.config._base import (
     _doc,
     _Table,
 )
+from mpipeline.config.models import MODELS_DOC, ModelConfig
 from mpipeline.config.serving import (
     GatewayConfig,
     MetricsConfig,
@@ -254,6 +255,7 @@ class PipelineConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             "`mpipeline run --run-dir` overrides it."
         ),
     ] = ""
+    models: Annotated[list[ModelConfig], MODELS_DOC] = []
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
@@ -275,6 +277,7 @@ __all__ = [
     "MAX_DEADLINE_S",
     "MIB",
     "MetricsConfig",
+    "ModelConfig",
     "OpenAIConfig",
     "PinnedConfig",
     "PipelineConfig",

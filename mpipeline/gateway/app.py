@@ -8,10 +8,12 @@ ring. Once a request is in the pipeline, its one outcome comes back as a
 result or as a ``RequestFailed``, which becomes an HTTP status here
 (``schemas.STATUS_FOR_CODE``).
 
-The routes belong to three API styles (``style.py``): native REST
+The routes belong to four API styles (``style.py``): native REST
 (``native.py``: ``POST /v1/prompt``, ``GET /healthz``, ``GET /readyz``,
 ``GET /v1/status``), OpenAI (``openai.py``: ``POST /v1/chat/completions``,
-``GET /v1/models``) and the WebSocket of prompts (``websocket.py``:
+``GET /v1/models``; ``openai_endpoints.py``: ``POST /v1/completions`` and
+``POST /v1/embeddings``, passed through), Anthropic's Messages (``anthropic_ingress.py``:
+``POST /v1/messages``) and the WebSocket of prompts (``websocket.py``:
 ``GET /v1/stream``). This module builds them, hands each the admission, and
 serves them through a ``Router`` that also says whose error shape answers a
 path. Only the two health routes skip the token.
@@ -26,15 +28,18 @@ from collections.abc import Awaitable, Mapping
 from typing import Self
 
 from mpipeline.auth import BearerAuth, open_bind_warning
-from mpipeline.config import GatewayConfig, InferenceConfig, PipelineConfig
+from mpipeline.config import Catalog, GatewayConfig, InferenceConfig, PipelineConfig
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
 from mpipeline.gateway import openapi, schemas
 from mpipeline.gateway.admission import Admission
+from mpipeline.gateway.anthropic_ingress import AnthropicMessages
 from mpipeline.gateway.exchange import Reply, Request, Response, Switch
 from mpipeline.gateway.fds import connection_budget
 from mpipeline.gateway.metrics import GatewayMetrics
+from mpipeline.gateway.models import Models
 from mpipeline.gateway.native import NativeApi
 from mpipeline.gateway.openai import Backend, ChatCompletions
+from mpipeline.gateway.openai_endpoints import OpenAIEndpoints
 from mpipeline.gateway.ratelimit import RateLimiter
 from mpipeline.gateway.router import Router
 from mpipeline.gateway.server import HttpServer, bind
@@ -54,8 +59,8 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def model_name(cfg: PipelineConfig) -> str:
-    """The one model ``GET /v1/models`` lists: named for the inference worker."""
-    return f"mpipeline-{cfg.stages.inference.worker}"
+    """The default model's name: the first of ``[[models]]``, else ``mpipeline-<worker>``."""
+    return Catalog.of(cfg).default.name
 
 
 class Gateway:
@@ -63,8 +68,9 @@ class Gateway:
 
     ``inference`` is the pipeline's inference table: what its worker honours
     decides which chat fields are passed, refused or dropped (the defaults'
-    echo worker when None). The gateway gives ``pipeline`` its default
-    deadlines (``cfg.timeout_s``, ``cfg.stream_timeout_s``).
+    echo worker when None). ``catalog``, when given, is the run's models
+    (``[[models]]``) and replaces ``model`` and ``inference``. The gateway gives
+    ``pipeline`` its default deadlines (``cfg.timeout_s``, ``cfg.stream_timeout_s``).
 
     :raises ConfigError: (from the constructor) when ``cfg.auth_token_env``
         names a variable that is unset or empty
@@ -81,6 +87,7 @@ class Gateway:
         environ: Mapping[str, str] | None = None,
         limiter: RateLimiter | None = None,
         inference: InferenceConfig | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._cfg = cfg
@@ -102,14 +109,22 @@ class Gateway:
         # gateway keeps private ones (closed with it), or none when limits are off.
         self._admission = Admission.for_gateway(cfg.rate_limit, limiter)
         admission = self._admission
-        native = NativeApi(pipeline, self, admission=admission, keepalive_s=keepalive_s)
         backend = Backend.of(inference or InferenceConfig())
-        chat = ChatCompletions(pipeline, model, keepalive_s, admission=admission, backend=backend)
+        if catalog is not None:
+            models = Models(catalog)
+        else:
+            models = Models.single(model, backend, inference)
+        native = NativeApi(
+            pipeline, self, admission=admission, keepalive_s=keepalive_s, models=models
+        )
+        chat = ChatCompletions(pipeline, model, keepalive_s, admission=admission, models=models)
+        messages = AnthropicMessages(pipeline, keepalive_s, admission=admission, models=models)
+        endpoints = OpenAIEndpoints(pipeline, keepalive_s, admission=admission, models=models)
         keepalive = KeepAlive(cfg.ws_ping_interval_s, cfg.ws_idle_timeout_s)
         stream = WebSocketApi(
             pipeline, max_message=cfg.max_body_bytes, admission=admission, keepalive=keepalive
         )
-        self._router = Router((native, chat, stream), default=native)
+        self._router = Router((native, chat, endpoints, messages, stream), default=native)
         self._openapi = openapi.document(model=model, auth=self._auth.enabled)
 
     def use_metrics(self, metrics: GatewayMetrics) -> None:
@@ -183,7 +198,7 @@ class Gateway:
     def precheck(self, request: Request) -> Reply | None:
         path = request.path
         # The token first: without it, a 404 or 405 would map the routes for anyone.
-        if path not in OPEN_PATHS and not self._auth.allows(request.header("authorization")):
+        if path not in OPEN_PATHS and not self._authorized(request):
             message = "missing or wrong bearer token"
             headers = (("www-authenticate", "Bearer"),)
             return self.error_reply(path, 401, message, headers=headers)
@@ -230,6 +245,14 @@ class Gateway:
         """The error shape of the style that owns ``path``; ``kind`` overrides the type."""
         style = self._router.style_for(path)
         return style.error_reply(status, message, field=field, kind=kind, headers=headers)
+
+    def _authorized(self, request: Request) -> bool:
+        """The token as ``Authorization: Bearer``, or bare as ``x-api-key`` (Anthropic's SDK)."""
+        auth = self._auth
+        key = request.header("x-api-key")
+        return auth.allows(request.header("authorization")) or (
+            key is not None and auth.allows_key(key)
+        )
 
     def upgrade(self, request: Request) -> Reply | Switch | None:
         upgrade = self._router.upgrade(request.path)

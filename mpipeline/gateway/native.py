@@ -25,6 +25,7 @@ from mpipeline.errors import MPipelineError, RequestFailed
 from mpipeline.gateway import deadlines, schemas, sse
 from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.models import Models
 from mpipeline.gateway.openapi import PATH as OPENAPI_PATH
 from mpipeline.gateway.schemas import ChunkOut, ErrorBody, Problem, PromptBody
 from mpipeline.gateway.style import Handler, Upgrade
@@ -68,9 +69,12 @@ class NativeApi(schemas.NativeErrors):
         *,
         admission: Admission,
         keepalive_s: float,
+        models: Models | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._serving = serving
+        # Resolves the body's ``model``; None: the default model, whatever it names.
+        self._models = models
         self._admission = admission
         self._keepalive_s = keepalive_s
         self.routes: dict[str, dict[str, Handler]] = {
@@ -85,7 +89,9 @@ class NativeApi(schemas.NativeErrors):
     # Error replies
 
     def _problem(self, problem: Problem) -> Reply:
-        return self.error_reply(problem.status, problem.message, field=problem.field)
+        return self.error_reply(
+            problem.status, problem.message, field=problem.field, kind=problem.code
+        )
 
     # Routes
 
@@ -140,7 +146,14 @@ class NativeApi(schemas.NativeErrors):
         if refused is not None:
             response.send_reply(self.rate_limited(refused))
             return
-        options = schemas.request_options(body, session, deadline_ms)
+        key = None
+        if self._models is not None:
+            model = self._models.resolve(body.model or "")
+            if isinstance(model, Problem):
+                response.send_reply(self._problem(model))
+                return
+            key = model.key
+        options = schemas.request_options(body, session, deadline_ms, key)
         if body.stream:
             events = sse.pipeline_events(self._pipeline, body.input, options)
             renderer = _PromptRenderer()

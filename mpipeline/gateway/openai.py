@@ -26,15 +26,15 @@ to pick their exception class.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
-
-import msgspec
 
 from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import deadlines, openai_request, sse
 from mpipeline.gateway.admission import Admission, Refused
 from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.models import Models
 from mpipeline.gateway.openai_fields import Backend
 from mpipeline.gateway.openai_reply import (
     ChunkRenderer,
@@ -44,7 +44,6 @@ from mpipeline.gateway.openai_reply import (
     problem_reply,
 )
 from mpipeline.gateway.openai_request import Chat, ChatBody, ChatMessage, ContentPart
-from mpipeline.gateway.openai_shapes import Model, ModelList
 from mpipeline.gateway.schemas import Problem
 from mpipeline.gateway.style import Handler, Headers, Upgrade
 from mpipeline.pipeline import Pipeline, RequestOptions
@@ -60,8 +59,6 @@ __all__ = [
     "problem_reply",
 ]
 
-OWNER = "mpipeline"
-_ENCODE = msgspec.json.Encoder().encode
 # A backend of the defaults: the echo worker, which honours little (``fields.ECHO``).
 _DEFAULT_BACKEND = Backend.for_worker("echo")
 
@@ -80,16 +77,19 @@ class ChatCompletions:
         *,
         admission: Admission,
         backend: Backend = _DEFAULT_BACKEND,
+        models: Models | None = None,
     ) -> None:
         self._pipeline = pipeline
-        self._model = model
         self._keepalive_s = keepalive_s
         self._admission = admission
-        self._backend = backend
+        # The run's models (``[[models]]``); else ``model``, checked by ``backend``.
+        self._models = models or Models.single(model, backend)
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.create},
             "/v1/models": {"GET": self.models},
         }
+        for name in self._models.entries:
+            self.routes[f"/v1/models/{name}"] = {"GET": self.model}
 
     # Error replies
 
@@ -115,21 +115,33 @@ class ChatCompletions:
     # Routes
 
     async def models(self, request: Request, response: Response) -> None:
-        models = ModelList(data=[Model(id=self._model, owned_by=OWNER)])
-        response.send(200, _ENCODE(models))
+        response.send(200, self._models.listing)
+
+    async def model(self, request: Request, response: Response) -> None:
+        response.send(200, self._models.entries[request.path.removeprefix("/v1/models/")])
 
     def read(self, body: bytes) -> Chat | Problem:
-        """The request in ``body``, checked against the schema and the worker."""
+        """The request in ``body``, checked against the schema, its model (404 when
+        there is none of that name) and what the model's worker honours."""
         chat = openai_request.plain(body)
         if chat is not None:
-            return chat
+            model = self._models.resolve(chat.model)
+            if isinstance(model, Problem):
+                return model
+            return dataclasses.replace(chat, model_key=model.key) if model.key else chat
         parsed = openai_request.parse(body)
         if isinstance(parsed, Problem):
             return parsed
-        refused = self._backend.admit(parsed)
+        model = self._models.resolve(parsed.body.model)
+        if isinstance(model, Problem):
+            return model
+        refused = self._models.backend(model).admit(parsed)
         if refused is not None:
             return refused
-        return openai_request.chat(parsed)
+        checked = openai_request.chat(parsed)
+        if isinstance(checked, Problem):
+            return checked
+        return dataclasses.replace(checked, model_key=model.key)
 
     async def create(self, request: Request, response: Response) -> None:
         chat = self.read(request.body)
@@ -154,6 +166,7 @@ class ChatCompletions:
             history=chat.history,
             params=chat.params or None,
             input_raw=chat.input_raw or None,
+            model=chat.model_key or None,
         )
         if not chat.stream:
             done = await self._pipeline.submit(chat.text, options)

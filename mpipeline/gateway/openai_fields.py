@@ -95,8 +95,8 @@ class Backend:
     def _refusal(self, param: str) -> Problem:
         message = (
             f"Unsupported parameter: '{param}' is not supported by this model's backend "
-            f"(worker {self.worker}); set stages.inference.drop_params = true to drop "
-            "such fields instead"
+            f"(worker {self.worker}); set drop_params = true (in [stages.inference], or "
+            "the model's [[models]] entry) to drop such fields instead"
         )
         return Problem(message, param, code=UNSUPPORTED)
 

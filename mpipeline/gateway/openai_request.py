@@ -186,6 +186,8 @@ class Chat:
     max_tokens: int | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+    # The canonical name of the model ``model`` resolved to (``PromptRequest.model``).
+    model_key: str = ""
 
 
 @dataclass(slots=True)

@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 
+from mpipeline.gateway.anthropic_shapes import AnthropicErrorBody, AnthropicMessage, MessagesBody
+from mpipeline.gateway.openai_endpoints import CompletionBody, EmbeddingBody
 from mpipeline.gateway.openai_request import ChatBody
 from mpipeline.gateway.openai_shapes import ChatCompletion, ModelList, OpenAIErrorBody
 from mpipeline.gateway.schemas import ErrorBody, Health, PromptBody, PromptResult, Readiness
@@ -27,7 +29,8 @@ PATH = "/openapi.json"
 VERSION = "1"
 _REF = "#/components/schemas/{name}"
 # Statuses a route may answer with an error body, beyond its own.
-_NATIVE_ERRORS = (400, 401, 405, 408, 413, 415, 429, 500, 502, 503, 504)
+# 404: a model there is none of ([[models]]), or a backend without the endpoint.
+_NATIVE_ERRORS = (400, 401, 404, 405, 408, 413, 415, 429, 500, 502, 503, 504)
 _OPENAI_ERRORS = _NATIVE_ERRORS
 # A stream answer: server-sent events, each a JSON ``data`` line and maybe an ``event`` name.
 _SSE = {
@@ -44,7 +47,8 @@ _SSE = {
 def document(*, model: str, auth: bool) -> bytes:
     """The document for a gateway serving ``model``; ``auth``: a bearer token is set."""
     types = [PromptBody, PromptResult, ErrorBody, ChatBody, ChatCompletion, ModelList]
-    types += [OpenAIErrorBody, Health, Readiness]
+    types += [OpenAIErrorBody, Health, Readiness, MessagesBody, AnthropicMessage]
+    types += [AnthropicErrorBody, CompletionBody, EmbeddingBody]
     refs, components = msgspec.json.schema_components(types, ref_template=_REF)
     ref = {t.__name__: r for t, r in zip(types, refs, strict=True)}
     doc: dict[str, Any] = {
@@ -62,8 +66,12 @@ def document(*, model: str, auth: bool) -> bytes:
         "components": {"schemas": components},
     }
     if auth:
-        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schemes = {"bearer": {"type": "http", "scheme": "bearer"}}
+        # Anthropic's SDK sends the same token as x-api-key (taken on every route).
+        schemes["apiKey"] = {"type": "apiKey", "in": "header", "name": "x-api-key"}
+        doc["components"]["securitySchemes"] = schemes
         doc["security"] = [{"bearer": []}]
+        doc["paths"]["/v1/messages"]["post"]["security"] = [{"bearer": []}, {"apiKey": []}]
         for path in ("/healthz", "/readyz"):
             doc["paths"][path]["get"]["security"] = []
     return msgspec.json.encode(doc)
@@ -77,79 +85,84 @@ def _errors(schema: dict[str, Any], statuses: tuple[int, ...]) -> dict[str, Any]
     return {str(s): _json(schema, "An error, with what to fix where it can say") for s in statuses}
 
 
+def _get(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": responses}}
+
+
+def _post(summary: str, schema: dict[str, Any], responses: dict[str, Any]) -> dict[str, Any]:
+    request = {"required": True, "content": {"application/json": {"schema": schema}}}
+    return {"post": {"summary": summary, "requestBody": request, "responses": responses}}
+
+
+def _streamed(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """A 200 that is JSON, or an event stream when the body says ``stream``."""
+    ok = _json(schema, description)
+    ok["content"].update(_SSE)
+    return ok
+
+
 def _paths(ref: dict[str, dict[str, Any]]) -> dict[str, Any]:
     native, openai = ref["ErrorBody"], ref["OpenAIErrorBody"]
-    prompt_ok = _json(ref["PromptResult"], "The result (stream: false)")
-    prompt_ok["content"].update(_SSE)
-    chat_ok = _json(ref["ChatCompletion"], "The completion (stream: false)")
-    chat_ok["content"].update(_SSE)
+    anthropic = ref["AnthropicErrorBody"]
+    # Passed through: the upstream's own answer, whatever shape it has.
+    passed = {"type": "object"}
+    passed_errors = _errors(openai, _OPENAI_ERRORS)
     return {
-        "/healthz": {
-            "get": {
-                "summary": "Liveness: the process answers",
-                "responses": {"200": _json(ref["Health"], "Alive")},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "summary": "Readiness: every replica and this client's path are up",
-                "responses": {
-                    "200": _json(ref["Readiness"], "Ready"),
-                    "503": _json(ref["Readiness"], "Not ready, and why"),
-                },
-            }
-        },
-        "/v1/status": {
-            "get": {
-                "summary": "The gateway's and the pipeline's state (mpipeline status --json)",
-                "responses": {
-                    "200": _json({"type": "object"}, "The status"),
-                    **_errors(native, (401, 503)),
-                },
-            }
-        },
-        "/v1/prompt": {
-            "post": {
-                "summary": "Run one prompt through the pipeline",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": ref["PromptBody"]}},
-                },
-                "responses": {"200": prompt_ok, **_errors(native, _NATIVE_ERRORS)},
-            }
-        },
-        "/v1/chat/completions": {
-            "post": {
-                "summary": "OpenAI-compatible chat completions",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": ref["ChatBody"]}},
-                },
-                "responses": {"200": chat_ok, **_errors(openai, _OPENAI_ERRORS)},
-            }
-        },
-        "/v1/models": {
-            "get": {
-                "summary": "The model this gateway serves (OpenAI's list shape)",
-                "responses": {
-                    "200": _json(ref["ModelList"], "The models"),
-                    **_errors(openai, (401,)),
-                },
-            }
-        },
-        "/v1/stream": {
-            "get": {
-                "summary": "The WebSocket of prompts; a plain GET is refused",
-                "responses": _errors(native, (401, 426)),
-            }
-        },
-        PATH: {
-            "get": {
-                "summary": "This document",
-                "responses": {
-                    "200": _json({"type": "object"}, "OpenAPI 3.1"),
-                    **_errors(native, (401,)),
-                },
-            }
-        },
+        "/healthz": _get("Liveness: the process answers", {"200": _json(ref["Health"], "Alive")}),
+        "/readyz": _get(
+            "Readiness: every replica and this client's path are up",
+            {
+                "200": _json(ref["Readiness"], "Ready"),
+                "503": _json(ref["Readiness"], "Not ready, and why"),
+            },
+        ),
+        "/v1/status": _get(
+            "The gateway's and the pipeline's state (mpipeline status --json)",
+            {"200": _json({"type": "object"}, "The status"), **_errors(native, (401, 503))},
+        ),
+        "/v1/prompt": _post(
+            "Run one prompt through the pipeline",
+            ref["PromptBody"],
+            {
+                "200": _streamed(ref["PromptResult"], "The result (stream: false)"),
+                **_errors(native, _NATIVE_ERRORS),
+            },
+        ),
+        "/v1/chat/completions": _post(
+            "OpenAI-compatible chat completions",
+            ref["ChatBody"],
+            {
+                "200": _streamed(ref["ChatCompletion"], "The completion (stream: false)"),
+                **_errors(openai, _OPENAI_ERRORS),
+            },
+        ),
+        "/v1/models": _get(
+            "The models this gateway serves (OpenAI's list shape)",
+            {"200": _json(ref["ModelList"], "The models"), **_errors(openai, (401,))},
+        ),
+        "/v1/completions": _post(
+            "OpenAI legacy completions, passed through to an OpenAI upstream",
+            ref["CompletionBody"],
+            {"200": _streamed(passed, "The upstream's reply (stream: false)"), **passed_errors},
+        ),
+        "/v1/embeddings": _post(
+            "OpenAI embeddings, passed through to an OpenAI-compatible upstream",
+            ref["EmbeddingBody"],
+            {"200": _json(passed, "The upstream's reply, as it sent it"), **passed_errors},
+        ),
+        "/v1/messages": _post(
+            "Anthropic Messages API (text content)",
+            ref["MessagesBody"],
+            {
+                "200": _streamed(ref["AnthropicMessage"], "The message (stream: false)"),
+                **_errors(anthropic, _OPENAI_ERRORS),
+            },
+        ),
+        "/v1/stream": _get(
+            "The WebSocket of prompts; a plain GET is refused", _errors(native, (401, 426))
+        ),
+        PATH: _get(
+            "This document",
+            {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_errors(native, (401,))},
+        ),
     }

@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 
-from mpipeline.config import PipelineConfig
+from mpipeline.config import Catalog, PipelineConfig
 from mpipeline.control import ControlBlock, ReplicaState, RunState
 from mpipeline.errors import BootError
 from mpipeline.gateway.app import Gateway, model_name
@@ -80,6 +80,7 @@ async def _serve(
             drain_timeout_s=STOP_GRACE_S,
             limiter=limiter,
             inference=cfg.stages.inference,
+            catalog=Catalog.of(cfg),
         )
         metrics = _metrics(spec, cfg, ctl_name, info)
         if metrics is not None:

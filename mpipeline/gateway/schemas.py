@@ -123,6 +123,8 @@ class PromptBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_tokens: MaxTokens | None = None
     # The conversation before ``input``, oldest first, for multi-turn sessions.
     history: Annotated[list[TurnIn], Meta(max_length=limits.MAX_HISTORY)] = []
+    # A model's name or alias ([[models]]); unset: the default (first) model.
+    model: Name | None = None
 
 
 class UsageOut(msgspec.Struct, frozen=True, kw_only=True):
@@ -200,12 +202,17 @@ def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T | Problem:
 
 
 def request_options(
-    body: PromptBody, session: str | None, deadline_ms: float | None = None
+    body: PromptBody,
+    session: str | None,
+    deadline_ms: float | None = None,
+    model: str | None = None,
 ) -> RequestOptions:
     """How to run a native request (``POST /v1/prompt`` and a WebSocket message).
 
     ``session`` is the body's ``session_id`` or the route's own (a header);
-    ``deadline_ms`` the route's (``X-Request-Timeout``), which the body's own wins over.
+    ``deadline_ms`` the route's (``X-Request-Timeout``), which the body's own wins over;
+    ``model`` the canonical name the body's ``model`` resolved to (unresolved, the
+    shard resolves it).
     """
     return RequestOptions(
         session_id=session,
@@ -214,6 +221,7 @@ def request_options(
         deadline_ms=body.deadline_ms if body.deadline_ms is not None else deadline_ms,
         max_tokens=whole(body.max_tokens),
         history=[Turn(role=t.role, content=t.content) for t in body.history] or None,
+        model=body.model if model is None else model or None,
     )
 
 

@@ -258,6 +258,8 @@ class Pipeline:
             history=list(opts.history or ()),
             params=opts.params or b"",
             input_raw=opts.input_raw or b"",
+            model=opts.model or "",
+            endpoint=opts.endpoint or "",
         )
         loop = asyncio.get_running_loop()
         chunks = ChunkBuffer() if stream else None

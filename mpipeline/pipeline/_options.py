@@ -40,6 +40,10 @@ class RequestOptions(msgspec.Struct, frozen=True, kw_only=True):
     params: bytes | None = None
     # The input as the JSON message the client sent, when it is more than text.
     input_raw: bytes | None = None
+    # The model's canonical name (``[[models]]``); None: the run's default model.
+    model: str | None = None
+    # An OpenAI endpoint other than chat, whose body is ``params`` (``PromptRequest.endpoint``).
+    endpoint: str | None = None
 
 
 class RequestFields(TypedDict, total=False):
@@ -53,6 +57,8 @@ class RequestFields(TypedDict, total=False):
     history: Sequence[Turn] | None
     params: bytes | None
     input_raw: bytes | None
+    model: str | None
+    endpoint: str | None
 
 
 DEFAULT = RequestOptions()

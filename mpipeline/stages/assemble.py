@@ -63,6 +63,8 @@ class Assemble(Stage[Retrieved | PromptRequest, Assembled]):
     def process(self, msg: Retrieved | PromptRequest) -> Iterable[Assembled]:
         # A PromptRequest arrives directly when rag is disabled.
         request, context = (msg.request, msg.context) if isinstance(msg, Retrieved) else (msg, [])
+        if request.endpoint:  # not a chat: the client's body goes upstream as it came
+            return (Assembled(request=request, prompt="", dedup_key=dedup_key(request)),)
         cfg = self._config
         turns = conversation(cfg.system_prompt, request, context)
         prompt = render(cfg.template, turns)

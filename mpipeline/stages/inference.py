@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import cast
 
-from mpipeline.config import InferenceConfig
+from mpipeline.config import Catalog, InferenceConfig
+from mpipeline.errors import ErrorCode, UpstreamFailure
 from mpipeline.messages import (
     Assembled,
     Completed,
@@ -29,7 +30,7 @@ from mpipeline.messages import (
 from mpipeline.resilience import BreakerBoard
 from mpipeline.stages.base import AsyncStage, StageContext
 from mpipeline.stages.calls import ShardCalls
-from mpipeline.workers import Upstream, WorkerContext, build_upstreams
+from mpipeline.workers import Upstream, WorkerContext, breaker_slots, build_upstreams
 from mpipeline.workers._params import json_mode
 from mpipeline.workers.base import Generation, Structured
 
@@ -40,28 +41,40 @@ def breakers_name(segments: str) -> str:
 
 
 class Inference(AsyncStage[Assembled, Message]):
+    """Every shard serves every model of the run (``[[models]]``): each model has
+    its own upstreams and call path (circuits, cache, limits), and a request
+    takes its model's. Affinity is by session, whatever the model."""
+
     name = "inference"
 
     def __init__(self, config: InferenceConfig, ctx: StageContext) -> None:
         super().__init__(config, ctx)
         self._config = config
         wctx = WorkerContext(shard=ctx.replica, shards=ctx.replicas, cpus=ctx.cpus)
-        self._upstreams: list[Upstream] = build_upstreams(config, wctx)
+        self._catalog = Catalog.build(ctx.config.models, config)
+        self._upstreams: list[Upstream] = []
+        self._models: dict[str, ShardCalls] = {}
+        for model in self._catalog.models:
+            upstreams = build_upstreams(model.inference, wctx, model.label)
+            self._upstreams += upstreams
+            calls = self._models[model.key] = ShardCalls(model.inference, upstreams, None)
+            if ctx.metrics is not None:
+                calls.use_metrics(ctx.metrics)
         self._board: BreakerBoard | None = None
-        self.calls = ShardCalls(config, self._upstreams, None)
-        if ctx.metrics is not None:
-            self.calls.use_metrics(ctx.metrics)
+        # The default model's (the only one without [[models]]).
+        self.calls = self._models[self._catalog.default.key]
 
     async def start(self) -> None:
         cfg = self._config
-        if cfg.remote:
+        if self._catalog.remote:
             # Under a supervisor every shard shares its circuits; alone, a private board.
             segments = self.ctx.segments
             if segments:
                 self._board = BreakerBoard.attach(breakers_name(segments), cfg.breaker)
             else:
-                self._board = BreakerBoard.private(cfg.breaker)
-            self.calls.use_breakers(self._board)
+                self._board = BreakerBoard.private(cfg.breaker, breaker_slots(self._catalog))
+            for calls in self._models.values():
+                calls.use_breakers(self._board)
         for upstream in self._upstreams:
             await upstream.start()
 
@@ -75,7 +88,7 @@ class Inference(AsyncStage[Assembled, Message]):
     async def handle(self, msg: Assembled) -> AsyncIterator[Message]:
         req = msg.request
         gen = Generation()
-        calls = self.calls
+        calls = self.calls if not req.model else self._calls_for(req.model)
         if not req.stream:
             text = "".join([piece async for piece in calls.tokens(msg, gen, False)])
             yield self._completed(req, text, gen)
@@ -109,6 +122,18 @@ class Inference(AsyncStage[Assembled, Message]):
         if pending:
             yield self._chunk(req, index, "".join(pending))
         yield self._completed(req, "".join(parts), gen)
+
+    def _calls_for(self, name: str) -> ShardCalls:
+        """The call path of the model ``name`` names. The gateway's HTTP routes send
+        canonical names; the WebSocket and the Python API may send an alias.
+
+        :raises UpstreamFailure: ``invalid_request`` when no model has that name
+        """
+        model = self._catalog.find(name)
+        if model is None:
+            message = f"no model named {name!r} is configured ([[models]])"
+            raise UpstreamFailure(message, code=ErrorCode.INVALID_REQUEST, counts=False)
+        return self._models[model.key]
 
     @staticmethod
     def _chunk(req: PromptRequest, index: int, text: str, raw: bytes = b"") -> TokenChunk:

@@ -30,6 +30,6 @@ class Rag(Stage[PromptRequest, Retrieved]):
             self._index = BM25Index.from_folder(Path(self._config.documents))
 
     def process(self, msg: PromptRequest) -> Iterable[Retrieved]:
-        if self._index is None:
+        if self._index is None or msg.endpoint:  # an endpoint's body is not a question
             return (Retrieved(request=msg),)
         return (Retrieved(request=msg, context=self._index.search(msg.input, self._config.top_k)),)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from mpipeline.config import PipelineConfig
+from mpipeline.config import Catalog, PipelineConfig
 from mpipeline.control import ControlBlock
 from mpipeline.ring import Ring
 from mpipeline.topology import Topology
@@ -67,11 +67,14 @@ class RunSegments:
             from mpipeline.gateway.ratelimit import RateLimiter
 
             self.limiter = RateLimiter.create(f"{prefix}-ratelimit", cfg.gateway.rate_limit)
-        inference = cfg.stages.inference
-        if inference.remote:
+        catalog = Catalog.of(cfg)
+        if catalog.remote:
             from mpipeline.resilience import BreakerBoard
+            from mpipeline.workers import breaker_slots
 
-            self.breakers = BreakerBoard.create(f"{prefix}-breakers", inference.breaker)
+            breaker = cfg.stages.inference.breaker
+            slots = breaker_slots(catalog)
+            self.breakers = BreakerBoard.create(f"{prefix}-breakers", breaker, slots)
         for edge in topo.edges:
             self.rings[edge.name] = Ring.create(edge.capacity, edge.name)
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from mpipeline import _shm, rundir, topology
 from mpipeline.auth import BearerAuth
-from mpipeline.config import PipelineConfig, dump_toml
+from mpipeline.config import Catalog, PipelineConfig, dump_toml
 from mpipeline.control import ControlBlock, ReplicaState, RunState
 from mpipeline.errors import ExitCode, MPipelineError
 from mpipeline.supervisor._replicas import HANDLED_SIGNALS, Replica, describe_exit, hung, kill
@@ -161,7 +161,7 @@ class Supervisor:
 
     def _run_info(self) -> rundir.RunInfo:
         """The run as gateways and state.json describe it (segments exist; URLs are bound)."""
-        from mpipeline.workers import upstream_names
+        from mpipeline.workers import served_upstream_names
 
         seg = self.segments
         assert seg is not None
@@ -177,7 +177,7 @@ class Supervisor:
             metrics=seg.metrics.name if seg.metrics else None,
             gateway_url=self.gateway_url,
             metrics_url=self.metrics_server.url if self.metrics_server else None,
-            upstreams=upstream_names(self.cfg.stages.inference),
+            upstreams=served_upstream_names(Catalog.of(self.cfg)),
             topology=self.topo,
         )
 

@@ -19,11 +19,40 @@ import msgspec
 from mpipeline.messages import PromptRequest
 from mpipeline.workers._failures import invalid_request
 
-__all__ = ["NO_SAMPLING", "Sampling", "json_mode", "sampling"]
+__all__ = [
+    "NO_SAMPLING",
+    "JsonSchema",
+    "ResponseFormat",
+    "Sampling",
+    "json_mode",
+    "response_format",
+    "sampling",
+]
 
 
 class _ResponseFormat(msgspec.Struct, frozen=True):
     type: str = "text"
+
+
+class JsonSchema(msgspec.Struct, frozen=True):
+    """``response_format.json_schema``: the schema stays raw JSON (the backend judges it)."""
+
+    name: str = "json"
+    description: str | None = None
+    schema: msgspec.Raw = msgspec.Raw()
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, frozen=True):
+    """A ``response_format`` that asks for JSON: ``json_object``, or ``json_schema``
+    with its schema (``json_schema.schema`` is b"" when none was given)."""
+
+    type: str = "text"
+    json_schema: JsonSchema | None = None
+
+
+class _FullFormat(msgspec.Struct, frozen=True):
+    response_format: ResponseFormat | None = None
 
 
 class Sampling(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,6 +81,7 @@ class _Format(msgspec.Struct, frozen=True):
 NO_SAMPLING = Sampling()
 _SAMPLING = msgspec.json.Decoder(Sampling)
 _FORMAT = msgspec.json.Decoder(_Format)
+_FULL_FORMAT = msgspec.json.Decoder(_FullFormat)
 # The response formats whose output is a JSON document that no text rule may touch.
 _JSON_FORMATS = frozenset({"json_object", "json_schema"})
 
@@ -81,3 +111,20 @@ def json_mode(params: bytes) -> bool:
     except msgspec.DecodeError:
         return False
     return fmt is not None and fmt.type in _JSON_FORMATS
+
+
+def response_format(params: bytes) -> ResponseFormat | None:
+    """The ``response_format`` of a request that asked for JSON, else None.
+
+    :raises UpstreamFailure: ``invalid_request`` when it is malformed (only a
+        Python caller can send that; the gateway checks)
+    """
+    if not params or b'"response_format"' not in params:
+        return None
+    try:
+        fmt = _FULL_FORMAT.decode(params).response_format
+    except msgspec.DecodeError as exc:
+        raise invalid_request(f"params: {exc}") from None
+    if fmt is None or fmt.type not in _JSON_FORMATS:
+        return None
+    return fmt

@@ -11,14 +11,16 @@ stream is read a network read at a time: ``generate`` yields token by token,
 
 Of an OpenAI request's other fields it translates what the Messages API has
 (``fields.ANTHROPIC``): ``temperature`` and ``top_p`` as they are, ``stop``
-as ``stop_sequences``, ``max_completion_tokens`` as ``max_tokens``; the
-gateway refuses the rest.
+as ``stop_sequences``, ``max_completion_tokens`` as ``max_tokens``, and tools,
+tool turns, images and ``response_format`` as ``_anthropic_wire`` says;
+``_anthropic_reply`` turns ``tool_use`` blocks back into OpenAI tool calls
+(``Structured`` pieces, ``Generation.raw``). The gateway refuses the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -26,17 +28,17 @@ from mpipeline.config import AnthropicConfig, PoolUpstreamConfig
 from mpipeline.errors import UpstreamFailure
 from mpipeline.messages import Assembled
 from mpipeline.workers import _failures, _http
+from mpipeline.workers._anthropic_reply import ReplyTools, stop_reason
+from mpipeline.workers._anthropic_wire import conversation as _conversation
+from mpipeline.workers._anthropic_wire import plan
 from mpipeline.workers._params import sampling
-from mpipeline.workers.base import Generation, WorkerContext
+from mpipeline.workers.base import Generation, Structured, WorkerContext
 from mpipeline.workers.sse import SSEDecoder, SSEEvent
 
 __all__ = ["AnthropicUpstream", "stop_reason"]
 
 # The API requires max_tokens; this is used when neither request nor config sets one.
 DEFAULT_MAX_TOKENS = 1024
-
-# Anthropic's stop reasons in the OpenAI vocabulary the rest of mpipeline speaks.
-_STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
 
 class _Usage(msgspec.Struct):
@@ -49,7 +51,14 @@ class _Usage(msgspec.Struct):
 class _Delta(msgspec.Struct):
     type: str | None = None
     text: str | None = None
+    partial_json: str | None = None
     stop_reason: str | None = None
+
+
+class _BlockStart(msgspec.Struct):
+    type: str = ""
+    id: str | None = None
+    name: str | None = None
 
 
 class _MessageStart(msgspec.Struct):
@@ -58,6 +67,8 @@ class _MessageStart(msgspec.Struct):
 
 class _Event(msgspec.Struct):
     type: str = ""
+    index: int = 0
+    content_block: _BlockStart | None = None
     delta: _Delta | None = None
     usage: _Usage | None = None
     message: _MessageStart | None = None
@@ -68,6 +79,10 @@ class _Event(msgspec.Struct):
 class _Block(msgspec.Struct):
     type: str = ""
     text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    # A tool call's arguments, kept as the JSON text Anthropic sent.
+    input: msgspec.Raw = msgspec.Raw()
 
 
 class _Reply(msgspec.Struct):
@@ -81,13 +96,6 @@ class _Reply(msgspec.Struct):
 _EVENT = msgspec.json.Decoder(_Event)
 _REPLY = msgspec.json.Decoder(_Reply)
 _ENCODER = msgspec.json.Encoder()
-
-
-def stop_reason(reason: str | None) -> str:
-    """Anthropic's ``stop_reason`` as a ``finish_reason`` (unknown ones as they are)."""
-    if reason is None:
-        return "stop"
-    return _STOP_REASONS.get(reason, reason)
 
 
 def _take_usage(usage: _Usage, gen: Generation) -> None:
@@ -142,6 +150,11 @@ class AnthropicUpstream(_http.HttpUpstream):
             body["top_p"] = sample.top_p
         if stops := sample.stops:
             body["stop_sequences"] = stops
+        tools = plan(job.request.params)
+        if tools.tools:
+            body["tools"] = tools.tools
+            if tools.tool_choice is not None:
+                body["tool_choice"] = tools.tool_choice
         body["stream"] = stream
         return _ENCODER.encode(body)
 
@@ -162,6 +175,7 @@ class AnthropicUpstream(_http.HttpUpstream):
     async def _stream(
         self, job: Assembled, gen: Generation, *, per_read: bool
     ) -> AsyncGenerator[str, None]:
+        calls = ReplyTools(plan(job.request.params).json_tool)
         client, conn = await self._open_stream(job)
         try:
             decoder = SSEDecoder(strict=True)
@@ -170,11 +184,12 @@ class AnthropicUpstream(_http.HttpUpstream):
                 if not data:
                     raise _http.stream_end(decoder)
                 tokens: list[str] = []
-                done, failure = _take(_http.sse_events(decoder, data), gen, tokens)
+                done, failure = _take(_http.sse_events(decoder, data), gen, tokens, calls)
                 if done:
                     await _http.drain(client, conn)
                 if tokens:
-                    if not per_read:
+                    # A tool-call delta keeps its own chunk: never joined with text.
+                    if not per_read or any(type(t) is not str for t in tokens):
                         for token in tokens:
                             yield token
                     else:
@@ -187,27 +202,33 @@ class AnthropicUpstream(_http.HttpUpstream):
             client.release(conn)
 
     async def complete(self, job: Assembled, gen: Generation) -> str:
-        """The non-streaming call: every text block of the reply, joined.
+        """The non-streaming call: every text block of the reply, joined (and the JSON
+        answer's input); tool calls go in ``gen.raw`` as an OpenAI completion.
 
         :raises UpstreamFailure: any failure, classified (see ``_failures``)
         """
+        calls = ReplyTools(plan(job.request.params).json_tool)
         reply = await self._fetch(job, _REPLY)
         if reply.type == "error" or reply.error is not None:
             raise _failures.error_failure(reply.error, what="upstream reported an error")
         if reply.content is None:
             raise _failures.protocol_failure("upstream reply has no content")
-        text = "".join(b.text for b in reply.content if b.type == "text" and b.text)
-        gen.finish_reason = stop_reason(reply.stop_reason)
+        blocks = [(b.type, b.text, b.id, b.name, bytes(b.input)) for b in reply.content]
+        text, raw, gen.finish_reason = calls.completion(blocks, reply.stop_reason)
+        if raw:
+            gen.raw = raw
+            gen.raw_bytes = len(raw)
         if reply.usage is not None:
             _take_usage(reply.usage, gen)
         return text
 
 
 def _take(
-    events: list[SSEEvent], gen: Generation, tokens: list[str]
+    events: list[SSEEvent], gen: Generation, tokens: list[str], calls: ReplyTools
 ) -> tuple[bool, UpstreamFailure | None]:
-    """Append the events' text to ``tokens``; whether ``message_stop`` came, and the
-    failure that stopped the stream (an ``error`` event, malformed JSON), if any."""
+    """Append the events' pieces to ``tokens`` (text, and tool-call deltas as
+    ``Structured`` ones); whether ``message_stop`` came, and the failure that
+    stopped the stream (an ``error`` event, malformed JSON), if any."""
     for sse in events:
         if sse.event == "message_stop":
             return True, None
@@ -216,11 +237,18 @@ def _take(
         except UpstreamFailure as exc:
             return False, exc
         kind = event.type
+        piece: str | None = None
         if kind == "content_block_delta":
             delta = event.delta
-            if delta is not None and delta.type == "text_delta" and delta.text:
-                gen.completion_tokens += 1
-                tokens.append(delta.text)
+            if delta is not None:
+                if delta.type == "text_delta":
+                    piece = delta.text
+                elif delta.type == "input_json_delta":
+                    piece = calls.fragment(event.index, delta.partial_json)
+        elif kind == "content_block_start":
+            block = event.content_block
+            if block is not None:
+                piece = calls.start(event.index, block.type, block.id, block.name)
         elif kind == "message_start":
             if event.message is not None and event.message.usage is not None:
                 _take_usage(event.message.usage, gen)
@@ -228,37 +256,18 @@ def _take(
             gen.completion_tokens = 0
         elif kind == "message_delta":
             if event.delta is not None:
-                gen.finish_reason = stop_reason(event.delta.stop_reason)
+                gen.finish_reason = calls.finish(event.delta.stop_reason)
             if event.usage is not None:
                 _take_usage(event.usage, gen)
         elif kind == "error" or sse.event == "error":
             return False, _failures.error_failure(event.error, what="upstream failed mid-stream")
-        # ping, content_block_start/stop and future event types: nothing to do.
+        # ping, content_block_stop and future event types: nothing to do.
+        if piece is None:
+            continue
+        if type(piece) is not str:  # a tool-call delta: no text, but a piece of its own
+            gen.raw_bytes += len(cast(Structured, piece).raw)
+        elif not piece:
+            continue
+        gen.completion_tokens += 1
+        tokens.append(piece)
     return False, None
-
-
-def _conversation(job: Assembled) -> tuple[str, list[dict[str, str]]]:
-    """Split ``job.messages`` into the ``system`` field and alternating turns.
-
-    System turns are joined by blank lines. Other turns are user or assistant
-    (an unknown role is taken as the user's); consecutive turns of one role are
-    merged, since the API rejects two in a row, and assistant turns before the
-    first user turn are dropped, since the conversation must open with the user.
-    With no user turn at all, the request's input is the one user turn.
-    """
-    system: list[str] = []
-    messages: list[dict[str, str]] = []
-    for turn in job.messages:
-        if turn.role == "system":
-            system.append(turn.content)
-            continue
-        role = "assistant" if turn.role == "assistant" else "user"
-        if not messages and role == "assistant":
-            continue
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n\n" + turn.content
-        else:
-            messages.append({"role": role, "content": turn.content})
-    if not messages:
-        messages.append({"role": "user", "content": job.request.input})
-    return "\n\n".join(system), messages

@@ -39,7 +39,8 @@ class Capabilities:
     ``fields``: the request fields, or None for every one, unknown ones too,
     passed on as they came. ``messages``: whether messages that are more than a
     role and text (image parts, ``tool_calls``, tool results, ``name``) are.
-    ``translated``: fields sent under the backend's own name.
+    ``translated``: fields sent under the backend's own name or shape (what
+    they become, in words: the README's table quotes them).
     """
 
     fields: frozenset[str] | None
@@ -65,11 +66,29 @@ class Capabilities:
 OPENAI = Capabilities(None, True)
 # Echo cuts its echo at a stop sequence; it has no sampling to set.
 ECHO = Capabilities(PIPELINE | {"stop"}, False)
-LLAMA_CPP = Capabilities(PIPELINE | {"stop"} | _LOCAL_SAMPLING, False)
-ANTHROPIC = Capabilities(
-    PIPELINE | {"stop", "temperature", "top_p"},
+# A JSON response_format constrains the local sampler with a grammar.
+LLAMA_CPP = Capabilities(
+    PIPELINE | {"stop", "response_format"} | _LOCAL_SAMPLING,
     False,
-    MappingProxyType({"stop": "stop_sequences", "max_completion_tokens": "max_tokens"}),
+    MappingProxyType({"response_format": "a JSON grammar"}),
+)
+# The Messages API has tools, tool turns and images in its own shape, and JSON
+# output as a forced tool (``_anthropic_wire``); no seed, penalties or logprobs.
+ANTHROPIC = Capabilities(
+    PIPELINE
+    | {"stop", "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls"}
+    | {"response_format"},
+    True,
+    MappingProxyType(
+        {
+            "stop": "stop_sequences",
+            "max_completion_tokens": "max_tokens",
+            "tools": "tools with input_schema",
+            "tool_choice": "tool_choice auto/none/any/tool",
+            "parallel_tool_calls": "disable_parallel_tool_use",
+            "response_format": "a forced tool",
+        }
+    ),
 )
 _BY_KIND = {"openai": OPENAI, "anthropic": ANTHROPIC, "echo": ECHO, "llama_cpp": LLAMA_CPP}
 

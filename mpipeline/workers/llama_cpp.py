@@ -19,7 +19,8 @@ reply ends at any end-of-generation token (``<end_of_turn>``, ``<eos>``), or at
 one of the request's ``stop`` sequences. A request's ``temperature``,
 ``top_p``, ``seed``, ``presence_penalty`` and ``frequency_penalty`` set the
 sampler for its generation (``fields.LLAMA_CPP``); the config's values are
-the defaults.
+the defaults. ``response_format`` json_schema (or json_object) constrains it
+with a grammar, so the reply is a JSON document (``_llama_params``).
 
 llama-cpp-python (``pip install mpipeline[llama]``) is imported only in
 ``start()``; version 0.3.36 is pinned because this module uses its ``Llama``
@@ -46,6 +47,7 @@ from mpipeline.errors import ConfigError, ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled, Turn
 from mpipeline.workers import _llama_log
 from mpipeline.workers._chat_format import NO_TEMPLATE, ChatTemplate, pick_template
+from mpipeline.workers._llama_params import grammar, sampled
 from mpipeline.workers._params import Sampling, sampling
 from mpipeline.workers._session_cache import SessionCache, SessionState, Tokens, common_prefix
 from mpipeline.workers._stops import StopScanner
@@ -55,12 +57,6 @@ log = logging.getLogger(__name__)
 
 # llama.cpp's sequence id; this worker decodes one sequence at a time.
 SEQ = 0
-# Sampling around ``temperature`` (llama-cpp-python's own defaults); 0 is greedy.
-TOP_K = 40
-TOP_P = 0.95
-MIN_P = 0.05
-# llama.cpp seeds are 32-bit, and all ones means "draw one at random".
-SEED_RANGE = 0xFFFFFFFF
 _Done = object()  # queue sentinel: the generation thread has finished
 
 
@@ -228,6 +224,7 @@ class LlamaCppUpstream:
     ) -> str:
         llm = self._llm
         sample = sampling(job.request)
+        rules = grammar(self._lib, llm, job.request.params)
         turns = job.messages or [Turn(role="user", content=job.request.input)]
         prompt = np.asarray(self._template(turns), dtype=np.intc)
         max_tokens = job.request.max_tokens or self._config.max_tokens
@@ -245,7 +242,8 @@ class LlamaCppUpstream:
         try:
             gen.cached_tokens = self._restore(prompt, session)
             out = _Output(StopScanner(sample.stops), emit)
-            text = self._decode(prompt[gen.cached_tokens :], max_tokens, sample, gen, stop, out)
+            suffix = prompt[gen.cached_tokens :]
+            text = self._decode(suffix, max_tokens, sample, rules, gen, stop, out)
         except RuntimeError as exc:  # llama_decode failed: the context state is unknown
             llm.reset()
             raise UpstreamFailure(f"{self.name}: {exc}", retryable=False) from exc
@@ -279,6 +277,7 @@ class LlamaCppUpstream:
         suffix: Tokens,
         max_tokens: int,
         sample: Sampling,
+        rules: Any,
         gen: Generation,
         stop: threading.Event,
         out: _Output,
@@ -296,7 +295,7 @@ class LlamaCppUpstream:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         gen.finish_reason = "length"
         vocab = llm._model.vocab
-        tokens = self._sampled(suffix[last:].tolist(), sample)
+        tokens = sampled(self._lib, llm, self._config, suffix[last:].tolist(), sample, rules)
         produced = 0
         try:
             for token in tokens:
@@ -317,27 +316,6 @@ class LlamaCppUpstream:
             tokens.close()
         out.end(decoder.decode(b"", final=True))
         return "".join(out.parts)
-
-    def _sampled(self, tokens: list[int], sample: Sampling) -> Any:
-        """llama.cpp's token generator, with the request's sampling over the config's."""
-        cfg, llm = self._config, self._llm
-        # The sampler is seeded afresh by each generate(): the same seed, the same reply.
-        # The config's 0 (the default) means llama.cpp's random seed.
-        if sample.seed is not None:
-            llm.set_seed(sample.seed % SEED_RANGE)
-        else:
-            llm.set_seed(cfg.seed or self._lib.LLAMA_DEFAULT_SEED)
-        return llm.generate(
-            tokens,
-            temp=cfg.temperature if sample.temperature is None else sample.temperature,
-            top_k=TOP_K,
-            top_p=TOP_P if sample.top_p is None else sample.top_p,
-            min_p=MIN_P,
-            repeat_penalty=1.0,
-            frequency_penalty=sample.frequency_penalty or 0.0,
-            presence_penalty=sample.presence_penalty or 0.0,
-            reset=False,
-        )
 
     def _save(self) -> SessionState:
         llm, lib = self._llm, self._lib

@@ -14,6 +14,8 @@ config when the request has none.
 Replies are decoded by ``_openai_wire``: plain ones as cheaply as ever, and
 anything more (tool calls, refusal, logprobs, ``system_fingerprint``...)
 kept as the upstream's own JSON, which the OpenAI route passes on.
+``/completions`` and ``/embeddings`` requests go to their own path with the
+client's body as it came (``_passthrough``).
 ``generate`` yields token by token; ``generate_reads`` yields one piece per
 read (the tokens that arrived together, joined), which the shard streams as
 one chunk; structured pieces are never joined, each keeps its own JSON.
@@ -28,7 +30,9 @@ import msgspec
 
 from mpipeline.config import UpstreamConfig
 from mpipeline.messages import Assembled, Turn
-from mpipeline.workers import _failures, _http
+from mpipeline.workers import _failures, _http, _passthrough
+from mpipeline.workers._client import Client
+from mpipeline.workers._conn import Conn
 from mpipeline.workers._openai_wire import Tally, decode_completion, decode_read, take_usage
 from mpipeline.workers.base import Generation, WorkerContext
 from mpipeline.workers.sse import SSEDecoder
@@ -64,6 +68,26 @@ class OpenAIUpstream(_http.HttpUpstream):
         if key is not None:
             headers["authorization"] = "Bearer " + key.reveal()
         return headers
+
+    async def _open_stream(self, job: Assembled) -> tuple[Client, Conn]:
+        endpoint = job.request.endpoint
+        if not endpoint:
+            return await super()._open_stream(job)
+        client = self._require_client()
+        body = self._passed_body(job)
+        return client, await _passthrough.open_stream(client, endpoint, body, self._stream_read_s)
+
+    async def _fetch_body(self, job: Assembled) -> bytes:
+        endpoint = job.request.endpoint
+        if not endpoint:
+            return await super()._fetch_body(job)
+        client = self._require_client()
+        body = self._passed_body(job)
+        return await _passthrough.fetch_body(client, endpoint, body, self._unary_read_s)
+
+    def _passed_body(self, job: Assembled) -> bytes:
+        request = job.request
+        return _passthrough.body_for(request.params, bool(request.model), self._config.model)
 
     def _body(self, job: Assembled, stream: bool) -> bytes:
         config = self._config
@@ -147,6 +171,8 @@ class OpenAIUpstream(_http.HttpUpstream):
         :raises UpstreamFailure: any failure, classified (see ``_failures``)
         """
         body = await self._fetch_body(job)
+        if job.request.endpoint:  # /completions, /embeddings: the reply as it came
+            return _passthrough.completed(body, gen)
         reply, plain = decode_completion(body)
         if reply.error is not None:
             raise _failures.error_failure(reply.error, what="upstream reported an error")

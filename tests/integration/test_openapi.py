@@ -97,9 +97,17 @@ def no_server_fault(
 
 
 # Valid by the schema, refused by a rule JSON Schema cannot state: the chat's last
-# message must be from the user (or a tool) and some message must have content;
-# /v1/stream is a WebSocket, whose plain GET is answered 426 as documented.
-CROSS_FIELD = {"POST /v1/chat/completions", "GET /v1/stream"}
+# message must be from the user (or a tool) and some message must have content
+# (on /v1/messages too, where the echo worker also refuses sampling fields);
+# /v1/stream is a WebSocket, whose plain GET is answered 426 as documented; the
+# echo worker has no /v1/completions or /v1/embeddings (404, as documented).
+CROSS_FIELD = {
+    "POST /v1/chat/completions",
+    "POST /v1/messages",
+    "POST /v1/completions",
+    "POST /v1/embeddings",
+    "GET /v1/stream",
+}
 
 
 def _fuzz(operation: Operation, mode: schemathesis.GenerationMode) -> None:

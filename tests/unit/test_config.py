@@ -344,7 +344,10 @@ def test_unknown_key_suggests_the_near_one(tmp_path: Path) -> None:
 def test_unknown_table_lists_the_known_ones(tmp_path: Path) -> None:
     line, field, message = only_issue(tmp_path, "[zzz]\na = 1\n")
     assert (line, field) == (1, "zzz")
-    assert message == "unknown key; expected name, run_dir, supervisor, gateway, metrics, stages"
+    assert (
+        message
+        == "unknown key; expected name, run_dir, models, supervisor, gateway, metrics, stages"
+    )
 
 
 def test_wrong_types(tmp_path: Path) -> None:
@@ -703,6 +706,7 @@ def test_json_schema_covers_every_section() -> None:
     assert set(defs["PipelineConfig"]["properties"]) == {
         "name",
         "run_dir",
+        "models",
         "supervisor",
         "gateway",
         "metrics",
@@ -862,6 +866,12 @@ def test_key_lines_handles_all_toml_shapes() -> None:
         dotted.key = 2
         [[arr_of_tables]]
         z = 1999-01-01T00:00:00
+        [[arr_of_tables]]
+        z = 2
+        [arr_of_tables.sub]
+        y = 3
+        [[arr_of_tables.inner]]
+        w = 4
         '''
     ).lstrip("\n")
     lines = _config_toml.key_lines(text)
@@ -881,8 +891,17 @@ def test_key_lines_handles_all_toml_shapes() -> None:
         "a.b.inl.q": 19,
         "a.b.inl.q.r": 19,
         "a.b.dotted.key": 20,
+        # Each [[member]] is indexed, and so are the tables under it.
         "arr_of_tables": 21,
-        "arr_of_tables.z": 22,
+        "arr_of_tables[0]": 21,
+        "arr_of_tables[0].z": 22,
+        "arr_of_tables[1]": 23,
+        "arr_of_tables[1].z": 24,
+        "arr_of_tables[1].sub": 25,
+        "arr_of_tables[1].sub.y": 26,
+        "arr_of_tables[1].inner": 27,
+        "arr_of_tables[1].inner[0]": 27,
+        "arr_of_tables[1].inner[0].w": 28,
     }
 
 

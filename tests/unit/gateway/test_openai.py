@@ -145,7 +145,7 @@ def test_structured_messages_keep_their_own_json_and_plain_ones_do_not() -> None
         ("echo", {"seed": 1}, "seed"),
         ("echo", {"unknown_field": 1}, "unknown_field"),
         ("llama_cpp", {"tools": [{"type": "function"}]}, "tools"),
-        ("llama_cpp", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("llama_cpp", {"tool_choice": "required"}, "tool_choice"),
         ("llama_cpp", {"logprobs": True}, "logprobs"),
         ("anthropic", {"seed": 3}, "seed"),
         ("anthropic", {"logit_bias": {"1": 2}}, "logit_bias"),
@@ -172,6 +172,11 @@ def test_a_field_the_worker_cannot_honour_is_refused_naming_it(
         ("llama_cpp", {"temperature": 0.3, "top_p": 0.9, "seed": 5, "stop": ["a"]}),
         ("llama_cpp", {"presence_penalty": 0.1, "frequency_penalty": -0.1}),
         ("anthropic", {"temperature": 0.3, "top_p": 0.9, "stop": ["a"]}),
+        # Translated by the worker (issue 14, item 2).
+        ("llama_cpp", {"response_format": {"type": "json_object"}}),
+        ("anthropic", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+        ("anthropic", {"tool_choice": "required", "parallel_tool_calls": False}),
+        ("anthropic", {"response_format": {"type": "json_object"}}),
     ],
 )
 def test_what_the_worker_honours_or_what_asks_nothing_passes(
@@ -202,9 +207,11 @@ def test_structured_messages_are_refused_by_text_workers_or_dropped_to_their_tex
         ([{"role": "tool", "tool_call_id": "c", "content": "r"}], "messages[0].role"),
     ]
     for messages, param in cases:
-        for worker in ("echo", "llama_cpp", "anthropic"):
+        for worker in ("echo", "llama_cpp"):
             problem = _read({"model": "m", "messages": messages}, worker)
             assert isinstance(problem, Problem) and problem.field == param, (worker, problem)
+        # The anthropic worker translates them (tool_use/tool_result/image blocks).
+        assert not isinstance(_read({"model": "m", "messages": messages}, "anthropic"), Problem)
     dropped = _chat({"model": "m", "messages": tool_turns}, "echo", drop=True)
     assert dropped.text == "sunny" and dropped.input_raw == b""
     assert [(t.role, t.content, t.raw) for t in dropped.history] == [
@@ -232,7 +239,9 @@ def test_a_pool_honours_what_every_member_does() -> None:
     ]
     mixed = Backend.of(InferenceConfig(worker="pool", pool=PoolConfig(upstreams=members)))
     assert mixed.caps.honours("temperature") and not mixed.caps.honours("seed")
-    assert not mixed.caps.messages
+    assert mixed.caps.messages  # both send structured messages, each in its API's shape
+    with_local = mixed.caps & Backend.for_worker("llama_cpp").caps
+    assert not with_local.messages and not with_local.honours("tools")
     only_openai = Backend.of(InferenceConfig(worker="pool", pool=PoolConfig(upstreams=members[:1])))
     assert only_openai.caps.fields is None and only_openai.caps.messages
 

@@ -12,7 +12,8 @@ import pytest
 from mpipeline.config import AnthropicConfig, PoolUpstreamConfig, TimeoutsConfig
 from mpipeline.errors import ConfigError, ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled, PromptRequest, Turn
-from mpipeline.workers.anthropic import AnthropicUpstream, _conversation, stop_reason
+from mpipeline.workers._anthropic_wire import conversation as _conversation
+from mpipeline.workers.anthropic import AnthropicUpstream, stop_reason
 from mpipeline.workers.base import Generation
 from tests.fault_upstream import (
     AnthropicError,
@@ -184,7 +185,7 @@ def test_stop_reasons() -> None:
         "stop",
         "stop",
         "length",
-        "tool_use",
+        "tool_calls",
     ]
     assert stop_reason(None) == "stop"
 
