@@ -103,6 +103,7 @@ class AnthropicMessages:
             max_tokens=messages.max_tokens,
             history=messages.history or None,
             params=messages.params or None,
+            input_raw=messages.input_raw or None,
             model=messages.model_key or None,
         )
         if not messages.stream:

@@ -9,8 +9,11 @@ place goes into the message, since the shape has no ``param``.
 
 A stream is Anthropic's event sequence: ``message_start``,
 ``content_block_start``, ``ping``, one ``content_block_delta`` per chunk,
-``content_block_stop``, ``message_delta`` (stop reason and usage),
+``content_block_stop`` (and so on for each block: the text, then each tool
+call, ``anthropic_blocks``), ``message_delta`` (stop reason and usage),
 ``message_stop``; a failure after the first event is an ``error`` event.
+A reply with tool calls stops for ``tool_use``, whatever finish reason an
+OpenAI-compatible server gave with them.
 The token counts are known only when the pipeline completes, so
 ``message_start`` reports 0 and ``message_delta`` the counts (the SDK takes
 ``input_tokens`` from it as the API's own streams send it).
@@ -18,22 +21,21 @@ The token counts are known only when the pipeline completes, so
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
 from mpipeline.errors import RequestFailed
-from mpipeline.gateway import schemas, sse
+from mpipeline.gateway import anthropic_blocks, schemas, sse
+from mpipeline.gateway.anthropic_blocks import BlockStream, event
 from mpipeline.gateway.anthropic_shapes import (
     AnthropicError,
     AnthropicErrorBody,
     AnthropicMessage,
     AnthropicUsage,
-    TextOut,
+    ToolUseOut,
 )
 from mpipeline.gateway.exchange import Reply
 from mpipeline.gateway.schemas import Problem
-from mpipeline.messages import Completed, TokenChunk, Usage
+from mpipeline.messages import Completed, StructuredChunk, TokenChunk, Usage
 
 __all__ = ["EventRenderer", "error_reply", "failure_reply", "message", "problem_reply"]
 
@@ -101,8 +103,11 @@ def failure_reply(exc: RequestFailed) -> Reply:
     return Reply(status, error_body(status, message), headers)
 
 
-def stop_reason(finish_reason: str) -> str:
-    """Anthropic's stop reason for a finish reason (a plain "stop" is the end of a turn)."""
+def stop_reason(finish_reason: str, *, tool_calls: bool = False) -> str:
+    """Anthropic's stop reason for a finish reason (a plain "stop" is the end of a turn,
+    or a stop to call tools when the reply called some)."""
+    if tool_calls and finish_reason == "stop":
+        return "tool_use"
     return _STOP_REASONS.get(finish_reason, "end_turn")
 
 
@@ -120,13 +125,15 @@ def message_id(request_id: str) -> str:
 
 
 def message(done: Completed, model: str) -> bytes:
-    """A non-streamed reply: one text block, the stop reason and the token counts."""
+    """A non-streamed reply: its text and tool_use blocks, the stop reason, the counts."""
+    blocks = anthropic_blocks.content(done.text, done.raw)
+    calls = any(isinstance(block, ToolUseOut) for block in blocks)
     return _ENCODE(
         AnthropicMessage(
             id=message_id(done.request_id),
             model=model,
-            content=[TextOut(text=done.text)],
-            stop_reason=stop_reason(done.finish_reason),
+            content=blocks,
+            stop_reason=stop_reason(done.finish_reason, tool_calls=calls),
             usage=usage(done.usage),
         )
     )
@@ -138,10 +145,7 @@ class EventRenderer:
     def __init__(self, model: str) -> None:
         self._model = model
         self._started = False
-
-    @staticmethod
-    def _event(name: str, body: dict[str, Any]) -> bytes:
-        return sse.event(_ENCODE({"type": name, **body}), name)
+        self._blocks = BlockStream()
 
     def opening(self) -> bytes:
         return b""  # message_start goes out with the first event, which carries the id
@@ -155,32 +159,28 @@ class EventRenderer:
             stop_reason=None,
             usage=AnthropicUsage(input_tokens=0, output_tokens=0),
         )
-        block = {"index": 0, "content_block": {"type": "text", "text": ""}}
-        return (
-            self._event("message_start", {"message": start})
-            + self._event("content_block_start", block)
-            + self._event("ping", {})
-        )
+        return event("message_start", {"message": start})
 
-    def render(self, event: TokenChunk | Completed) -> bytes:
-        out = b"" if self._started else self._start(event.request_id)
-        if isinstance(event, TokenChunk):
-            if not event.text:
-                return out
-            delta = {"index": 0, "delta": {"type": "text_delta", "text": event.text}}
-            return out + self._event("content_block_delta", delta)
-        counts = usage(event.usage)
+    def render(self, ev: TokenChunk | Completed) -> bytes:
+        out = b"" if self._started else self._start(ev.request_id)
+        blocks = self._blocks
+        if type(ev) is StructuredChunk:
+            return out + blocks.structured(ev.text, ev.raw)
+        if isinstance(ev, TokenChunk):
+            return out + blocks.text(ev.text)
+        counts = usage(ev.usage)
         delta_usage = {
             "input_tokens": counts.input_tokens,
             "output_tokens": counts.output_tokens,
             "cache_read_input_tokens": counts.cache_read_input_tokens,
         }
-        finish = {"stop_reason": stop_reason(event.finish_reason), "stop_sequence": None}
+        reason = stop_reason(ev.finish_reason, tool_calls=blocks.tool_calls)
+        finish = {"stop_reason": reason, "stop_sequence": None}
         return (
             out
-            + self._event("content_block_stop", {"index": 0})
-            + self._event("message_delta", {"delta": finish, "usage": delta_usage})
-            + self._event("message_stop", {})
+            + blocks.finish()
+            + event("message_delta", {"delta": finish, "usage": delta_usage})
+            + event("message_stop", {})
         )
 
     def failure(self, exc: RequestFailed) -> bytes:

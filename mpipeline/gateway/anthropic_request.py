@@ -8,12 +8,14 @@ worker reads there, OpenAI's (``stop_sequences`` as ``stop``): the anthropic
 worker translates them back, an OpenAI-compatible upstream takes them as
 they are, echo and llama_cpp honour what ``workers.fields`` says they do.
 ``metadata.user_id`` is the session, so a conversation keeps to one shard.
+Tools, tool turns and images travel in OpenAI's shape too
+(``anthropic_convert``), as the OpenAI route carries them.
 
 Refuse, never drop: a field the configured worker cannot honour (say
-``temperature`` for echo) is a 400 naming it, unless
+``temperature`` or ``tools`` for echo) is a 400 naming it, unless
 ``stages.inference.drop_params`` says to drop it; a field of Anthropic's API
-this route does not carry (``tools``, ``thinking``, an image block) is a 400
-naming it whatever the worker.
+this route does not carry (``thinking``, a document block) is a 400 naming
+it whatever the worker.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any
 import msgspec
 
 from mpipeline.gateway import schemas
-from mpipeline.gateway.anthropic_shapes import Blocks, MessagesBody
+from mpipeline.gateway.anthropic_convert import refusal, tool_params, turns
+from mpipeline.gateway.anthropic_shapes import MessagesBody, SystemBlocks
 from mpipeline.gateway.models import Models
 from mpipeline.gateway.openai_fields import Backend
 from mpipeline.gateway.schemas import Problem
@@ -42,10 +45,11 @@ _PARAMS = {
     "top_k": "top_k",
 }
 _CARRIED = (
-    "model, max_tokens, messages (text), system, stop_sequences, temperature, top_p, "
-    "top_k, stream and metadata.user_id"
+    "model, max_tokens, messages (text, image, tool_use and tool_result blocks), system, "
+    "stop_sequences, temperature, top_p, top_k, tools, tool_choice, stream and "
+    "metadata.user_id"
 )
-_BLOCK_TYPE = re.compile(r"(system|messages\[\d+\]\.content)\[\d+\]\.type")
+_BLOCK_TYPE = re.compile(r"(system|messages\[\d+\]\.content(\[\d+\]\.content)?)\[\d+\]\.type")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +57,13 @@ class Messages:
     """A Messages request as the pipeline takes it."""
 
     model: str
-    # The last message's text and the turns before it (the system turn first).
+    # The last message's text and the turns before it (the system turn first), and
+    # the last's OpenAI JSON when it is more than text (``Turn.raw``).
     text: str
     history: list[Turn]
     max_tokens: int
-    # The sampling fields, as JSON in OpenAI's names; b"" for none.
+    input_raw: bytes = b""
+    # The sampling and tool fields, as JSON in OpenAI's names; b"" for none.
     params: bytes = b""
     stream: bool = False
     user: str | None = None
@@ -83,20 +89,25 @@ def read(body: bytes, models: Models) -> Messages | Problem:
         if not backend.caps.honours(name):
             if backend.drop:
                 continue
-            return _refusal(field, backend)
+            return refusal(field, backend)
         params[name] = value
-    split = _split(decoded)
+    tools = tool_params(decoded, backend)
+    if isinstance(tools, Problem):
+        return tools
+    params.update(tools)
+    split = _split(decoded, backend)
     if isinstance(split, Problem):
         return split
-    history, text = split
+    history, last = split
     max_tokens = schemas.whole(decoded.max_tokens)
     assert max_tokens is not None  # required by the schema
     metadata = decoded.metadata
     return Messages(
         model=decoded.model,
-        text=text,
+        text=last.content,
         history=history,
         max_tokens=max_tokens,
+        input_raw=last.raw,
         params=msgspec.json.encode(params) if params else b"",
         stream=decoded.stream,
         user=metadata.user_id if metadata is not None else None,
@@ -104,25 +115,32 @@ def read(body: bytes, models: Models) -> Messages | Problem:
     )
 
 
-def _text(content: str | Blocks) -> str:
-    return content if isinstance(content, str) else "".join(b.text for b in content)
-
-
-def _split(body: MessagesBody) -> tuple[list[Turn], str] | Problem:
-    """The turns before the last message (the system turn first), and the last's text."""
-    turns = [Turn(role=m.role, content=_text(m.content)) for m in body.messages]
-    last = len(turns) - 1
-    if turns[last].role != "user":
+def _split(body: MessagesBody, backend: Backend) -> tuple[list[Turn], Turn] | Problem:
+    """The turns before the last (the system turn first), and the last."""
+    last = len(body.messages) - 1
+    if body.messages[last].role != "user":
         # An assistant message last asks the model to continue it (a prefill).
         message = (
             "the last message must be from the user; a prefilled assistant turn is not supported"
         )
         return Problem(message, f"messages[{last}].role")
-    if not any(t.content.strip() for t in turns):
+    conversation: list[Turn] = []
+    for i, message_in in enumerate(body.messages):
+        got = turns(i, message_in, backend)
+        if isinstance(got, Problem):
+            return got
+        conversation += got
+    if not any(t.content.strip() or t.raw for t in conversation):
         return Problem("the messages have no content", "messages")
-    system = _text(body.system) if body.system is not None else ""
+    system = _system(body.system)
     head = [Turn(role="system", content=system)] if system else []
-    return head + turns[:last], turns[last].content
+    return head + conversation[:-1], conversation[-1]
+
+
+def _system(system: str | SystemBlocks | None) -> str:
+    if system is None or isinstance(system, str):
+        return system or ""
+    return "".join(b.text for b in system)
 
 
 def _worded(problem: Problem) -> Problem:
@@ -131,16 +149,13 @@ def _worded(problem: Problem) -> Problem:
     if problem.message.startswith("Object contains unknown field"):
         message = f"{field} is not supported on /v1/messages; this gateway carries {_CARRIED}"
         return Problem(message, field)
-    if problem.message.startswith("Invalid enum value") and _BLOCK_TYPE.fullmatch(field):
-        message = f"only text content blocks are supported on /v1/messages ({problem.message})"
+    if problem.message.startswith("Invalid value") and _BLOCK_TYPE.fullmatch(field):
+        if field.startswith("system"):
+            kinds = "text"
+        elif ".content[" in field.split("].content", 1)[1]:
+            kinds = "text and image"  # inside a tool_result
+        else:
+            kinds = "text, image, tool_use and tool_result"
+        message = f"only {kinds} content blocks are supported here ({problem.message})"
         return Problem(message, field)
     return problem
-
-
-def _refusal(field: str, backend: Backend) -> Problem:
-    message = (
-        f"{field} is not supported by this model's backend (worker {backend.worker}); "
-        "set drop_params = true (in [stages.inference], or the model's [[models]] entry) "
-        "to drop such fields instead"
-    )
-    return Problem(message, field, code="unsupported_parameter")

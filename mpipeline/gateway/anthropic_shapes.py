@@ -5,32 +5,44 @@ with ``AnthropicMessage`` (or SSE events built from the same types), and
 every refusal is an ``AnthropicErrorBody``; ``openapi.py`` derives the
 JSON Schemas from these types, so ``/openapi.json`` cannot drift from the
 wire. The body refuses unknown fields: a field of Anthropic's API the
-gateway does not carry (``tools``, ``thinking``, an image block...) is a
-400 naming it, never a field accepted and then ignored.
+gateway does not carry (``thinking``, a ``document`` block...) is a 400
+naming it, never a field accepted and then ignored.
 
-Only text goes through this round: a message's content is a string or
-``text`` blocks. ``cache_control`` on a block is accepted: it asks the
-backend to cache a prompt prefix, which changes cost, never the answer.
+A message's content is a string or blocks: ``text``, ``image`` (base64 or
+a URL), ``tool_use`` (an assistant's) and ``tool_result`` (the user's);
+``tools`` are custom tools (name, description, ``input_schema``) and
+``tool_choice`` is auto, any, tool or none. Blocks are tagged by ``type``,
+so an unknown type is refused by name. ``cache_control`` on a block or a
+tool is accepted: it asks the backend to cache a prompt prefix, which
+changes cost, never the answer.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
 from mpipeline.gateway import schemas
-from mpipeline.gateway.openai_request import MAX_MESSAGES, MAX_PARTS
+from mpipeline.gateway.openai_request import MAX_MESSAGES, MAX_PARTS, MAX_TOOLS
 
 __all__ = [
     "AnthropicError",
     "AnthropicErrorBody",
     "AnthropicMessage",
     "AnthropicUsage",
+    "Block",
+    "ImageBlock",
     "MessageIn",
     "MessagesBody",
     "TextBlock",
+    "TextOut",
+    "ToolChoice",
+    "ToolIn",
+    "ToolResultBlock",
+    "ToolUseBlock",
+    "ToolUseOut",
 ]
 
 # Stop sequences per request: enough for any client; the backend judges its own limit.
@@ -47,15 +59,50 @@ class CacheControl(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     ttl: Literal["5m", "1h"] | None = None
 
 
-class TextBlock(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A ``text`` content block, the one kind this route takes."""
+class _Block(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
+):
+    """A content block, tagged by its ``type``."""
 
-    type: Literal["text"]
-    text: str
     cache_control: CacheControl | None = None
 
 
-Blocks = Annotated[list[TextBlock], Meta(max_length=MAX_PARTS)]
+class TextBlock(_Block, frozen=True, kw_only=True, tag="text"):
+    text: str
+
+
+class Base64Source(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="base64"):
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: Annotated[str, Meta(min_length=1)]
+
+
+class UrlSource(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="url"):
+    url: Annotated[str, Meta(min_length=1)]
+
+
+class ImageBlock(_Block, frozen=True, kw_only=True, tag="image"):
+    source: Base64Source | UrlSource
+
+
+class ToolUseBlock(_Block, frozen=True, kw_only=True, tag="tool_use"):
+    """A tool call the assistant made (in a conversation sent back)."""
+
+    id: schemas.Name
+    name: schemas.Name
+    input: dict[str, Any]
+
+
+class ToolResultBlock(_Block, frozen=True, kw_only=True, tag="tool_result"):
+    """What a tool answered, for the call ``tool_use_id``."""
+
+    tool_use_id: schemas.Name
+    content: str | Annotated[list[TextBlock | ImageBlock], Meta(max_length=MAX_PARTS)] = ""
+    is_error: bool = False
+
+
+Block = TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock
+Blocks = Annotated[list[Block], Meta(max_length=MAX_PARTS)]
+SystemBlocks = Annotated[list[TextBlock], Meta(max_length=MAX_PARTS)]
 
 
 class MessageIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -68,13 +115,52 @@ class Metadata(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     user_id: schemas.SessionId | None = None
 
 
+class ToolIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A custom tool: the model calls it with input that matches ``input_schema``."""
+
+    name: schemas.Name
+    description: str | None = None
+    # A JSON Schema: the backend judges it.
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+    strict: bool | None = None
+    cache_control: CacheControl | None = None
+
+
+class _Choice(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
+):
+    disable_parallel_tool_use: bool | None = None
+
+
+class AutoChoice(_Choice, frozen=True, kw_only=True, tag="auto"):
+    pass
+
+
+class AnyChoice(_Choice, frozen=True, kw_only=True, tag="any"):
+    pass
+
+
+class NamedChoice(_Choice, frozen=True, kw_only=True, tag="tool"):
+    name: schemas.Name
+
+
+class NoneChoice(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", tag="none"
+):
+    pass
+
+
+ToolChoice = AutoChoice | AnyChoice | NamedChoice | NoneChoice
+
+
 class MessagesBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/messages``. Unknown fields are refused, with their name."""
 
     model: schemas.Name
     max_tokens: schemas.MaxTokens
     messages: Annotated[list[MessageIn], Meta(min_length=1, max_length=MAX_MESSAGES)]
-    system: str | Blocks | None = None
+    system: str | SystemBlocks | None = None
     stop_sequences: (
         Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=MAX_STOPS)] | None
     ) = None
@@ -83,14 +169,23 @@ class MessagesBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     top_k: Annotated[int, Meta(ge=0, le=MAX_TOP_K)] | None = None
     stream: bool = False
     metadata: Metadata | None = None
+    tools: Annotated[list[ToolIn], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
 
 
 # Answers.
 
 
-class TextOut(msgspec.Struct, frozen=True, kw_only=True):
-    type: Literal["text"] = "text"
+class TextOut(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="text"):
     text: str
+
+
+class ToolUseOut(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="tool_use"):
+    """A tool call of the reply; ``input`` is the call's arguments, parsed."""
+
+    id: str
+    name: str
+    input: Any
 
 
 class AnthropicUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,7 +204,7 @@ class AnthropicMessage(msgspec.Struct, frozen=True, kw_only=True):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextOut]
+    content: list[TextOut | ToolUseOut]
     stop_reason: str | None
     stop_sequence: str | None = None
     usage: AnthropicUsage

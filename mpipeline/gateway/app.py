@@ -122,7 +122,11 @@ class Gateway:
         endpoints = OpenAIEndpoints(pipeline, keepalive_s, admission=admission, models=models)
         keepalive = KeepAlive(cfg.ws_ping_interval_s, cfg.ws_idle_timeout_s)
         stream = WebSocketApi(
-            pipeline, max_message=cfg.max_body_bytes, admission=admission, keepalive=keepalive
+            pipeline,
+            max_message=cfg.max_body_bytes,
+            admission=admission,
+            keepalive=keepalive,
+            models=models,
         )
         self._router = Router((native, chat, endpoints, messages, stream), default=native)
         self._openapi = openapi.document(model=model, auth=self._auth.enabled)

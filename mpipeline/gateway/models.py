@@ -10,7 +10,7 @@ one model answers to any name, as the gateway always did.
 
 ``GET /v1/models`` lists every name a client may send, aliases included, each
 as its own entry (OpenAI's list shape), and ``GET /v1/models/{name}`` answers
-for each of them.
+for each of them, with the same 404 for any other name.
 """
 
 from __future__ import annotations
@@ -55,10 +55,12 @@ class Models:
     def resolve(self, name: str) -> ServedModel | Problem:
         """The model ``name`` asks for, or the 404 that says there is none."""
         model = self.catalog.find(name)
-        if model is None:
-            message = f"The model '{name}' does not exist; GET /v1/models lists the models served"
-            return Problem(message, "model", status=404, code=MODEL_NOT_FOUND)
-        return model
+        return self.not_found(name) if model is None else model
+
+    def not_found(self, name: str) -> Problem:
+        """The 404 ``model_not_found`` for a name there is no model of."""
+        message = f"The model '{name}' does not exist; GET /v1/models lists the models served"
+        return Problem(message, "model", status=404, code=MODEL_NOT_FOUND)
 
     def backend(self, model: ServedModel) -> Backend:
         """What ``model``'s worker honours, and whether it drops the rest."""

@@ -61,6 +61,7 @@ __all__ = [
 
 # A backend of the defaults: the echo worker, which honours little (``fields.ECHO``).
 _DEFAULT_BACKEND = Backend.for_worker("echo")
+MODELS_PATH = "/v1/models"
 
 
 class ChatCompletions:
@@ -86,10 +87,10 @@ class ChatCompletions:
         self._models = models or Models.single(model, backend)
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.create},
-            "/v1/models": {"GET": self.models},
+            MODELS_PATH: {"GET": self.models},
+            # Every name, so an unknown one is model_not_found (router.py: a subtree).
+            f"{MODELS_PATH}/": {"GET": self.model},
         }
-        for name in self._models.entries:
-            self.routes[f"/v1/models/{name}"] = {"GET": self.model}
 
     # Error replies
 
@@ -118,7 +119,14 @@ class ChatCompletions:
         response.send(200, self._models.listing)
 
     async def model(self, request: Request, response: Response) -> None:
-        response.send(200, self._models.entries[request.path.removeprefix("/v1/models/")])
+        """``GET /v1/models/{name}``: a name ``GET /v1/models`` lists, else 404
+        ``model_not_found``, which the SDKs raise as ``NotFoundError``."""
+        name = request.path.removeprefix(f"{MODELS_PATH}/")
+        entry = self._models.entries.get(name)
+        if entry is None:
+            response.send_reply(problem_reply(self._models.not_found(name)))
+            return
+        response.send(200, entry)
 
     def read(self, body: bytes) -> Chat | Problem:
         """The request in ``body``, checked against the schema, its model (404 when

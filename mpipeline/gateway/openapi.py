@@ -151,7 +151,7 @@ def _paths(ref: dict[str, dict[str, Any]]) -> dict[str, Any]:
             {"200": _json(passed, "The upstream's reply, as it sent it"), **passed_errors},
         ),
         "/v1/messages": _post(
-            "Anthropic Messages API (text content)",
+            "Anthropic Messages API (text, images and tools)",
             ref["MessagesBody"],
             {
                 "200": _streamed(ref["AnthropicMessage"], "The message (stream: false)"),

@@ -32,7 +32,8 @@ class ApiStyle(Protocol):
 
     @property
     def routes(self) -> Routes:
-        """Plain HTTP routes: path, then method, to the handler."""
+        """Plain HTTP routes: path, then method, to the handler; a path that ends
+        in "/" is a subtree, for every path under it (``router.py``)."""
 
     @property
     def upgrades(self) -> Mapping[str, Upgrade]:

@@ -27,9 +27,10 @@ message about that request. The server answers with JSON text messages::
 ``done`` or ``error``. Messages of one request are in order; requests run
 concurrently (each its own task, at most ``MAX_IN_FLIGHT`` per connection),
 so messages of different requests interleave. A message that is not a valid
-request (bad JSON, a wrong field, a binary message) gets an ``error`` without
-``request_id`` and the connection stays open: the client may be mid-way
-through other requests. Binary messages get an ``error`` rather than a close
+request (bad JSON, a wrong field, a binary message, a ``model`` there is none
+of: ``model_not_found``, resolved here as ``POST /v1/prompt`` resolves it)
+gets an ``error`` without ``request_id`` and the connection stays open: the
+client may be mid-way through other requests. Binary messages get an ``error`` rather than a close
 1003 for the same reason. Failures of the pipeline carry its error code as the
 type (``deadline_exceeded``, ``ring_full``...), as the HTTP routes do.
 
@@ -60,13 +61,15 @@ from mpipeline.errors import ErrorCode
 from mpipeline.gateway import deadlines, schemas
 from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Switch, Wire
+from mpipeline.gateway.models import Models
 from mpipeline.gateway.style import Handler, Upgrade
+from mpipeline.gateway.websocket_messages import Event
 from mpipeline.gateway.websocket_session import (
     KEEPALIVE,
     MAX_IN_FLIGHT,
     Admit,
-    Event,
     KeepAlive,
+    Resolve,
     Session,
     Streams,
 )
@@ -79,6 +82,7 @@ __all__ = [
     "Admit",
     "KeepAlive",
     "Refusal",
+    "Resolve",
     "Session",
     "Streams",
     "WebSocketApi",
@@ -106,12 +110,14 @@ def accept(
     max_message: int,
     admit: Admit | None = None,
     keepalive: KeepAlive = KEEPALIVE,
+    resolve: Resolve | None = None,
 ) -> Refusal | Switch:
     """Check the handshake of ``request``; the switch that starts the session, or why not.
 
     ``max_message`` bounds a message, fragments together (close 1009 above it);
     ``admit`` is asked about every request before it reaches the pipeline;
-    ``keepalive`` says when a quiet session is pinged and an idle one closed.
+    ``keepalive`` says when a quiet session is pinged and an idle one closed;
+    ``resolve`` turns each message's ``model`` into its model's key, or refuses it.
     """
     version = request.header("sec-websocket-version")
     if version is not None and version != VERSION:
@@ -136,7 +142,7 @@ def accept(
     def switch(transport: asyncio.Transport, wire: Wire) -> Session:
         protocol = ServerProtocol(state=State.OPEN, max_size=max_message)
         switching = response.serialize()
-        return Session(transport, wire, protocol, switching, streams, admit, keepalive)
+        return Session(transport, wire, protocol, switching, streams, admit, keepalive, resolve)
 
     return switch
 
@@ -158,11 +164,14 @@ class WebSocketApi(schemas.NativeErrors):
         max_message: int,
         admission: Admission,
         keepalive: KeepAlive = KEEPALIVE,
+        models: Models | None = None,
     ) -> None:
         self._streams = streams
         self._max_message = max_message
         self._admission = admission
         self._keepalive = keepalive
+        # Resolves each message's ``model`` here, as POST /v1/prompt does; None: the shard does.
+        self._models = models
         self.upgrades: dict[str, Upgrade] = {PATH: self.upgrade}
 
     def upgrade(self, request: Request) -> Reply | Switch:
@@ -178,6 +187,7 @@ class WebSocketApi(schemas.NativeErrors):
             max_message=self._max_message,
             admit=self.admit,
             keepalive=self._keepalive,
+            resolve=None if self._models is None else self.resolve,
         )
         if isinstance(opened, Refusal):
             return self.error_reply(opened.status, opened.message, headers=opened.headers)
@@ -187,6 +197,12 @@ class WebSocketApi(schemas.NativeErrors):
         """The rate limits for one message's request: None, or the 429 whose error it gets."""
         refused = self._admission.check(session)
         return None if refused is None else self.rate_limited(refused)
+
+    def resolve(self, name: str) -> str | schemas.Problem:
+        """A message's ``model`` as its model's key, or the 404 ``model_not_found``."""
+        assert self._models is not None
+        model = self._models.resolve(name)
+        return model if isinstance(model, schemas.Problem) else model.key
 
 
 class WithDeadline:

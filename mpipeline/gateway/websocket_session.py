@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Protocol, cast
+from typing import Protocol, cast
 
 import msgspec
-from msgspec import Meta
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -25,15 +23,17 @@ from websockets.server import ServerProtocol
 from mpipeline.errors import ErrorCode, MPipelineError, ReaderStalled, RequestFailed
 from mpipeline.gateway import schemas
 from mpipeline.gateway.exchange import Reply, Wire
-from mpipeline.gateway.schemas import (
-    ChunkOut,
-    ErrorBody,
-    ErrorDetail,
-    Problem,
-    PromptBody,
-    PromptResult,
+from mpipeline.gateway.schemas import ErrorBody, ErrorDetail, Problem
+from mpipeline.gateway.websocket_messages import (
+    DECODE,
+    AcceptedOut,
+    ErrorOut,
+    Event,
+    StreamBody,
+    ref_of,
+    render,
 )
-from mpipeline.messages import Completed, TokenChunk
+from mpipeline.messages import TokenChunk
 from mpipeline.pipeline import RequestOptions
 
 # The session's logger keeps the name it had when it lived in websocket.py.
@@ -41,7 +41,6 @@ log = logging.getLogger("mpipeline.gateway.websocket")
 
 # Requests one connection may run at once; more get an error (rate_limited).
 MAX_IN_FLIGHT = 64
-MAX_REF = 256
 # Once our close frame (or EOF) is out, the client gets this long to close TCP.
 CLOSE_TIMEOUT_S = 2.0
 # Bytes waiting to go out above which reading stops: a client that writes
@@ -52,47 +51,14 @@ MAX_UNSENT = 1024 * 1024
 PING_INTERVAL_S = 20.0
 IDLE_TIMEOUT_S = 120.0
 
-Event = TokenChunk | Completed
 # The gateway's admission (rate limits) for one request of a session: None, or
 # the HTTP refusal it would send, whose error becomes the message's.
 Admit = Callable[[str | None], Reply | None]
+# The gateway's models: a message's ``model`` ("" for none) to the key its
+# request carries, or the 404 ``model_not_found`` its error gets.
+Resolve = Callable[[str], str | Problem]
 
 
-class StreamBody(PromptBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One request: ``POST /v1/prompt``'s body plus the client's ``ref``."""
-
-    ref: Annotated[str, Meta(max_length=MAX_REF)] | None = None
-
-
-class _Ref(msgspec.Struct):
-    """Just the ``ref`` of a message refused for another field, to echo it."""
-
-    ref: str | None = None
-
-
-class AcceptedOut(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="accepted"):
-    ref: str | None
-    request_id: str
-
-
-class ChunkMessage(ChunkOut, frozen=True, kw_only=True, tag_field="type", tag="chunk"):
-    ref: str | None
-
-
-class DoneOut(PromptResult, frozen=True, kw_only=True, tag_field="type", tag="done"):
-    ref: str | None
-
-
-class ErrorOut(
-    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="error"
-):
-    ref: str | None
-    request_id: str | None = None
-    error: ErrorDetail
-
-
-_DECODE = msgspec.json.Decoder(StreamBody)
-_DECODE_REF = msgspec.json.Decoder(_Ref)
 _DECODE_ERROR = msgspec.json.Decoder(ErrorBody)
 _ENCODE = msgspec.json.Encoder().encode
 
@@ -137,12 +103,14 @@ class Session:
         streams: Streams,
         admit: Admit | None = None,
         keepalive: KeepAlive = KEEPALIVE,
+        resolve: Resolve | None = None,
     ) -> None:
         self._transport = transport
         self._wire = wire
         self._protocol = protocol
         self._streams = streams
         self._admit = admit
+        self._resolve = resolve
         self._loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task[None]] = set()
         # The message being received, fragment by fragment.
@@ -257,9 +225,9 @@ class Session:
 
     def _message(self, data: bytes) -> None:
         self._spoke = self._loop.time()
-        body = schemas.decode(_DECODE, data)
+        body = schemas.decode(DECODE, data)
         if isinstance(body, Problem):
-            self._refuse(_ref_of(data), body.message, body.field)
+            self._refuse(ref_of(data), body.message, body.field)
             return
         if self._stopping:
             kind = ErrorCode.SHUTTING_DOWN
@@ -269,13 +237,19 @@ class Session:
             message = f"over {MAX_IN_FLIGHT} requests in flight on this connection"
             self._refuse(body.ref, message, kind=ErrorCode.RATE_LIMITED)
             return
+        # Before the rate limits, as the chat route does: a refused model costs no token.
+        model = self._resolve(body.model or "") if self._resolve is not None else None
+        if isinstance(model, Problem):
+            code = model.code or ErrorCode.INVALID_REQUEST
+            self._refuse(body.ref, model.message, model.field, code)
+            return
         refused = self._admit(body.session_id) if self._admit is not None else None
         if refused is not None:
             # The limiter speaks HTTP; its error body is the message's error.
             detail = _DECODE_ERROR.decode(refused.body).error
             self._write(_ENCODE(ErrorOut(ref=body.ref, error=detail)))
             return
-        task = self._loop.create_task(self._serve(body))
+        task = self._loop.create_task(self._serve(body, model))
         self.tasks.add(task)
         task.add_done_callback(self._finished)
 
@@ -303,9 +277,9 @@ class Session:
 
     # One request
 
-    async def _serve(self, body: StreamBody) -> None:
+    async def _serve(self, body: StreamBody, model: str | None) -> None:
         try:
-            await self._stream(body)
+            await self._stream(body, model)
         except ConnectionError:
             pass  # the socket is going away: connection_lost cancels the rest
         except Exception:
@@ -314,12 +288,12 @@ class Session:
             detail = ErrorDetail(type=ErrorCode.INTERNAL, message="internal error")
             self._write(_ENCODE(ErrorOut(ref=body.ref, error=detail)))
 
-    async def _stream(self, body: StreamBody) -> None:
+    async def _stream(self, body: StreamBody, model: str | None) -> None:
+        """Run one request; ``model`` is the key its ``model`` resolved to (None:
+        unresolved, the shard resolves it)."""
         ref = body.ref
-        events = cast(
-            AsyncGenerator[Event, None],
-            self._streams.stream_events(body.input, schemas.request_options(body, body.session_id)),
-        )
+        options = schemas.request_options(body, body.session_id, model=model)
+        events = cast(AsyncGenerator[Event, None], self._streams.stream_events(body.input, options))
         request_id: str | None = None
         try:
             async for event in events:
@@ -328,7 +302,7 @@ class Session:
                     await self._send(_ENCODE(AcceptedOut(ref=ref, request_id=request_id)))
                 if isinstance(event, TokenChunk) and not event.text:
                     continue  # structure with no text (a tool-call delta): not ours to show
-                await self._send(_ENCODE(_render(event, ref)))
+                await self._send(_ENCODE(render(event, ref)))
         except ReaderStalled as stalled:
             # Cut slow_client, with its DLQ record; the connection closes.
             if request_id is not None:
@@ -391,24 +365,6 @@ class Session:
     def _cancel_all(self) -> None:
         for task in self.tasks:
             task.cancel()
-
-
-def _render(event: Event, ref: str | None) -> ChunkMessage | DoneOut:
-    if isinstance(event, TokenChunk):
-        return ChunkMessage(
-            request_id=event.request_id, index=event.index, text=event.text, ref=ref
-        )
-    assert isinstance(event, Completed)
-    result = schemas.prompt_result(event, time.monotonic_ns())
-    return DoneOut(ref=ref, **msgspec.structs.asdict(result))
-
-
-def _ref_of(data: bytes) -> str | None:
-    """The ``ref`` of a message that is not a valid request, when it has a readable one."""
-    try:
-        return _DECODE_REF.decode(data).ref
-    except (msgspec.DecodeError, RecursionError):
-        return None
 
 
 async def _settle(tasks: list[asyncio.Task[None]]) -> None:

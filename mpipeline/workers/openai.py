@@ -44,6 +44,8 @@ _PARAMS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _OBJECT = msgspec.json.Decoder(dict[str, Any])
 # What the worker itself says in every request, whatever ``params`` holds.
 _OWN = ("model", "messages", "stream")
+# The client's length bounds: null ones give way to the config's max_tokens.
+_BOUNDS = ("max_tokens", "max_completion_tokens")
 
 
 def _message(turn: Turn) -> dict[str, str] | msgspec.Raw:
@@ -106,6 +108,11 @@ class OpenAIUpstream(_http.HttpUpstream):
                 raise _failures.invalid_request("params is not a JSON object") from None
             for key in _OWN:
                 extra.pop(key, None)
+            # An explicit null bound is no bound (the SDK sends max_tokens=None as
+            # null): the config's max_tokens applies, as when the field is absent.
+            for key in _BOUNDS:
+                if bytes(extra.get(key, b"")) == b"null":
+                    del extra[key]
             body.update(extra)
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             max_tokens = request.max_tokens or config.max_tokens

@@ -178,7 +178,9 @@ def test_bad_requests_are_400s_naming_the_field(
     body: Any = tools.value.body
     assert body["type"] == "error"
     assert body["error"]["type"] == "invalid_request_error"
-    assert body["error"]["message"].startswith("tools: tools is not supported on /v1/messages")
+    # Echo calls no tools: refused by name, not accepted and ignored.
+    assert body["error"]["message"].startswith("tools: tools is not supported by this model")
+    assert "worker echo" in body["error"]["message"]
     # Echo has no sampling: temperature is refused, not accepted and ignored.
     with pytest.raises(anthropic.BadRequestError, match="temperature is not supported"):
         sdk.messages.create(
@@ -188,7 +190,7 @@ def test_bad_requests_are_400s_naming_the_field(
             extra_body={"temperature": 0.2},  # this SDK release has no argument for it
         )
     image: Any = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
-    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]"):
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]: .*echo"):
         sdk.messages.create(
             model=MODEL,
             max_tokens=64,

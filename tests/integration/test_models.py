@@ -10,6 +10,7 @@ Two shards, so every shard serves every model.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ import httpx
 import msgspec
 import openai
 import pytest
+from websockets.sync.client import connect
 
 from mpipeline.config import ModelConfig, OpenAIConfig
 from tests.fault_upstream import FaultUpstream, Ok, Status
@@ -240,3 +242,30 @@ def test_the_anthropic_route_routes_by_model(
             claude.messages.create(model="gamma", max_tokens=16, messages=user)
     assert "gamma" in str(unknown.value)
     assert _models_sent(b, seen_b) == [BETA_UPSTREAM]
+
+
+def test_an_unknown_model_is_model_not_found_on_models_retrieve_and_the_websocket(
+    supervisor: SupervisorProcess,
+    sdk: openai.OpenAI,
+    upstreams: tuple[FaultUpstream, FaultUpstream],
+) -> None:
+    """``GET /v1/models/{name}`` answers OpenAI's code, not the router's 404; a
+    WebSocket message is resolved at the gateway as ``POST /v1/prompt`` is: an
+    error message for that request, and the connection goes on."""
+    a, b = upstreams
+    seen_a, seen_b = len(a.calls), len(b.calls)
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.models.retrieve("gamma")
+    assert caught.value.code == "model_not_found"
+    url = supervisor.url.replace("http://", "ws://") + "/v1/stream"
+    with connect(url, open_timeout=30) as ws:
+        ws.send(json.dumps({"input": "x", "model": "gamma", "ref": "g"}))
+        refused = json.loads(ws.recv(timeout=30))
+        assert (refused["type"], refused["ref"]) == ("error", "g")
+        assert (refused["error"]["type"], refused["error"]["field"]) == ("model_not_found", "model")
+        ws.send(json.dumps({"input": "ws beta", "model": "beta", "ref": "b"}))
+        messages = [json.loads(ws.recv(timeout=30))]
+        while messages[-1]["type"] not in ("done", "error"):
+            messages.append(json.loads(ws.recv(timeout=30)))
+    assert (messages[-1]["type"], messages[-1]["text"]) == ("done", "ws beta")
+    assert len(a.calls) == seen_a and _models_sent(b, seen_b) == [BETA_UPSTREAM]

@@ -217,7 +217,8 @@ def test_the_models_list_and_each_entry() -> None:
     }
     assert json.loads(models.entries["a"])["id"] == "a"
     route = _route([_openai("alpha", aliases=["a"])])
-    assert {"/v1/models", "/v1/models/alpha", "/v1/models/a"} <= set(route.routes)
+    # One subtree route answers every name (tests/unit/gateway/test_models_route.py).
+    assert {"/v1/models", "/v1/models/"} <= set(route.routes)
 
 
 # The shard and the keys

@@ -90,12 +90,39 @@ def test_a_field_the_worker_cannot_honour_is_refused_or_dropped(field: str) -> N
 @pytest.mark.parametrize(
     ("body", "field", "words"),
     [
-        ({"tools": [{"name": "x", "input_schema": {}}]}, "tools", "not supported on /v1/messages"),
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking", "not supported"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+            {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
             "messages[0].content[0].type",
+            "only text, image, tool_use and tool_result content blocks",
+        ),
+        (
+            {"system": [{"type": "image", "source": {"type": "url", "url": "u"}}]},
+            "system[0].type",
             "only text content blocks",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "t",
+                                "content": [{"type": "tool_use"}],
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].content[0].type",
+            "only text and image content blocks",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+            "messages[0].content[0].source.type",
+            "missing required field `type`",
         ),
         (
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},

@@ -21,9 +21,12 @@ from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.protocol import OPEN, Protocol, Side
 from websockets.utils import accept_key
 
+from mpipeline.config import Catalog, InferenceConfig, ModelConfig
 from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import websocket
+from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.exchange import Reply, Request, Response, Switch
+from mpipeline.gateway.models import Models
 from mpipeline.gateway.server import HttpServer, bind
 from mpipeline.messages import Completed, Failed, Priority, TokenChunk, Turn, Usage
 from mpipeline.pipeline import RequestOptions
@@ -596,3 +599,61 @@ def test_upgrade_pipelined_behind_a_request_is_refused() -> None:
             assert second.startswith(b"HTTP/1.1 400")
 
     run(main)
+
+
+# A message's model, resolved at the gateway as POST /v1/prompt resolves it
+
+
+class ModelsApp(StreamApp):
+    """``/v1/stream`` through the gateway's WebSocket style, over two models."""
+
+    def __init__(self, streams: FakeStreams) -> None:
+        super().__init__(streams)
+        catalog = Catalog.build(
+            [ModelConfig(name="alpha", aliases=["a"]), ModelConfig(name="beta")],
+            InferenceConfig(),
+        )
+        self.api = websocket.WebSocketApi(
+            streams, max_message=LIMIT, admission=Admission(None), models=Models(catalog)
+        )
+
+    def upgrade(self, request: Request) -> Reply | Switch | None:
+        return self.api.upgrade(request)
+
+
+def test_an_unknown_model_is_an_error_message_and_the_connection_lives() -> None:
+    streams = FakeStreams()
+
+    async def main() -> None:
+        server = HttpServer(ModelsApp(streams), max_body=LIMIT)
+        await server.start(bind("127.0.0.1", 0))
+        try:
+            status, _, _, client = await handshake(server)
+            assert status == 101
+            client.send_json({"input": "x", "model": "gamma", "ref": "g"})
+            refused = await client.message()
+            assert (refused["type"], refused["ref"]) == ("error", "g")
+            assert "request_id" not in refused  # it never became a request
+            error = refused["error"]
+            assert (error["type"], error["field"]) == ("model_not_found", "model")
+            assert "'gamma'" in error["message"]
+            for message in (
+                {"input": "by alias", "model": "a"},
+                {"input": "by name", "model": "beta"},
+                {"input": "by default"},
+            ):
+                client.send_json(message)
+                assert (await client.until_done())[-1]["type"] == "done"
+        finally:
+            for writer in _writers:
+                writer.close()
+            _writers.clear()
+            await server.stop(1.0)
+
+    run(main)
+    # The unknown one reached nothing; the others carry their model's key.
+    assert [o.model if o is not None else "-" for o in streams.options] == [
+        "alpha",
+        "beta",
+        "alpha",
+    ]

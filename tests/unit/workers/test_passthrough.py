@@ -108,6 +108,17 @@ def test_the_openai_request_is_the_clients_with_the_worker_parts_set(
     assert (sent["max_tokens"], sent["temperature"]) == (100, 0.9)
 
 
+def test_a_null_length_bound_gives_way_to_the_configured_one(upstream: FaultUpstream) -> None:
+    """The openai SDK sends ``max_tokens=None`` as null; passed on, an upstream would
+    generate without bound (a local server until its context is full)."""
+    worker = _openai(upstream, max_tokens=100)
+    _run(worker, lambda: worker.complete(_job({"max_tokens": None}), Generation()))
+    assert upstream.calls[-1].body["max_tokens"] == 100
+    _run(worker, lambda: worker.complete(_job({"max_completion_tokens": None}), Generation()))
+    sent = upstream.calls[-1].body
+    assert sent["max_tokens"] == 100 and "max_completion_tokens" not in sent
+
+
 async def _collect(pieces: Any) -> list[str]:
     return [piece async for piece in pieces]
 
