@@ -186,13 +186,92 @@ class InferenceConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fie
         return self.worker in ("openai", "anthropic", "pool")
 
 
+_REDACT_ACTION = Literal["mask", "hash", "drop", "keep"]
+_ACTION_DOC = (
+    '"mask" writes [{kind}], "hash" [{kind}:<10 hex>] (a keyed hash: the same value gives '
+    'the same tag for the whole run), "drop" removes it, "keep" does not look for it.'
+)
+_PATTERN_EXAMPLE = {"name": "employee_id", "regex": "EMP-[0-9]{6}", "action": "mask"}
+
+
+class RedactPattern(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A pattern of your own to redact, matched inside one word."""
+
+    name: Annotated[
+        str,
+        Meta(pattern=r"^[a-z0-9][a-z0-9_]{0,31}$"),
+        _doc("Its placeholder: [name] (lower case, digits, _)."),
+    ]
+    regex: Annotated[str, Meta(min_length=1), _doc("A Python regular expression.")]
+    action: Annotated[_REDACT_ACTION, _doc(_ACTION_DOC.replace("{kind}", "name"))] = "mask"
+
+
+class RedactConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """PII and secrets in the model's output, masked, hashed or dropped (README: Redaction).
+
+    Streams are redacted too: a value split across chunks is still caught, because
+    post holds back the unfinished last word (or group of digits) until the next
+    chunk shows it cannot become one.
+    """
+
+    enabled: Annotated[bool, _doc("true: redact every reply (off: no surprise rewriting).")] = False
+    email: Annotated[_REDACT_ACTION, _doc("Email addresses. " + _ACTION_DOC)] = "mask"
+    phone: Annotated[_REDACT_ACTION, _doc("Phone numbers: 10 to 15 digits, or 8+ after a +.")] = (
+        "mask"
+    )
+    card: Annotated[
+        _REDACT_ACTION, _doc("Payment card numbers: 13 to 19 digits that pass Luhn.")
+    ] = "mask"
+    iban: Annotated[_REDACT_ACTION, _doc("IBANs that pass the mod-97 check.")] = "mask"
+    ssn: Annotated[_REDACT_ACTION, _doc("US social security numbers (123-45-6789).")] = "mask"
+    ip: Annotated[_REDACT_ACTION, _doc("IPv4 and IPv6 addresses.")] = "mask"
+    api_key: Annotated[
+        _REDACT_ACTION,
+        _doc(
+            "Keys and tokens with a known provider prefix (sk-, sk-ant-, ghp_, github_pat_, "
+            "xoxb-, AKIA, AIza, glpat-, JWTs) and the token after Bearer."
+        ),
+    ] = "mask"
+    secret: Annotated[
+        _REDACT_ACTION,
+        _doc(
+            "Other high-entropy strings: 24+ letters, digits, _ and -, with both letters "
+            "and digits."
+        ),
+    ] = "mask"
+    patterns: Annotated[
+        list[RedactPattern],
+        _doc(
+            "Patterns of your own, each a [[stages.post.redact.patterns]] table; counted "
+            'in metrics as kind "custom".',
+            [_PATTERN_EXAMPLE],
+        ),
+    ] = []
+    json_output: Annotated[
+        bool,
+        _doc(
+            "Also rewrite replies the client asked to be JSON (response_format): off, "
+            "since a masked number can break the document."
+        ),
+    ] = False
+    hash_key_env: Annotated[
+        str,
+        Meta(pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$"),
+        _doc(
+            "Environment variable holding the hash action's key, to keep tags stable "
+            'across runs (say MPIPELINE_REDACT_KEY). "": a key derived from the run id.'
+        ),
+    ] = ""
+
+
 class PostConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Filters and formats the output, chunk by chunk on streams."""
 
     strip: Annotated[bool, _doc("Trim whitespace around the finished output.")] = True
-    max_output_chars: Annotated[int, _GE1, _doc("Output beyond this many characters is cut.")] = (
-        65536
-    )
+    max_output_chars: Annotated[
+        int, _GE1, _doc("Output beyond this many characters is cut, on streams too.")
+    ] = 65536
+    redact: RedactConfig = msgspec.field(default_factory=RedactConfig)
 
 
 class StreamConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -289,6 +368,8 @@ __all__ = [
     "RING_MIN_BYTES",
     "RagConfig",
     "RateLimitConfig",
+    "RedactConfig",
+    "RedactPattern",
     "RetryConfig",
     "STAGE_ORDER",
     "StageConfig",

@@ -124,6 +124,12 @@ FAMILIES = _families(
         ("kind",),
     ),
     Family("tokens", "counter", "Model tokens, prompt (in) and completion (out).", ("direction",)),
+    Family(
+        "redactions",
+        "counter",
+        "Entities post redacted from output, by kind (never the value).",
+        ("kind",),
+    ),
     # Read by the supervisor from ring headers, the control block, the breaker
     # board and psutil at scrape time (no cells).
     Family("queue_depth", "gauge", "Records waiting in a ring.", ("edge",)),
@@ -222,6 +228,9 @@ ERROR_STAGES = ("gateway", *STAGE_ORDER, "other")
 CODES = (*(str(c) for c in ErrorCode), "other")
 DEDUP_KINDS = ("coalesced", "cached")
 DIRECTIONS = ("in", "out")
+# What post's redaction counts (mpipeline/stages/redact.py): the built-in entities,
+# then every user pattern as one kind (a name from the config is not a fixed label).
+REDACTION_KINDS = ("email", "phone", "card", "iban", "ssn", "ip", "api_key", "secret", "custom")
 
 Key = tuple[str, tuple[str, ...]]
 
@@ -275,6 +284,9 @@ def stage_region(
             r.add("dedup_hits", (kind,))
         for direction in DIRECTIONS:
             r.add("tokens", (direction,))
+    if stage == "post":
+        for kind in REDACTION_KINDS:
+            r.add("redactions", (kind,))
     return r
 
 
@@ -315,6 +327,7 @@ __all__ = [
     "HIST_INF",
     "HIST_SUM",
     "PREFIX",
+    "REDACTION_KINDS",
     "REGION_CELLS",
     "ROUTES",
     "STATUSES",

@@ -42,6 +42,7 @@ METRICS: dict[str, Kind] = {
     "mpipeline_dedup_hits_total": "counter",
     "mpipeline_upstream_calls_total": "counter",
     "mpipeline_tokens_total": "counter",
+    "mpipeline_redactions_total": "counter",
     "mpipeline_time_to_first_token_seconds": "histogram",
     "mpipeline_stage_restarts_total": "counter",
     "mpipeline_event_loop_lag_seconds": "gauge",

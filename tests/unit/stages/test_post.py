@@ -59,8 +59,8 @@ def test_output_at_the_cap_is_untouched() -> None:
     assert _one(_stage(max_output_chars=5), msg) is msg
 
 
-def test_chunks_and_errors_pass_through_unchanged() -> None:
-    stage = _stage(max_output_chars=1)
+def test_chunks_within_the_cap_and_errors_pass_through_unchanged() -> None:
+    stage = _stage(max_output_chars=7)
     chunk = TokenChunk(request_id="r1", session_id=None, reply_to=0, index=0, text="  long ")
     failed = Failed(
         request_id="r1",
@@ -72,3 +72,13 @@ def test_chunks_and_errors_pass_through_unchanged() -> None:
     )
     assert _one(stage, chunk) is chunk
     assert _one(stage, failed) is failed
+
+
+def test_the_cap_cuts_a_stream_too() -> None:
+    """Issue 17: with max_output_chars = 5, a streamed 38-character chunk went out whole."""
+    stage = _stage(max_output_chars=5)
+    chunk = TokenChunk(request_id="r1", session_id=None, reply_to=0, index=0, text="x" * 38)
+    out = _one(stage, chunk)
+    assert isinstance(out, TokenChunk) and out.text == "xxxxx"
+    later = TokenChunk(request_id="r1", session_id=None, reply_to=0, index=1, text="more")
+    assert list(stage.process(later)) == []
