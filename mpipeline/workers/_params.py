@@ -60,6 +60,8 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
 
     temperature: float | None = None
     top_p: float | None = None
+    # Anthropic's (OpenAI has none); a request from /v1/messages carries it.
+    top_k: int | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

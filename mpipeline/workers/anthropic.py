@@ -10,7 +10,7 @@ stream is read a network read at a time: ``generate`` yields token by token,
 ``generate_reads`` one piece per read (the tokens that arrived together).
 
 Of an OpenAI request's other fields it translates what the Messages API has
-(``fields.ANTHROPIC``): ``temperature`` and ``top_p`` as they are, ``stop``
+(``fields.ANTHROPIC``): ``temperature``, ``top_p`` and ``top_k`` as they are, ``stop``
 as ``stop_sequences``, ``max_completion_tokens`` as ``max_tokens``, and tools,
 tool turns, images and ``response_format`` as ``_anthropic_wire`` says;
 ``_anthropic_reply`` turns ``tool_use`` blocks back into OpenAI tool calls
@@ -148,6 +148,8 @@ class AnthropicUpstream(_http.HttpUpstream):
             body["temperature"] = temperature
         if sample.top_p is not None:
             body["top_p"] = sample.top_p
+        if sample.top_k is not None:
+            body["top_k"] = sample.top_k
         if stops := sample.stops:
             body["stop_sequences"] = stops
         tools = plan(job.request.params)

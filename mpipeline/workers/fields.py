@@ -76,7 +76,7 @@ LLAMA_CPP = Capabilities(
 # output as a forced tool (``_anthropic_wire``); no seed, penalties or logprobs.
 ANTHROPIC = Capabilities(
     PIPELINE
-    | {"stop", "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls"}
+    | {"stop", "temperature", "top_p", "top_k", "tools", "tool_choice", "parallel_tool_calls"}
     | {"response_format"},
     True,
     MappingProxyType(

@@ -33,6 +33,7 @@ VALUES: dict[str, Any] = {
     "max_completion_tokens": 5,
     "temperature": 0.5,
     "top_p": 0.5,
+    "top_k": 5,
     "stop": "x",
     "seed": 1,
     "presence_penalty": 0.1,

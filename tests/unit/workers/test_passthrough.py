@@ -187,14 +187,17 @@ def test_echo_stops_at_a_stop_sequence_streamed_or_not() -> None:
     assert refused.value.code == ErrorCode.INVALID_REQUEST
 
 
-def test_anthropic_translates_stop_temperature_and_top_p(upstream: FaultUpstream) -> None:
+def test_anthropic_translates_stop_and_sampling(upstream: FaultUpstream) -> None:
     config = AnthropicConfig(base_url=upstream.url, api_key_env="", timeouts=TIMEOUTS)
     worker = AnthropicUpstream(config)
     request = PromptRequest(
         request_id="r",
         input="hi",
         max_tokens=7,
-        params=b'{"stop": "END", "temperature": 0.5, "top_p": 0.9, "max_completion_tokens": 7}',
+        params=(
+            b'{"stop": "END", "temperature": 0.5, "top_p": 0.9, "top_k": 40, '
+            b'"max_completion_tokens": 7}'
+        ),
     )
     job = Assembled(
         request=request, prompt="", dedup_key="", messages=[Turn(role="user", content="hi")]
@@ -202,7 +205,7 @@ def test_anthropic_translates_stop_temperature_and_top_p(upstream: FaultUpstream
     _run(worker, lambda: worker.complete(job, Generation()))
     sent = upstream.calls[-1].body
     assert sent["stop_sequences"] == ["END"] and sent["max_tokens"] == 7
-    assert (sent["temperature"], sent["top_p"]) == (0.5, 0.9)
+    assert (sent["temperature"], sent["top_p"], sent["top_k"]) == (0.5, 0.9, 40)
     assert "stop" not in sent and "max_completion_tokens" not in sent
 
 
