@@ -29,12 +29,14 @@ from mpipeline.dlq._files import DLQ_FILE, KEEP_FILES, MAX_FILE_BYTES, all_files
 from mpipeline.dlq._reader import Listed, listing, read_entries
 from mpipeline.dlq._records import (
     MAX_RECORD_BYTES,
+    ChatPayload,
     ClaimMarker,
     DeadLetter,
     Entry,
     ReplayMarker,
     RequestPayload,
     ResultPayload,
+    TurnPayload,
     gone_letter,
     letter_for,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "Listed",
     "ReplayMarker",
     "RequestPayload",
+    "TurnPayload",
+    "ChatPayload",
     "ResultPayload",
     "all_files",
     "claim",

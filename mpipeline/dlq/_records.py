@@ -13,7 +13,7 @@ from typing import TypeAlias
 import msgspec
 
 from mpipeline.errors import ErrorCode
-from mpipeline.messages import Completed, Failed, Priority, PromptRequest
+from mpipeline.messages import Completed, Failed, Priority, PromptRequest, Turn
 
 # A record is cut to this many bytes (the JSON line, newline included): big
 # enough for a long prompt, small enough that one odd request never costs the
@@ -23,8 +23,61 @@ MAX_RECORD_BYTES = 256 * 1024
 _FIRST_CUT = 2
 
 
+# The default of the optional JSON fields below: omit_defaults leaves a field out
+# only when it holds this very object, so empty JSON is always this one.
+_NO_JSON = msgspec.Raw()
+
+
+def _json(data: bytes) -> msgspec.Raw:
+    return msgspec.Raw(data) if data else _NO_JSON
+
+
+class TurnPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One message of the conversation before the input, by name (not the rings'
+    positional ``Turn``); ``raw`` is the client's own JSON of a structured one."""
+
+    role: str
+    content: str
+    raw: msgspec.Raw = _NO_JSON
+
+    @classmethod
+    def of(cls, turn: Turn) -> TurnPayload:
+        return cls(role=turn.role, content=turn.content, raw=_json(turn.raw))
+
+    def turn(self) -> Turn:
+        return Turn(role=self.role, content=self.content, raw=bytes(self.raw))
+
+
+class ChatPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a chat (or other OpenAI) request carries beyond its input: the
+    conversation before it, its other fields and its input message as the client
+    sent them (JSON, kept as JSON so the file stays readable), its model and
+    endpoint. A replay without them would be another request."""
+
+    history: list[TurnPayload] = []
+    params: msgspec.Raw = _NO_JSON
+    input_raw: msgspec.Raw = _NO_JSON
+    model: str = ""
+    endpoint: str = ""
+
+    @classmethod
+    def of(cls, request: PromptRequest) -> ChatPayload | None:
+        """None for a plain prompt, the usual case (the record stays as it was)."""
+        if not (request.history or request.params or request.input_raw):
+            if not (request.model or request.endpoint):
+                return None
+        return cls(
+            history=[TurnPayload.of(t) for t in request.history],
+            params=_json(request.params),
+            input_raw=_json(request.input_raw),
+            model=request.model,
+            endpoint=request.endpoint,
+        )
+
+
 class RequestPayload(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything the client sent, enough to submit the request again."""
+    """Everything the client sent, enough to submit the request again (``chat``:
+    the conversation, fields, model and endpoint of a request that has them)."""
 
     input: str
     session_id: str | None = None
@@ -35,6 +88,7 @@ class RequestPayload(msgspec.Struct, frozen=True, kw_only=True):
     deadline_ms: float | None = None
     max_tokens: int | None = None
     stream: bool = False
+    chat: ChatPayload | None = None
 
     def priority_value(self) -> Priority:
         try:
@@ -134,6 +188,7 @@ def letter_for(request: PromptRequest, failed: Failed, deadline_ms: float | None
             deadline_ms=deadline_ms,
             max_tokens=request.max_tokens,
             stream=request.stream,
+            chat=ChatPayload.of(request),
         ),
     )
 
@@ -205,6 +260,9 @@ def _cut(entry: Entry, keep: int, whole: int) -> Entry:
             input=req.input[:keep],
             session_id=_clip(req.session_id, keep),
             metadata=_clip_map(req.metadata, keep),
+            # Not cut but left out: a cut JSON document or conversation is another
+            # request, and a cut record is never replayed anyway.
+            chat=None,
         )
     res = entry.result
     if res is not None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from mpipeline.dlq import Claimed, Listed, ReplayMarker
     from mpipeline.pipeline import Pipeline
 
+
 # Replays in flight at once: enough to drain a backlog fast, few enough that a
 # replay never sheds its own requests on a pipeline that is just recovering.
 REPLAY_CONCURRENCY = 32
@@ -83,12 +84,14 @@ async def _replay(
 
 
 async def _resubmit(p: Pipeline, claimed: Claimed, deadline_ms: float | None) -> ReplayMarker:
-    from mpipeline.dlq import ReplayMarker
+    from mpipeline.dlq import ChatPayload, ReplayMarker
     from mpipeline.errors import RequestFailed
 
     rid, token = claimed.item.record.id, claimed.claim.claim
     req = claimed.item.record.request
     assert req is not None
+    # The conversation, fields and model of a chat request; none of a plain prompt.
+    chat = req.chat or ChatPayload()
     try:
         done = await p.submit(
             req.input,
@@ -97,6 +100,11 @@ async def _resubmit(p: Pipeline, claimed: Claimed, deadline_ms: float | None) ->
             priority=req.priority_value(),
             deadline_ms=deadline_ms if deadline_ms is not None else req.deadline_ms,
             max_tokens=req.max_tokens,
+            history=[t.turn() for t in chat.history] or None,
+            params=bytes(chat.params) or None,
+            input_raw=bytes(chat.input_raw) or None,
+            model=chat.model or None,
+            endpoint=chat.endpoint or None,
         )
     except RequestFailed as exc:
         return ReplayMarker(

@@ -42,7 +42,15 @@ from mpipeline.dlq import (
     read_entries,
 )
 from mpipeline.errors import ErrorCode, ExitCode, MPipelineError, RequestFailed
-from mpipeline.messages import Completed, Failed, Priority, PromptRequest, Usage, failed_from
+from mpipeline.messages import (
+    Completed,
+    Failed,
+    Priority,
+    PromptRequest,
+    Turn,
+    Usage,
+    failed_from,
+)
 from mpipeline.ops import dlq as _cli_dlq
 from mpipeline.pipeline import Pipeline
 from mpipeline.pipeline._inflight import Pending
@@ -127,12 +135,81 @@ def test_records_round_trip_as_one_tagged_json_object_per_line(path: Path) -> No
         "deadline_ms": 250.0,
         "max_tokens": 64,
         "stream": False,
+        "chat": None,
     }
     assert json.loads(lines[1])["request"] is None
     assert json.loads(lines[1])["result"]["text"] == "the answer"
     assert json.loads(lines[2])["result"]["outcome"] == "stage_error"
     assert json.loads(lines[3])["kind"] == "replayed"
     assert dead.request is not None and dead.request.priority_value() is Priority.HIGH
+
+
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+ASKED = {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}
+RESULT = {"role": "tool", "tool_call_id": "c1", "content": "sunny"}
+PARAMS = {"temperature": 0.2, "tools": [{"type": "function", "function": {"name": "f"}}]}
+
+
+def _conversation() -> PromptRequest:
+    """A chat request that only its history, fields and model make what it is."""
+    return _request(
+        history=[
+            Turn(role="user", content="weather?"),
+            Turn(role="assistant", content="", raw=msgspec.json.encode(ASKED)),
+        ],
+        params=msgspec.json.encode(PARAMS),
+        input_raw=msgspec.json.encode(RESULT),
+        model="beta",
+        endpoint="",
+    )
+
+
+def test_a_record_keeps_the_conversation_fields_and_model_as_json(path: Path) -> None:
+    """Without them a replay would be another request (a tool result as plain text)."""
+    dead = letter_for(_conversation(), _failed(), 250.0)
+    _write(path, [dead])
+    assert list(read_entries(path)) == [dead]
+    chat = json.loads(path.read_bytes())["request"]["chat"]
+    assert chat == {
+        "history": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "raw": ASKED},
+        ],
+        "params": PARAMS,
+        "input_raw": RESULT,
+        "model": "beta",
+    }
+
+
+def test_a_replay_sends_the_request_as_it_was(path: Path) -> None:
+    """``dlq replay`` resubmits history, fields, input JSON, model and endpoint."""
+    from types import SimpleNamespace
+
+    from mpipeline.ops._dlq_replay import _resubmit
+
+    sent: dict[str, Any] = {}
+
+    class Recorder:
+        async def submit(self, text: str, **fields: Any) -> Completed:
+            sent.update(fields, text=text)
+            return Completed(
+                request_id="new0-1",
+                session_id=None,
+                reply_to=0,
+                text="",
+                usage=Usage(prompt_tokens=0, completion_tokens=0),
+            )
+
+    original = _conversation()
+    record = letter_for(original, _failed(), 250.0)
+    claimed: Any = SimpleNamespace(
+        item=SimpleNamespace(record=record), claim=SimpleNamespace(claim="t1")
+    )
+    marker = asyncio.run(_resubmit(Recorder(), claimed, None))  # type: ignore[arg-type]
+    assert marker.outcome == "ok" and marker.new_request_id == "new0-1"
+    assert sent["text"] == original.input and sent["history"] == original.history
+    assert (sent["params"], sent["input_raw"]) == (original.params, original.input_raw)
+    assert (sent["model"], sent["endpoint"]) == ("beta", None)
 
 
 def test_file_is_0600_in_a_0700_dir_even_with_umask_0(path: Path) -> None:
