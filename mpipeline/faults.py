@@ -3,7 +3,9 @@
 Honoured only when ``MPIPELINE_TESTING=1`` as well, so a stray variable in
 production does nothing. Kinds: ``boot_error`` (fail before ready),
 ``crash_after=N`` (hard exit after N messages), ``raise_on=TEXT`` (raise
-for inputs containing TEXT), ``hang_after=N`` (block the loop after N).
+for inputs containing TEXT), ``hang_after=N`` (block the loop after N),
+``busy_ms=N`` (burn N ms of CPU per message: a CPU-bound stage that makes
+progress, whatever the stage's own cost).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Faults:
     crash_after: int | None = None
     raise_on: str | None = None
     hang_after: int | None = None
+    busy_ms: int | None = None
 
     @property
     def any(self) -> bool:
@@ -43,7 +46,7 @@ def for_stage(stage: str, env: dict[str, str] | None = None) -> Faults:
         kind, _, arg = what.partition("=")
         if kind == "boot_error":
             kw["boot_error"] = True
-        elif kind in ("crash_after", "hang_after"):
+        elif kind in ("crash_after", "hang_after", "busy_ms"):
             kw[kind] = int(arg)
         elif kind == "raise_on":
             kw["raise_on"] = arg
@@ -60,6 +63,10 @@ def _check(faults: Faults, seen: int, msg: Message) -> None:
         os._exit(70)
     if faults.hang_after is not None and seen > faults.hang_after:
         time.sleep(3600)  # block the event loop: alive but hung
+    if faults.busy_ms is not None:
+        until = time.perf_counter() + faults.busy_ms / 1000
+        while time.perf_counter() < until:  # CPU, not a sleep: busy, not hung
+            pass
     req = request_of(msg)
     if faults.raise_on and isinstance(req, PromptRequest) and faults.raise_on in req.input:
         raise RuntimeError("injected raise_on fault")

@@ -505,9 +505,14 @@ def test_busy_cpu_bound_stage_is_not_mistaken_for_hung(
 ) -> None:
     docs = tmp_path / "docs"
     _write_corpus(docs)
-    # Each retrieval costs milliseconds of CPU; a burst keeps rag busy for seconds,
-    # longer than the liveness timeout, while it makes steady progress.
-    sp = start_supervisor({"stages.rag.documents": str(docs), "supervisor.liveness_timeout_s": 1.0})
+    # Each message costs rag 10 ms of CPU (bm25s alone answers in a fraction of a
+    # millisecond, which would prove nothing): the burst keeps it busy for 5 s, longer
+    # than the liveness timeout, while it makes steady progress. The timeout is 2 s,
+    # not 1: on a loaded 2-core box a process can go a second without the CPU at all.
+    sp = start_supervisor(
+        {"stages.rag.documents": str(docs), "supervisor.liveness_timeout_s": 2.0},
+        env=faults_env("rag:busy_ms=10"),
+    )
     query = " ".join(f"term{i}" for i in range(6))
 
     async def main() -> list[Outcome]:
