@@ -27,6 +27,7 @@ __all__ = [
     "FLOW",
     "STAGE_ORDER",
     "Assembled",
+    "Citation",
     "Completed",
     "Failed",
     "Message",
@@ -138,6 +139,9 @@ class PromptRequest(Message, tag="req", frozen=True, kw_only=True):
     # upstream gets as it came, and rag and assemble leave the request alone.
     # "": a chat request (every other field above applies).
     endpoint: str = ""
+    # Where rag's context came from, set by rag and carried on to the reply
+    # (``Completed.citations``) so that assemble need not know about them.
+    citations: list[Citation] = []
 
 
 class Passage(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
@@ -145,6 +149,16 @@ class Passage(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fal
 
     source: str
     text: str
+    score: float
+    # Which chunk of ``source`` (from 0): chunks overlap, so (source, chunk) names one.
+    chunk: int = 0
+
+
+class Citation(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
+    """Where a passage of the context came from: what the gateway returns to the client."""
+
+    source: str
+    chunk: int
     score: float
 
 
@@ -226,6 +240,8 @@ class Completed(Reply, tag="done", frozen=True, kw_only=True):
     stamps: dict[str, int] = {}
     raw: bytes = b""
     verbatim: bool = False
+    # The request's ``citations`` (rag's sources), for the gateway to return.
+    citations: list[Citation] = []
 
 
 class Failed(Reply, tag="fail", frozen=True, kw_only=True):

@@ -28,6 +28,14 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="count metrics in the stages and serve /metrics (default on, as deployed); "
         "both: each core count with metrics on, then off, and the cost between them",
     )
+    bench.add_argument(
+        "--workload",
+        choices=("echo", "realistic"),
+        default="echo",
+        help="echo: every stage passes requests on (the pipeline's own cost); realistic: "
+        "rag over 10,000 generated passages, a token budget, replies with planted PII "
+        "redacted by post (default echo)",
+    )
     bench.add_argument("--quick", action="store_true", help="short phases (a smoke test)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     bench.add_argument("--json", type=Path, default=None, metavar="FILE")
@@ -179,6 +187,13 @@ def _cpu_list(text: str) -> tuple[int, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.workload != "echo" and (args.http or args.upstream or args.metrics == "both"):
+        print(
+            "mpipeline bench: --workload realistic runs in-process: "
+            "not with --http, --upstream or --metrics both",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     if args.upstream and args.http:
         print("mpipeline bench: --upstream and --http are separate benches", file=sys.stderr)
         return ExitCode.USAGE
@@ -210,7 +225,16 @@ def _bench(args: argparse.Namespace) -> int:
         metrics=args.metrics,
     )
     _bench_logging()
-    return benchmark.main(opts)
+    if args.workload == "echo":
+        return benchmark.main(opts)
+    import dataclasses
+
+    from mpipeline.bench import workload
+
+    with workload.temp_folder() as tmp:
+        realistic = workload.realistic(Path(tmp), quick=args.quick)
+        rates = realistic.rates if args.rates is None else opts.rates
+        return benchmark.main(dataclasses.replace(opts, workload=realistic, rates=rates))
 
 
 def _bench_http(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from mpipeline.bench import report as rep
 from mpipeline.bench.baseline import AsyncioPipeline
 from mpipeline.bench.cpu import CpuMeter, pin
 from mpipeline.bench.load import Load, Phase, Progress, Target, closed_loop, open_loop
+from mpipeline.bench.workload import Realistic
 from mpipeline.config import PipelineConfig, active_stages, pinning
 from mpipeline.metrics.snapshot import snapshot
 from mpipeline.pipeline import Pipeline
@@ -69,6 +70,8 @@ class Options:
     shared: bool = False
     # "both": each core count with metrics on, then off, side by side (issue 6's 3 % budget).
     metrics: MetricsMode = "on"
+    # ``--workload realistic`` (None: echo): its config, prompts and reply checks.
+    workload: Realistic | None = None
 
 
 def options(
@@ -122,6 +125,8 @@ def command_line(opts: Options) -> list[str]:
         cmd.append("--no-baseline")
     if opts.metrics != "on":
         cmd += ["--metrics", opts.metrics]
+    if opts.workload is not None:
+        cmd += ["--workload", "realistic"]
     return cmd
 
 
@@ -131,11 +136,12 @@ def config_for_cores(
     *,
     shared: bool = False,
     metrics: bool = True,
+    heavy: str = "inference",
 ) -> PipelineConfig:
     """The bench's pipeline on ``cores``: echo, no delay, shards = cores.
 
-    Inference gets one shard per core; rag, assemble, post and stream get one
-    replica per ``CORES_PER_SIDE_REPLICA`` cores (at least one), since each
+    ``heavy`` (inference; the stage with the most work) gets one replica per
+    core; the others one replica per ``CORES_PER_SIDE_REPLICA`` cores (at least one), since each
     costs a fraction of a shard. Replicas are dealt over ``cores`` in flow
     order, one core each, wrapping when there are more replicas than cores
     (the way ``cpus = "auto"`` deals the affinity mask), so consecutive stages
@@ -152,7 +158,7 @@ def config_for_cores(
     updates = {}
     for name, _ in active_stages(cfg):
         st = getattr(stages, name)
-        n = c if name == "inference" else side
+        n = c if name == heavy else side
         if shared:
             cpus, per = list(cores), c
         else:
@@ -205,7 +211,7 @@ async def _phases(
     label: str,
     progress: Progress,
 ) -> list[Phase]:
-    load = Load(window=window)
+    load = Load(window=window, texts=opts.workload.prompts()) if opts.workload else Load(window)
     cpu = CpuMeter(pids, cores)
     if opts.warmup_s > 0:
         await closed_loop(target, load, requests=None, duration_s=opts.warmup_s)
@@ -238,13 +244,21 @@ async def _phases(
             name, f"p50 {lat.p50_us:,.0f} us, p95 {lat.p95_us:,.0f}, p99 {lat.p99_us:,.0f}"
         )
         phases.append(phase)
+    if opts.workload is not None:
+        await opts.workload.check(target, label.rstrip(":"))
     return phases
+
+
+def _workload(opts: Options) -> tuple[PipelineConfig | None, str]:
+    """The base config and the stage given a replica per core, for ``opts.workload``."""
+    return (opts.workload.config, opts.workload.heavy) if opts.workload else (None, "inference")
 
 
 async def _run_pipeline(
     cores: list[int], opts: Options, progress: Progress, *, metrics: bool = True
 ) -> rep.Run:
-    cfg = config_for_cores(cores, shared=opts.shared, metrics=metrics)
+    base, heavy = _workload(opts)
+    cfg = config_for_cores(cores, base, shared=opts.shared, metrics=metrics, heavy=heavy)
     window = window_for(cfg, opts)
     restore = pin(cores)  # before the supervisor starts: it and its children inherit the mask
     try:
@@ -269,7 +283,8 @@ async def _run_pipeline(
 
 
 async def _run_baseline(cores: list[int], opts: Options, progress: Progress) -> rep.Run:
-    cfg = config_for_cores(cores)
+    base, heavy = _workload(opts)
+    cfg = config_for_cores(cores, base, heavy=heavy)
     window = window_for(cfg, opts)
     restore = pin(cores[:1])
     try:
@@ -340,7 +355,7 @@ async def run(opts: Options) -> rep.Report:
         "output_tokens": 16,
         "metrics": opts.metrics,
     }
-    return rep.Report(
+    report = rep.Report(
         machine=rep.machine(),
         command=command_line(opts),
         settings=settings,
@@ -351,6 +366,7 @@ async def run(opts: Options) -> rep.Report:
         verdicts=rep.verdicts(runs, baseline),
         metrics_ab=ab,
     )
+    return opts.workload.report(report) if opts.workload else report
 
 
 def main(opts: Options) -> int:
@@ -367,6 +383,11 @@ def main(opts: Options) -> int:
         return 2
     report = uvloop.run(run(opts))
     sys.stdout.write(rep.table(report) + "\n")
+    problems = opts.workload.problems() if opts.workload else []
+    if opts.workload is not None:
+        sys.stdout.write(opts.workload.summary() + "\n")
+    for problem in problems:
+        rep.stderr(f"the workload did not do its work: {problem}")
     if opts.json_path is not None:
         rep.write_json(report, opts.json_path)
         rep.stderr(f"wrote {opts.json_path}")
@@ -374,4 +395,4 @@ def main(opts: Options) -> int:
         rep.plot(report, opts.plot_path)
         rep.stderr(f"wrote {opts.plot_path}")
     failed = sum(p.failed for r in report.runs for p in r.phases)
-    return 0 if failed == 0 and report.runs else 1
+    return 0 if failed == 0 and report.runs and not problems else 1

@@ -81,6 +81,8 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     # after the one in ``runs`` (metrics off, off, on: an ABBA sequence, so a drift
     # of the machine over the four runs cancels out of the comparison).
     metrics_ab: list[Run] = msgspec.field(default_factory=list)
+    # ``--workload realistic``: each side's replies, read after its phases (bench.workload).
+    checks: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
 
 
 def machine() -> Machine:

@@ -42,6 +42,7 @@ from mpipeline.config.tables import (
     Cpus,
     PinnedConfig,
     PipelineConfig,
+    RagConfig,
     StageConfig,
 )
 from mpipeline.config.tables import __all__ as _tables
@@ -264,6 +265,8 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
         # Never echo it: someone may have pasted the token itself here.
         out.append(("gateway.auth_token_env", "must be the NAME of an environment variable"))
     out += check_served(cfg)
+    if cfg.stages.rag.enabled:
+        out += _check_rag(cfg.stages.rag)
     slots = cfg.gateway.rate_limit.session_slots
     if slots & (slots - 1):
         out.append(("gateway.rate_limit.session_slots", f"{slots} is not a power of two"))
@@ -285,6 +288,23 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
             "(docker run --shm-size)"
         )
         out.append((field, message))
+    return out
+
+
+def _check_rag(rag: RagConfig) -> list[_toml.Problem]:
+    """The documents folder exists and holds a corpus file: found now, not as a boot
+    error of every rag replica (the retriever checks again when it loads)."""
+    out: list[_toml.Problem] = []
+    if rag.chunk_overlap >= rag.chunk_tokens:
+        out.append(("stages.rag.chunk_overlap", f"must be < chunk_tokens ({rag.chunk_tokens})"))
+    if rag.documents is None:
+        return out
+    folder = Path(rag.documents).expanduser()
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        out.append(("stages.rag.documents", f"{folder} {what}"))
+    elif not any(p.suffix in (".txt", ".md") and p.is_file() for p in folder.rglob("*")):
+        out.append(("stages.rag.documents", f"{folder} holds no .txt or .md file"))
     return out
 
 

@@ -19,6 +19,7 @@ from msgspec import Meta
 
 from mpipeline.config._base import (
     _DEADLINE,
+    _GE0,
     _GE1,
     _RING,
     _SECONDS,
@@ -34,6 +35,7 @@ from mpipeline.config._base import (
     _Table,
 )
 from mpipeline.config.models import MODELS_DOC, ModelConfig
+from mpipeline.config.redact import RedactConfig, RedactPattern
 from mpipeline.config.serving import (
     GatewayConfig,
     MetricsConfig,
@@ -92,12 +94,45 @@ class RagConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     documents: Annotated[
         str | None,
         _doc(
-            "Folder of .txt/.md documents to retrieve from. Unset: rag passes requests "
-            "through with no context.",
+            "Folder of .txt/.md documents to retrieve from (relative: to the working "
+            "directory); it must exist and hold at least one such file. Unset: rag passes "
+            "requests through with no context. A change to its files (checked every "
+            "reload_poll_s) or a SIGHUP to a rag replica rebuilds the index in the "
+            "background; requests keep the old one until the new one is swapped in.",
             "docs/",
         ),
     ] = None
+    index_dir: Annotated[
+        str | None,
+        _doc(
+            "Folder of built indexes, one sub-folder per state of the corpus, which every "
+            "rag replica memory-maps (`mpipeline index build` fills it ahead of a start). "
+            "Unset: rag-index in the run dir.",
+            "/var/cache/mpipeline/rag-index",
+        ),
+    ] = None
     top_k: Annotated[int, _GE1, _doc("Passages retrieved per prompt.")] = 3
+    chunk_tokens: Annotated[
+        int, _GE1, _doc("Length of a passage, in tokens (a word or a punctuation mark).")
+    ] = 200
+    chunk_overlap: Annotated[
+        int,
+        Meta(ge=0),
+        _doc("Tokens that consecutive passages of a file share; less than chunk_tokens."),
+    ] = 40
+    context_tokens: Annotated[
+        int,
+        Meta(ge=0),
+        _doc(
+            "Most tokens of retrieved context per prompt: passages are taken best first "
+            "until the next would go over. 0: no limit but top_k."
+        ),
+    ] = 1000
+    reload_poll_s: Annotated[
+        float,
+        Meta(ge=0),
+        _doc("Seconds between checks of the documents for changes. 0: only SIGHUP reloads."),
+    ] = 2.0
 
 
 class AssembleConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -110,9 +145,29 @@ class AssembleConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fiel
     system_prompt: Annotated[str, _doc("System message placed before the user's input.")] = (
         "You are a helpful assistant."
     )
+    budget_tokens: Annotated[
+        int,
+        _GE0,
+        _doc(
+            "Most prompt tokens assemble sends on: system prompt, retrieved context, history "
+            "and input, with the chat framing. 0: the model's own limit where assemble knows "
+            "it (llama_cpp: n_ctx minus the request's max_tokens, counted with the model's "
+            "vocabulary), else none. Other workers' tokens are estimated (README: assemble). "
+            "What does not fit goes whole, oldest history turns first, then the least "
+            "relevant context (the last passage kept may be cut); a request whose system "
+            "prompt and input alone do not fit gets 400 invalid_request."
+        ),
+    ] = 0
     max_prompt_chars: Annotated[
-        int, _GE1, _doc("Longest prompt, in characters, that assemble sends on to inference.")
-    ] = 32768
+        int,
+        _GE0,
+        _doc(
+            "Most characters of turn text (system, context, history, input; not the "
+            "template's framing) assemble sends on, fitted as budget_tokens is; 0: no "
+            "bound. Superseded by budget_tokens, which counts what models limit; kept as "
+            "a second bound."
+        ),
+    ] = 0
 
 
 class InferenceConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -184,84 +239,6 @@ class InferenceConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fie
     def remote(self) -> bool:
         """Whether the worker calls servers over the network (and so needs circuits)."""
         return self.worker in ("openai", "anthropic", "pool")
-
-
-_REDACT_ACTION = Literal["mask", "hash", "drop", "keep"]
-_ACTION_DOC = (
-    '"mask" writes [{kind}], "hash" [{kind}:<10 hex>] (a keyed hash: the same value gives '
-    'the same tag for the whole run), "drop" removes it, "keep" does not look for it.'
-)
-_PATTERN_EXAMPLE = {"name": "employee_id", "regex": "EMP-[0-9]{6}", "action": "mask"}
-
-
-class RedactPattern(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A pattern of your own to redact, matched inside one word."""
-
-    name: Annotated[
-        str,
-        Meta(pattern=r"^[a-z0-9][a-z0-9_]{0,31}$"),
-        _doc("Its placeholder: [name] (lower case, digits, _)."),
-    ]
-    regex: Annotated[str, Meta(min_length=1), _doc("A Python regular expression.")]
-    action: Annotated[_REDACT_ACTION, _doc(_ACTION_DOC.replace("{kind}", "name"))] = "mask"
-
-
-class RedactConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """PII and secrets in the model's output, masked, hashed or dropped (README: Redaction).
-
-    Streams are redacted too: a value split across chunks is still caught, because
-    post holds back the unfinished last word (or group of digits) until the next
-    chunk shows it cannot become one.
-    """
-
-    enabled: Annotated[bool, _doc("true: redact every reply (off: no surprise rewriting).")] = False
-    email: Annotated[_REDACT_ACTION, _doc("Email addresses. " + _ACTION_DOC)] = "mask"
-    phone: Annotated[_REDACT_ACTION, _doc("Phone numbers: 10 to 15 digits, or 8+ after a +.")] = (
-        "mask"
-    )
-    card: Annotated[
-        _REDACT_ACTION, _doc("Payment card numbers: 13 to 19 digits that pass Luhn.")
-    ] = "mask"
-    iban: Annotated[_REDACT_ACTION, _doc("IBANs that pass the mod-97 check.")] = "mask"
-    ssn: Annotated[_REDACT_ACTION, _doc("US social security numbers (123-45-6789).")] = "mask"
-    ip: Annotated[_REDACT_ACTION, _doc("IPv4 and IPv6 addresses.")] = "mask"
-    api_key: Annotated[
-        _REDACT_ACTION,
-        _doc(
-            "Keys and tokens with a known provider prefix (sk-, sk-ant-, ghp_, github_pat_, "
-            "xoxb-, AKIA, AIza, glpat-, JWTs) and the token after Bearer."
-        ),
-    ] = "mask"
-    secret: Annotated[
-        _REDACT_ACTION,
-        _doc(
-            "Other high-entropy strings: 24+ letters, digits, _ and -, with both letters "
-            "and digits."
-        ),
-    ] = "mask"
-    patterns: Annotated[
-        list[RedactPattern],
-        _doc(
-            "Patterns of your own, each a [[stages.post.redact.patterns]] table; counted "
-            'in metrics as kind "custom".',
-            [_PATTERN_EXAMPLE],
-        ),
-    ] = []
-    json_output: Annotated[
-        bool,
-        _doc(
-            "Also rewrite replies the client asked to be JSON (response_format): off, "
-            "since a masked number can break the document."
-        ),
-    ] = False
-    hash_key_env: Annotated[
-        str,
-        Meta(pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$"),
-        _doc(
-            "Environment variable holding the hash action's key, to keep tags stable "
-            'across runs (say MPIPELINE_REDACT_KEY). "": a key derived from the run id.'
-        ),
-    ] = ""
 
 
 class PostConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -26,6 +26,7 @@ from mpipeline.gateway.openai_shapes import (
     ChatCompletion,
     ChatUsage,
     Choice,
+    CitationOut,
     OpenAIError,
     OpenAIErrorBody,
 )
@@ -102,6 +103,7 @@ def completion(done: Completed, created: int, model: str) -> bytes:
             model=model,
             choices=[choice],
             usage=ChatUsage.of(done.usage),
+            citations=CitationOut.all_of(done.citations),
         )
     )
 
@@ -122,6 +124,8 @@ def _structured(done: Completed, cid: str, created: int, model: str) -> bytes | 
         message["content"] = done.text  # as post left it
     choice["finish_reason"] = done.finish_reason
     doc["usage"] = _usage(doc.get("usage"), done.usage)
+    if done.citations:
+        doc["citations"] = CitationOut.all_of(done.citations)
     return _ENCODE(doc)
 
 
@@ -149,9 +153,9 @@ class ChunkRenderer:
         # An upstream chunk passed on already carried the finish reason.
         self._finished = False
 
-    def _chunk(self, delta: dict[str, str], finish: str | None = None) -> bytes:
+    def _chunk(self, delta: dict[str, str], finish: str | None = None, **extra: object) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return self._event([choice])
+        return self._event([choice], **extra)
 
     def _event(self, choices: list[dict[str, object]], **extra: object) -> bytes:
         body = {
@@ -176,8 +180,13 @@ class ChunkRenderer:
             if type(event) is StructuredChunk:
                 return out + self._passed_on(event.raw)
             return out + (self._chunk({"content": event.text}) if event.text else b"")
+        # The citations extension rides on the finish chunk (a chunk of its own,
+        # with no choices, only when the upstream's finish chunk was passed on).
+        cited = {"citations": CitationOut.all_of(event.citations)} if event.citations else {}
         if not self._finished:
-            out += self._chunk({}, event.finish_reason)
+            out += self._chunk({}, event.finish_reason, **cited)
+        elif cited:
+            out += self._event([], **cited)
         if self._include_usage:
             usage = self._usage_chunk(event)
             out += usage if usage else self._event([], usage=ChatUsage.of(event.usage))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from mpipeline.messages import Usage
+from mpipeline.messages import Citation, Usage
 
 
 class PromptTokensDetails(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +63,20 @@ class Choice(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: dict[str, Any] | None = None
 
 
+class CitationOut(msgspec.Struct, frozen=True, kw_only=True):
+    """A source of rag's context: the file (relative to ``stages.rag.documents``),
+    its chunk number and the BM25 score. The native result's ``citations`` and the
+    OpenAI extension field of the same name (SDKs keep unknown fields: ``model_extra``)."""
+
+    source: str
+    chunk: int
+    score: float
+
+    @classmethod
+    def all_of(cls, citations: list[Citation]) -> list[CitationOut]:
+        return [cls(source=c.source, chunk=c.chunk, score=round(c.score, 4)) for c in citations]
+
+
 class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A non-streaming chat completion (``object: chat.completion``)."""
 
@@ -73,6 +87,8 @@ class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     choices: list[Choice]
     usage: ChatUsage
     system_fingerprint: str | None = None
+    # An extension: where rag's context came from (absent when rag found none).
+    citations: list[CitationOut] = []
 
 
 class Model(msgspec.Struct, frozen=True, kw_only=True):

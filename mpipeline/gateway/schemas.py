@@ -25,6 +25,7 @@ from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import _json_errors
 from mpipeline.gateway.admission import Refused
 from mpipeline.gateway.exchange import Reply
+from mpipeline.gateway.openai_shapes import CitationOut
 from mpipeline.messages import Completed, Priority, Turn
 from mpipeline.pipeline import RequestOptions, limits
 
@@ -143,6 +144,8 @@ class PromptResult(msgspec.Struct, frozen=True, kw_only=True):
     usage: UsageOut
     # Milliseconds from a stage's receipt of the request to the next stage's.
     timings: dict[str, float]
+    # Where rag's context came from, best first ([] when rag found none or is off).
+    citations: list[CitationOut] = []
 
 
 class ChunkOut(msgspec.Struct, frozen=True, kw_only=True):
@@ -324,6 +327,7 @@ def prompt_result(done: Completed, received_ns: int) -> PromptResult:
         finish_reason=done.finish_reason,
         usage=usage(done),
         timings=timings(done.stamps, received_ns),
+        citations=CitationOut.all_of(done.citations),
     )
 
 

@@ -10,13 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from mpipeline.ops import dlq
+from mpipeline.ops import dlq, index
 from mpipeline.ops.args import add_where, positive_int
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The commands that look at a running pipeline: status, top, profile, dlq."""
     dlq.add_parser(commands)
+    index.add_parser(commands)
     status = commands.add_parser("status", help="replicas and rings of the running pipeline")
     add_where(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")

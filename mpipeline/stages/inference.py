@@ -170,4 +170,5 @@ class Inference(AsyncStage[Assembled, Message]):
             stamps=req.stamps,
             raw=gen.raw,
             verbatim=json_mode(req.params),
+            citations=req.citations,
         )

@@ -65,6 +65,7 @@ def test_default_file_writes_out_every_field() -> None:
     written = set(_config_toml.key_lines(text))
     # Fields whose default is "unset" cannot be written in TOML; they are shown commented.
     written |= {"gateway.auth_token_env", "stages.rag.documents", "stages.stream.sink_jsonl"}
+    written.add("stages.rag.index_dir")
     written |= {
         f"stages.inference.{table}.{name}"
         for table in ("openai", "anthropic")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mpipeline.config import AssembleConfig, PipelineConfig
-from mpipeline.messages import Assembled, Passage, PromptRequest, Retrieved, Turn
+from mpipeline.errors import ErrorCode
+from mpipeline.messages import Assembled, Failed, Passage, PromptRequest, Retrieved, Turn
 from mpipeline.routing import dedup_key
 from mpipeline.stages import StageContext
 from mpipeline.stages.assemble import Assemble, conversation, render
@@ -24,7 +25,7 @@ def _stage(**fields: object) -> Assemble:
 
 def _one(stage: Assemble, msg: Retrieved | PromptRequest) -> Assembled:
     out = list(stage.process(msg))
-    assert len(out) == 1
+    assert len(out) == 1 and isinstance(out[0], Assembled)
     return out[0]
 
 
@@ -77,11 +78,11 @@ def test_a_prompt_request_is_accepted_directly_when_rag_is_off() -> None:
     assert out.prompt == "Where is Paris?"
 
 
-def test_long_prompts_keep_their_end() -> None:
+def test_a_prompt_whose_input_alone_is_too_long_is_refused_not_cut() -> None:
     stage = _stage(max_prompt_chars=60)
-    out = _one(stage, Retrieved(request=_req("x" * 500 + " the question?"), context=CTX))
-    assert len(out.prompt) == 60
-    assert out.prompt.endswith("the question?<|im_end|>\n" + CUE)
+    [out] = list(stage.process(Retrieved(request=_req("x" * 500 + " the question?"), context=CTX)))
+    assert isinstance(out, Failed)
+    assert out.code == ErrorCode.INVALID_REQUEST and "60 characters" in out.reason
 
 
 def test_short_prompts_are_not_touched() -> None:

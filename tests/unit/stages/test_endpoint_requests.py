@@ -4,7 +4,7 @@ leaves them alone, and their dedup key tells them from a chat with the same para
 from __future__ import annotations
 
 from mpipeline.config import AssembleConfig, PipelineConfig
-from mpipeline.messages import PromptRequest, Retrieved
+from mpipeline.messages import Assembled, PromptRequest, Retrieved
 from mpipeline.routing import dedup_key
 from mpipeline.stages.assemble import Assemble
 from mpipeline.stages.base import StageContext
@@ -20,6 +20,7 @@ def test_assemble_passes_an_endpoint_request_on_without_a_prompt() -> None:
     ctx = StageContext("assemble", 0, 1, PipelineConfig())
     stage = Assemble(AssembleConfig(system_prompt="be kind"), ctx)
     (out,) = stage.process(Retrieved(request=_request("/embeddings")))
+    assert isinstance(out, Assembled)
     assert out.request.params == BODY
     assert (out.prompt, out.messages) == ("", [])
 

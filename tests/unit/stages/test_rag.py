@@ -1,22 +1,22 @@
-"""Rag: pass-through without a store, BM25 passages from a folder with one."""
+"""Rag: pass-through without a store; chunked BM25 passages, citations and budget with one."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mpipeline.config import PipelineConfig, RagConfig
 from mpipeline.errors import ConfigError
-from mpipeline.messages import PromptRequest, Retrieved
-from mpipeline.retrieval.bm25 import BM25Index, tokenize
+from mpipeline.messages import Citation, PromptRequest, Retrieved
 from mpipeline.stages import StageContext
 from mpipeline.stages.rag import Rag
 
 DOCS = {
-    "cats.md": "Cats purr when they are content.\n\nCats sleep most of the day.",
-    "dogs.txt": "Dogs bark at strangers.\n\n\n  Dogs fetch sticks and balls.  \n",
+    "cats.md": "Cats purr when they are content. Cats sleep most of the day.",
+    "dogs.txt": "Dogs bark at strangers. Dogs fetch sticks and balls.",
     "deep/rivers.txt": "The Danube flows through Vienna and Budapest.",
     "ignored.py": "cats cats cats dogs dogs purr",
     "empty.md": "\n\n   \n",
@@ -33,6 +33,12 @@ def docs(tmp_path: Path) -> Path:
     return root
 
 
+def _cfg(docs: Path, **fields: Any) -> RagConfig:
+    return RagConfig(
+        documents=str(docs), index_dir=str(docs.parent / "index"), reload_poll_s=0, **fields
+    )
+
+
 def _started(cfg: RagConfig) -> Rag:
     stage = Rag(cfg, StageContext("rag", 0, 1, PipelineConfig()))
     asyncio.run(stage.start())
@@ -43,61 +49,46 @@ def _retrieve(stage: Rag, text: str) -> Retrieved:
     req = PromptRequest(request_id="r1", input=text)
     out = list(stage.process(req))
     assert len(out) == 1
-    assert out[0].request is req
+    assert out[0].request.request_id == "r1" and out[0].request.input == text
     return out[0]
 
 
 def test_without_documents_the_request_passes_with_no_context() -> None:
-    out = _retrieve(_started(RagConfig()), "anything about cats")
-    assert out.context == []
+    req = PromptRequest(request_id="r1", input="anything about cats")
+    (out,) = Rag(RagConfig(), StageContext("rag", 0, 1, PipelineConfig())).process(req)
+    assert out.request is req and out.context == [] and out.request.citations == []
 
 
-def test_finds_the_most_relevant_paragraph_first(docs: Path) -> None:
-    stage = _started(RagConfig(documents=str(docs), top_k=2))
+def test_the_right_file_ranks_first_and_is_cited(docs: Path) -> None:
+    stage = _started(_cfg(docs, top_k=3, chunk_tokens=8, chunk_overlap=2))
     out = _retrieve(stage, "Why do cats purr?")
-    assert [p.source for p in out.context] == ["cats.md", "cats.md"]
-    assert out.context[0].text == "Cats purr when they are content."
-    assert out.context[0].score > out.context[1].score > 0
+    assert out.context[0].source == "cats.md"
+    assert out.context[0].chunk == 0 and out.context[0].text.startswith("Cats purr")
+    assert all(p.score > 0 for p in out.context)
+    assert [p.score for p in out.context] == sorted((p.score for p in out.context), reverse=True)
+    assert out.request.citations == [
+        Citation(source=p.source, chunk=p.chunk, score=p.score) for p in out.context
+    ]
+    (river,) = _retrieve(_started(_cfg(docs, top_k=1)), "river through vienna").context
+    assert river.source == "deep/rivers.txt"
+    assert river.text == DOCS["deep/rivers.txt"]
 
 
-def test_sources_are_relative_paths_and_subfolders_are_indexed(docs: Path) -> None:
-    stage = _started(RagConfig(documents=str(docs), top_k=1))
-    (best,) = _retrieve(stage, "river through vienna").context
-    assert best.source == "deep/rivers.txt"
-    assert best.text == "The Danube flows through Vienna and Budapest."
+def test_unknown_words_find_nothing_and_cite_nothing(docs: Path) -> None:
+    out = _retrieve(_started(_cfg(docs)), "zebra quantum")
+    assert out.context == [] and out.request.citations == []
 
 
-def test_top_k_bounds_the_context_and_unknown_words_find_nothing(docs: Path) -> None:
-    stage = _started(RagConfig(documents=str(docs), top_k=1))
-    assert len(_retrieve(stage, "dogs fetch and bark").context) == 1
-    assert _retrieve(stage, "zebra quantum").context == []
+def test_top_k_and_the_token_budget_bound_the_context(docs: Path) -> None:
+    query = "cats purr dogs bark danube"
+    assert len(_retrieve(_started(_cfg(docs, top_k=2)), query).context) == 2
+    # Each file is one chunk; cats.md, the best, is 13 tokens: a budget of 13 holds it alone.
+    out = _retrieve(_started(_cfg(docs, top_k=3, context_tokens=13)), query)
+    assert len(out.context) == 1 and len(out.request.citations) == 1
 
 
-def test_only_txt_and_md_files_count_and_blank_paragraphs_are_dropped(docs: Path) -> None:
-    index = BM25Index.from_folder(docs)
-    # cats.md: 2, dogs.txt: 2 (stripped), rivers.txt: 1; .py and blank paragraphs ignored.
-    assert len(index) == 5
-    texts = [p.text for p in index.search("dogs", 10)]
-    assert "Dogs fetch sticks and balls." in texts
-    assert all("cats cats cats" not in t for t in texts)
-
-
-def test_a_missing_folder_fails_at_start(tmp_path: Path) -> None:
-    stage = Rag(
-        RagConfig(documents=str(tmp_path / "nope")), StageContext("rag", 0, 1, PipelineConfig())
-    )
-    with pytest.raises(ConfigError, match="is not a folder"):
+def test_a_missing_folder_fails_at_start_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    stage = Rag(_cfg(missing), StageContext("rag", 0, 1, PipelineConfig()))
+    with pytest.raises(ConfigError, match=f"stages.rag.documents: {missing} is not a folder"):
         asyncio.run(stage.start())
-
-
-def test_bm25_prefers_rare_terms_and_shorter_passages() -> None:
-    index = BM25Index(
-        [
-            ("a", "the common word appears here the the"),
-            ("b", "the rare zyzzyva appears here"),
-            ("c", "the rare zyzzyva appears here among many other padding words in a long text"),
-        ]
-    )
-    ranked = index.search("the zyzzyva", 3)
-    assert [p.source for p in ranked][:2] == ["b", "c"]
-    assert tokenize("Héllo, WORLD_1!") == ["héllo", "world_1"]

@@ -62,9 +62,11 @@ def test_trimming_a_long_conversation_drops_a_tool_result_with_its_call() -> Non
         Turn(role="assistant", content="It is sunny."),
     ]
     (out,) = stage.process(_req(history=history))
+    assert isinstance(out, Assembled)
     assert [t.content for t in out.messages] == ["It is sunny.", "sunny"]
     # Under the budget, nothing goes, tool results included.
     (whole,) = stage.process(_req(history=history[1:]))
+    assert isinstance(whole, Assembled)
     assert [t.raw for t in whole.messages] == [RAW_TOOL, b"", b""]
 
 
