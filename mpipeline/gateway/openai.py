@@ -30,14 +30,14 @@ import dataclasses
 import time
 from collections.abc import Mapping
 
-from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import deadlines, openai_request, sse
-from mpipeline.gateway.admission import Admission, Refused
-from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.admission import Admission
+from mpipeline.gateway.exchange import Request, Response
 from mpipeline.gateway.models import Models
 from mpipeline.gateway.openai_fields import Backend
 from mpipeline.gateway.openai_reply import (
     ChunkRenderer,
+    OpenAIErrors,
     completion,
     error_reply,
     failure_reply,
@@ -45,7 +45,7 @@ from mpipeline.gateway.openai_reply import (
 )
 from mpipeline.gateway.openai_request import Chat, ChatBody, ChatMessage, ContentPart
 from mpipeline.gateway.schemas import Problem
-from mpipeline.gateway.style import Handler, Headers, Upgrade
+from mpipeline.gateway.style import Handler, Upgrade
 from mpipeline.pipeline import Pipeline, RequestOptions
 
 __all__ = [
@@ -64,7 +64,7 @@ _DEFAULT_BACKEND = Backend.for_worker("echo")
 MODELS_PATH = "/v1/models"
 
 
-class ChatCompletions:
+class ChatCompletions(OpenAIErrors):
     """The two OpenAI routes over one pipeline client, and OpenAI's error replies."""
 
     prefixes: tuple[str, ...] = ("/v1/chat/", "/v1/models")
@@ -92,28 +92,7 @@ class ChatCompletions:
             f"{MODELS_PATH}/": {"GET": self.model},
         }
 
-    # Error replies
-
-    def error_reply(
-        self,
-        status: int,
-        message: str,
-        *,
-        field: str | None = None,
-        kind: str | None = None,
-        headers: Headers = (),
-    ) -> Reply:
-        return error_reply(status, message, param=field, code=kind, headers=headers)
-
-    def failure_reply(self, exc: RequestFailed) -> Reply:
-        return failure_reply(exc)
-
-    def rate_limited(self, refused: Refused) -> Reply:
-        return self.error_reply(
-            429, refused.message, kind=ErrorCode.RATE_LIMITED, headers=refused.headers
-        )
-
-    # Routes
+    # Routes (the error replies are OpenAIErrors')
 
     async def models(self, request: Request, response: Response) -> None:
         response.send(200, self._models.listing)

@@ -31,12 +31,12 @@ from msgspec import Meta
 from mpipeline.config import InferenceConfig
 from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import deadlines, schemas, sse
-from mpipeline.gateway.admission import Admission, Refused
-from mpipeline.gateway.exchange import Reply, Request, Response
+from mpipeline.gateway.admission import Admission
+from mpipeline.gateway.exchange import Request, Response
 from mpipeline.gateway.models import Models
-from mpipeline.gateway.openai_reply import error_reply, failure_reply, problem_reply
+from mpipeline.gateway.openai_reply import OpenAIErrors, error_reply, failure_reply, problem_reply
 from mpipeline.gateway.schemas import Problem
-from mpipeline.gateway.style import Handler, Headers, Upgrade
+from mpipeline.gateway.style import Handler, Upgrade
 from mpipeline.messages import Completed, StructuredChunk, TokenChunk
 from mpipeline.pipeline import Pipeline, RequestOptions
 
@@ -97,7 +97,7 @@ class _Passed:
         return sse.event(failure_reply(exc).body)
 
 
-class OpenAIEndpoints:
+class OpenAIEndpoints(OpenAIErrors):
     """The two routes over one pipeline client, in OpenAI's error shape."""
 
     prefixes: tuple[str, ...] = (COMPLETIONS, EMBEDDINGS)
@@ -119,25 +119,6 @@ class OpenAIEndpoints:
             COMPLETIONS: {"POST": self.completions},
             EMBEDDINGS: {"POST": self.embeddings},
         }
-
-    def error_reply(
-        self,
-        status: int,
-        message: str,
-        *,
-        field: str | None = None,
-        kind: str | None = None,
-        headers: Headers = (),
-    ) -> Reply:
-        return error_reply(status, message, param=field, code=kind, headers=headers)
-
-    def failure_reply(self, exc: RequestFailed) -> Reply:
-        return failure_reply(exc)
-
-    def rate_limited(self, refused: Refused) -> Reply:
-        return self.error_reply(
-            429, refused.message, kind=ErrorCode.RATE_LIMITED, headers=refused.headers
-        )
 
     async def completions(self, request: Request, response: Response) -> None:
         await self._pass(COMPLETIONS, request, response)

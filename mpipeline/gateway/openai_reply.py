@@ -18,8 +18,9 @@ from typing import Any
 
 import msgspec
 
-from mpipeline.errors import RequestFailed
+from mpipeline.errors import ErrorCode, RequestFailed
 from mpipeline.gateway import schemas, sse
+from mpipeline.gateway.admission import Refused
 from mpipeline.gateway.exchange import Reply
 from mpipeline.gateway.openai_shapes import (
     AssistantMessage,
@@ -33,7 +34,14 @@ from mpipeline.gateway.openai_shapes import (
 from mpipeline.gateway.schemas import Problem
 from mpipeline.messages import Completed, StructuredChunk, TokenChunk, Usage
 
-__all__ = ["ChunkRenderer", "completion", "error_reply", "failure_reply", "problem_reply"]
+__all__ = [
+    "ChunkRenderer",
+    "OpenAIErrors",
+    "completion",
+    "error_reply",
+    "failure_reply",
+    "problem_reply",
+]
 
 _ENCODE = msgspec.json.Encoder().encode
 _OBJECT = msgspec.json.Decoder(dict[str, Any])
@@ -84,6 +92,30 @@ def failure_reply(exc: RequestFailed) -> Reply:
         code=str(exc.code),
         headers=schemas.failure_headers(status, exc.failed.retry_after_s),
     )
+
+
+class OpenAIErrors:
+    """The error replies of an API style (``style.ApiStyle``) that speaks OpenAI's
+    shape, shared by every such route: the SDKs parse it to pick their exception."""
+
+    def error_reply(
+        self,
+        status: int,
+        message: str,
+        *,
+        field: str | None = None,
+        kind: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> Reply:
+        return error_reply(status, message, param=field, code=kind, headers=headers)
+
+    def failure_reply(self, exc: RequestFailed) -> Reply:
+        return failure_reply(exc)
+
+    def rate_limited(self, refused: Refused) -> Reply:
+        return error_reply(
+            429, refused.message, code=ErrorCode.RATE_LIMITED, headers=refused.headers
+        )
 
 
 def completion(done: Completed, created: int, model: str) -> bytes:
