@@ -6,33 +6,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import msgspec
 import pytest
 
-from mpipeline.config import AnthropicConfig, TimeoutsConfig
 from mpipeline.errors import ErrorCode, UpstreamFailure
 from mpipeline.messages import Assembled, PromptRequest, Turn
 from mpipeline.workers.anthropic import AnthropicUpstream
 from mpipeline.workers.base import Generation
 from tests.transcript_server import Replay, Split, TranscriptServer, wire_pieces
+from tests.unit.workers._anthropic_tooling import (
+    DATA,
+    KEY_ENV,
+    anthropic_worker,
+    recording,
+)
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "anthropic"
-KEY_ENV = "MPL_TEST_ANTHROPIC_KEY"
-# Generous: a replay cut at every byte waits for each byte to be read, and no test
-# here is about timeouts.
-TIMEOUTS = TimeoutsConfig(connect_s=10, first_token_s=30, between_tokens_s=30, total_s=60)
 # Whole, one write per event as the API sends them, every byte, three random cuttings.
 SPLITS: list[Split] = ["whole", "events", "bytes", 1, 2, 3]
 
 T = TypeVar("T")
-
-
-def _transcript(name: str) -> bytes:
-    return (DATA / name).read_bytes()
 
 
 @pytest.fixture
@@ -40,13 +35,6 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[TranscriptServer]:
     monkeypatch.setenv(KEY_ENV, "sk-ant-test")
     with TranscriptServer() as up:
         yield up
-
-
-def _worker(up: TranscriptServer) -> AnthropicUpstream:
-    config = AnthropicConfig(
-        base_url=up.url, model="claude-opus-5", api_key_env=KEY_ENV, timeouts=TIMEOUTS
-    )
-    return AnthropicUpstream(config)
 
 
 def _job() -> Assembled:
@@ -70,8 +58,8 @@ def _stream(
     up: TranscriptServer, name: str, split: Split, *, per_read: bool = False
 ) -> tuple[list[str], Generation]:
     """Replay transcript ``name`` cut as ``split``; the worker's pieces and totals."""
-    up.script(Replay(_transcript(name), split=split))
-    worker = _worker(up)
+    up.script(Replay(recording(name), split=split))
+    worker = anthropic_worker(up.url)
     gen = Generation()
 
     async def consume() -> list[str]:
@@ -121,8 +109,8 @@ def test_a_thinking_block_stays_out_of_the_text(server: TranscriptServer, split:
 
 @pytest.mark.parametrize("split", SPLITS, ids=str)
 def test_an_overloaded_error_mid_stream(server: TranscriptServer, split: Split) -> None:
-    server.script(Replay(_transcript("error_mid_stream.sse"), split=split))
-    worker = _worker(server)
+    server.script(Replay(recording("error_mid_stream.sse"), split=split))
+    worker = anthropic_worker(server.url)
     got: list[str] = []
 
     async def consume() -> None:
@@ -186,8 +174,8 @@ def test_a_reply_not_streamed(
     usage: tuple[int, int, str, int],
     split: Split,
 ) -> None:
-    server.script(Replay(_transcript(name), content_type="application/json", split=split))
-    worker = _worker(server)
+    server.script(Replay(recording(name), content_type="application/json", split=split))
+    worker = anthropic_worker(server.url)
     gen = Generation()
     assert _run(worker, lambda: worker.complete(_job(), gen)) == text
     assert _usage(gen) == usage
@@ -196,9 +184,9 @@ def test_a_reply_not_streamed(
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "complete"])
 def test_the_documented_error_body(server: TranscriptServer, stream: bool) -> None:
-    body = _transcript("error_not_found.json")
+    body = recording("error_not_found.json")
     server.script(Replay(body, status=404, content_type="application/json"))
-    worker = _worker(server)
+    worker = anthropic_worker(server.url)
 
     async def call() -> object:
         if stream:
@@ -218,7 +206,7 @@ def test_the_server_sends_each_transcript_byte_for_byte(name: str) -> None:
     """What the tests above replay is the stored file, unchanged (read here by
     another HTTP client), and every stored stream is whole SSE: events end with a
     blank line, and each one's name is the ``type`` of its data (the docs' rule)."""
-    raw = _transcript(name)
+    raw = recording(name)
     assert raw.endswith(b"\n\n") and not raw.endswith(b"\n\n\n")
     for event in raw.removesuffix(b"\n\n").split(b"\n\n"):
         head, data = event.split(b"\n")
