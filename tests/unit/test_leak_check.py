@@ -80,8 +80,11 @@ def test_a_run_of_ours_that_died_with_its_segments_is_a_leak(tmp_path: Path) -> 
         _wait_for(ready)
         assert child.wait(30) == 0
         watch.stop()
-        assert watch.foreign == set()
-        assert _leaked(before, watch) == {name, *(name + s for s in _shm.BELL_SUFFIXES)}
+        ours = {name, *(name + s for s in _shm.BELL_SUFFIXES)}
+        # Only ours is judged: another pipeline of this user (a bench beside the suite)
+        # may create segments meanwhile, which the watcher rightly calls foreign.
+        assert not ours & watch.foreign
+        assert _leaked(before, watch) == ours
     finally:
         watch.stop()
         _shm.unlink_segment(name)
