@@ -18,11 +18,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from mpipeline.config import PipelineConfig, active_stages
 from mpipeline.errors import ErrorCode, RequestFailed
-from mpipeline.messages import Completed, Failed, Message, PromptRequest, failed_from
+from mpipeline.messages import (
+    Completed,
+    Failed,
+    Message,
+    PromptRequest,
+    StructuredChunk,
+    TokenChunk,
+    failed_from,
+)
+from mpipeline.pipeline._chunks import ChunkBuffer
 from mpipeline.routing import message_key, request_key, shard_for
 from mpipeline.stages import STAGES, AsyncStage, BaseStage, Stage, StageContext
 
@@ -40,6 +50,7 @@ class AsyncioPipeline:
         self._queues: list[list[asyncio.Queue[Message]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: dict[str, asyncio.Future[Completed]] = {}
+        self._streams: dict[str, ChunkBuffer] = {}
         self._ids = itertools.count()
 
     async def __aenter__(self) -> AsyncioPipeline:
@@ -79,9 +90,40 @@ class AsyncioPipeline:
         for fut in self._inflight.values():
             fut.cancel()
         self._inflight.clear()
+        self._streams.clear()
 
     def submit_nowait(
         self, text: str, *, session_id: str | None = None, max_tokens: int | None = None
+    ) -> asyncio.Future[Completed]:
+        return self._submit(text, session_id, max_tokens, None)
+
+    async def stream_events(
+        self, text: str, *, session_id: str | None = None, max_tokens: int | None = None
+    ) -> AsyncIterator[TokenChunk | Completed]:
+        """Like ``Pipeline.stream_events``: the chunks as they come, then the ``Completed``.
+
+        The chunks wait in the pipeline client's own ``ChunkBuffer``, and the
+        worker streams (``generate``) as it does for a streamed request in the
+        pipeline, so a streamed workload costs both sides the same work.
+        """
+        chunks = ChunkBuffer()
+        future = self._submit(text, session_id, max_tokens, chunks)
+        while True:
+            chunk = chunks.take()
+            if chunk is not None:
+                yield chunk
+                continue
+            if future.done():
+                yield future.result()  # raises RequestFailed
+                return
+            await chunks.wait(future)  # type: ignore[arg-type]
+
+    def _submit(
+        self,
+        text: str,
+        session_id: str | None,
+        max_tokens: int | None,
+        chunks: ChunkBuffer | None,
     ) -> asyncio.Future[Completed]:
         now = time.monotonic_ns()
         req = PromptRequest(
@@ -90,9 +132,12 @@ class AsyncioPipeline:
             input=text,
             deadline_ns=now + int(_TIMEOUT_S * 1e9),
             max_tokens=max_tokens,
+            stream=chunks is not None,
         )
         fut: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
         self._inflight[req.request_id] = fut
+        if chunks is not None:
+            self._streams[req.request_id] = chunks
         first, replicas = self._stages[0]
         n = len(replicas)
         self._queues[0][0 if n == 1 else shard_for(request_key(req, first), n)].put_nowait(req)
@@ -133,6 +178,12 @@ class AsyncioPipeline:
         await outs[0 if n == 1 else shard_for(message_key(msg), n)].put(msg)
 
     def _deliver(self, msg: Message) -> None:
+        if type(msg) is TokenChunk or type(msg) is StructuredChunk:
+            chunks = self._streams.get(msg.request_id)
+            if chunks is not None:
+                chunks.put(msg)
+            return
+        self._streams.pop(getattr(msg, "request_id", ""), None)
         if type(msg) is Completed:
             fut = self._inflight.pop(msg.request_id, None)
             if fut is not None and not fut.done():

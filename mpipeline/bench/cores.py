@@ -136,13 +136,13 @@ def config_for_cores(
     *,
     shared: bool = False,
     metrics: bool = True,
-    heavy: str = "inference",
+    heavy: tuple[str, ...] = ("inference",),
 ) -> PipelineConfig:
     """The bench's pipeline on ``cores``: echo, no delay, shards = cores.
 
-    ``heavy`` (inference; the stage with the most work) gets one replica per
-    core; the others one replica per ``CORES_PER_SIDE_REPLICA`` cores (at least one), since each
-    costs a fraction of a shard. Replicas are dealt over ``cores`` in flow
+    ``heavy`` (inference; the stages with the most work) get one replica per
+    core each; the others one replica per ``CORES_PER_SIDE_REPLICA`` cores (at
+    least one), since each costs a fraction of a shard. Replicas are dealt over ``cores`` in flow
     order, one core each, wrapping when there are more replicas than cores
     (the way ``cpus = "auto"`` deals the affinity mask), so consecutive stages
     land on different cores. ``shared``: every replica may run on all of
@@ -158,7 +158,7 @@ def config_for_cores(
     updates = {}
     for name, _ in active_stages(cfg):
         st = getattr(stages, name)
-        n = c if name == heavy else side
+        n = c if name in heavy else side
         if shared:
             cpus, per = list(cores), c
         else:
@@ -203,7 +203,7 @@ def replica_pids(run_dir: Path) -> dict[str, int]:
 
 
 async def _phases(
-    target: Target,
+    source: Pipeline | AsyncioPipeline,
     pids: dict[str, int],
     cores: list[int],
     window: int,
@@ -212,6 +212,8 @@ async def _phases(
     progress: Progress,
 ) -> list[Phase]:
     load = Load(window=window, texts=opts.workload.prompts()) if opts.workload else Load(window)
+    # The realistic workload streams every request; echo submits them whole.
+    target: Target = opts.workload.target(source) if opts.workload else source
     cpu = CpuMeter(pids, cores)
     if opts.warmup_s > 0:
         await closed_loop(target, load, requests=None, duration_s=opts.warmup_s)
@@ -245,13 +247,13 @@ async def _phases(
         )
         phases.append(phase)
     if opts.workload is not None:
-        await opts.workload.check(target, label.rstrip(":"))
+        await opts.workload.check(source, label.rstrip(":"))
     return phases
 
 
-def _workload(opts: Options) -> tuple[PipelineConfig | None, str]:
+def _workload(opts: Options) -> tuple[PipelineConfig | None, tuple[str, ...]]:
     """The base config and the stage given a replica per core, for ``opts.workload``."""
-    return (opts.workload.config, opts.workload.heavy) if opts.workload else (None, "inference")
+    return (opts.workload.config, opts.workload.heavy) if opts.workload else (None, ("inference",))
 
 
 async def _run_pipeline(

@@ -4,16 +4,19 @@ The default workload measures the pipeline's own cost (every stage passes
 the request on). This one gives each stage the work issue 17 built for it,
 so that the processes have CPU to spread over cores: rag searches a
 generated corpus of ``FILES * PASSAGES_PER_FILE`` passages (BM25, top 3),
-assemble fits a chat template under a token budget, the echo worker replies
-with the prompt's input, which carries planted PII and secrets, and post
-redacts them. The same config and stage classes run in the pipeline and in
-the single-process asyncio baseline (``bench.cores`` drives both).
+assemble fits a chat template under a token budget, the echo worker streams
+the prompt's input back token by token, which carries planted PII and
+secrets, and post redacts them chunk by chunk. Every request is streamed and
+read to its end by a task of its own, as a gateway reads it, on both sides:
+the same config and stage classes run in the pipeline and in the
+single-process asyncio baseline (``bench.cores`` drives both).
 
 The corpus is written with a seeded RNG, so every run searches the same
 text; it lives in a temporary folder for the run. After the timed phases
-each side answers ``CHECK_REQUESTS`` more requests whose replies are read: a
-planted value in one is a leak, and the placeholders are counted, so a
-benchmark whose stages stopped doing their work fails instead of looking fast.
+each side answers ``CHECK_REQUESTS`` more requests whose streams are read: a
+planted value in one is a leak, a stream that differs from its final text is
+counted, and the placeholders are counted, so a benchmark whose stages
+stopped doing their work fails instead of looking fast.
 """
 
 from __future__ import annotations
@@ -21,17 +24,17 @@ from __future__ import annotations
 import asyncio
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from mpipeline.config import PipelineConfig
+from mpipeline.messages import Completed, TokenChunk
 
 if TYPE_CHECKING:
-    from mpipeline.bench.load import Target
     from mpipeline.bench.report import Report, Run, Verdict
 
 FILES = 500
@@ -141,16 +144,56 @@ def configure(base: PipelineConfig, corpus: Path, index_dir: Path) -> PipelineCo
 
 
 class Check(msgspec.Struct, frozen=True, kw_only=True):
-    """What the replies of one side showed after its timed phases."""
+    """What the streamed replies of one side showed after its timed phases."""
 
     replies: int
     failed: int
-    # Placeholders in the replies: each is one planted value redacted.
+    # Chunks read, over all replies (each reply is streamed).
+    chunks: int
+    # Placeholders in the streams: each is one planted value redacted.
     redactions: int
-    # Replies in which a planted value survived (must be 0).
+    # Replies in which a planted value survived in the stream or the final text (must be 0).
     leaked: int
+    # Replies whose chunks, joined, differ from their final text (must be 0).
+    torn: int
     # Replies that carried rag's citations (each should).
     cited: int
+
+
+class StreamTarget(Protocol):
+    """A pipeline a request can be streamed from: ``Pipeline`` and the baseline."""
+
+    def stream_events(
+        self, text: str, *, session_id: str | None = ..., max_tokens: int | None = ...
+    ) -> AsyncIterator[TokenChunk | Completed]: ...
+
+
+async def read_stream(
+    target: StreamTarget, text: str, session_id: str | None, max_tokens: int | None
+) -> tuple[str, int, Completed]:
+    """Stream one request to its end: the chunks' text joined, their count, the result."""
+    parts: list[str] = []
+    async for event in target.stream_events(text, session_id=session_id, max_tokens=max_tokens):
+        if isinstance(event, Completed):
+            return "".join(parts), len(parts), event
+        parts.append(event.text)
+    raise RuntimeError("the stream ended without its Completed")
+
+
+class Streamed:
+    """``target`` as the load generator's ``Target``: every request streamed, and
+    read chunk by chunk by a task of its own (the future the generator gets)."""
+
+    def __init__(self, target: StreamTarget) -> None:
+        self._target = target
+
+    def submit_nowait(
+        self, text: str, *, session_id: str | None = None, max_tokens: int | None = None
+    ) -> asyncio.Future[Completed]:
+        return asyncio.ensure_future(self._read(text, session_id, max_tokens))
+
+    async def _read(self, text: str, session_id: str | None, max_tokens: int | None) -> Completed:
+        return (await read_stream(self._target, text, session_id, max_tokens))[2]
 
 
 @dataclass
@@ -161,29 +204,35 @@ class Realistic:
     passages: int
     check_requests: int
     rates: tuple[float, ...]
-    # The stage that gets a replica per core: the one with the most work (rag:
-    # half the CPU of a request here, assemble a sixth, the others about 1 % each).
-    heavy: str = "rag"
+    # The stages that get a replica per core: the two with the most work (of the
+    # stage work, assemble's token counting is about half and rag's search a quarter;
+    # post's redaction a fifth, inference and stream a few % each: bench/RESULTS.md).
+    heavy: tuple[str, ...] = ("rag", "assemble")
     checks: dict[str, Check] = field(default_factory=dict)
 
     def prompts(self) -> Iterator[str]:
         return prompts()
 
-    async def check(self, target: Target, label: str) -> None:
-        """Send ``check_requests`` prompts to ``target`` and read what came back."""
+    def target(self, target: StreamTarget) -> Streamed:
+        """What the timed phases drive: ``target`` with every request streamed."""
+        return Streamed(target)
+
+    async def check(self, target: StreamTarget, label: str) -> None:
+        """Stream ``check_requests`` prompts from ``target`` and read what came back."""
         texts = prompts(SEED + 99)
-        futs = [
-            target.submit_nowait(next(texts), session_id=f"check-{i}", max_tokens=16)
-            for i in range(self.check_requests)
+        reads = [
+            read_stream(target, next(texts), f"check-{i}", 16) for i in range(self.check_requests)
         ]
-        results = await asyncio.gather(*futs, return_exceptions=True)
+        results = await asyncio.gather(*reads, return_exceptions=True)
         done = [r for r in results if not isinstance(r, BaseException)]
         self.checks[label] = Check(
             replies=len(done),
             failed=len(results) - len(done),
-            redactions=sum(r.text.count(p) for r in done for p in PLACEHOLDERS),
-            leaked=sum(any(v in r.text for v in PLANTED) for r in done),
-            cited=sum(bool(r.citations) for r in done),
+            chunks=sum(n for _, n, _ in done),
+            redactions=sum(text.count(p) for text, _, _ in done for p in PLACEHOLDERS),
+            leaked=sum(any(v in t or v in r.text for v in PLANTED) for t, _, r in done),
+            torn=sum(t != r.text for t, _, r in done),
+            cited=sum(bool(r.citations) for _, _, r in done),
         )
 
     def problems(self) -> list[str]:
@@ -194,6 +243,10 @@ class Realistic:
                 out.append(f"{label}: {c.failed} of {c.replies + c.failed} check requests failed")
             if c.leaked:
                 out.append(f"{label}: {c.leaked} replies leaked a planted value")
+            if c.torn:
+                out.append(f"{label}: {c.torn} streams differ from their final text")
+            if c.chunks < c.replies * 2:
+                out.append(f"{label}: {c.chunks} chunks in {c.replies} replies (not streamed)")
             if c.redactions < c.replies * len(PLACEHOLDERS):
                 out.append(f"{label}: {c.redactions} redactions in {c.replies} replies")
             if c.cited < c.replies:
@@ -229,8 +282,9 @@ class Realistic:
         lines = [f"realistic workload: rag over {self.passages:,} passages, checks of the replies:"]
         for label, c in self.checks.items():
             lines.append(
-                f"  {label:<20} {c.replies} replies, {c.redactions} redactions, "
-                f"{c.leaked} leaked, {c.cited} cited, {c.failed} failed"
+                f"  {label:<20} {c.replies} streamed replies, {c.chunks} chunks, "
+                f"{c.redactions} redactions, {c.leaked} leaked, {c.torn} torn, "
+                f"{c.cited} cited, {c.failed} failed"
             )
         return "\n".join(lines)
 
@@ -242,6 +296,7 @@ class Realistic:
             "top_k": TOP_K,
             "budget_tokens": BUDGET_TOKENS,
             "redaction": "on",
+            "streamed": "every request, read chunk by chunk",
         }
 
     def report(self, report: Report) -> Report:

@@ -15,7 +15,7 @@ BENCH_TIMEOUT_S = 120
 
 
 @pytest.mark.timeout(BENCH_TIMEOUT_S + 10)
-def test_realistic_quick_bench_redacts_and_cites_on_both_sides(tmp_path: Path) -> None:
+def test_realistic_quick_bench_streams_redacts_and_cites_on_both_sides(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "mpipeline", "bench", "--workload", "realistic", "--quick"]
     cmd += ["--no-progress", "--cores", "1", "--json", str(out)]
@@ -47,6 +47,11 @@ def test_realistic_quick_bench_redacts_and_cites_on_both_sides(tmp_path: Path) -
         assert check["redactions"] == 4 * check["replies"]
         assert check["leaked"] == 0
         assert check["cited"] == check["replies"]
+        # Streamed: several chunks a reply (16 tokens; post holds a tail while a
+        # planted value may still be growing), and the chunks make the final text.
+        assert check["chunks"] >= 4 * check["replies"]
+        assert check["torn"] == 0
+    assert settings["streamed"]
 
 
 def test_realistic_workload_refuses_http() -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mpipeline import config
 from mpipeline.config import PipelineConfig, RagConfig
@@ -77,6 +79,47 @@ def test_the_index_is_built_once_per_corpus_state_and_memory_mapped(tmp_path: Pa
     (docs / "cats.md").write_text("Cats purr when content, and knead.", encoding="utf-8")
     assert fingerprint(docs, 50, 10) != folder.name
     assert [p.name for p in (tmp_path / "idx").iterdir() if p.name.startswith(".")] == []
+
+
+_WORDS = [f"w{i}" for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory: pytest.TempPathFactory) -> index.Index:
+    """200 short passages over 40 words with many repeats, so scores tie and most
+    queries leave most passages at 0 (the shape that made argpartition slow)."""
+    docs = tmp_path_factory.mktemp("ranked")
+    rng = np.random.default_rng(5)
+    for f in range(20):
+        lines = [" ".join(rng.choice(_WORDS, size=8)) for _ in range(10)]
+        (docs / f"d{f:02d}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return index.ensure(docs, tmp_path_factory.mktemp("idx"), 8, 0)[0]
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    query=st.lists(st.sampled_from([*_WORDS, "absent"]), min_size=1, max_size=5),
+    k=st.integers(1, 30),
+)
+def test_search_returns_the_k_best_positive_scores_best_first(
+    ranked: index.Index, query: list[str], k: int
+) -> None:
+    # Against a brute-force ranking of bm25s's own scores: the same multiset of
+    # scores, best first, none at 0, and each passage the one its score says.
+    text = " ".join(query)
+    ids = [ranked._vocab[t] for t in dict.fromkeys(index.terms(text)) if t in ranked._vocab]
+    scores = ranked._bm25.get_scores_from_ids(ids) if ids else np.zeros(len(ranked))
+    want = sorted((float(s) for s in scores if s > 0), reverse=True)[:k]
+    got = ranked.search(text, k)
+    assert [p.score for p in got] == pytest.approx(want)
+    for p in got:
+        i = next(
+            i
+            for i in range(len(ranked))
+            if ranked._sources[int(ranked._files[i])] == p.source
+            and int(ranked._chunks[i]) == p.chunk
+        )
+        assert float(scores[i]) == pytest.approx(p.score)
 
 
 # Config errors
