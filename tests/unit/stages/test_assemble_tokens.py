@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mpipeline.config import (
     AssembleConfig,
@@ -25,7 +27,7 @@ from mpipeline.config import (
 from mpipeline.messages import Assembled, Passage, PromptRequest, Retrieved, Turn
 from mpipeline.stages import StageContext
 from mpipeline.stages.assemble import Assemble
-from mpipeline.stages.tokens import Estimate, load_vocabulary
+from mpipeline.stages.tokens import _PIECE, Estimate, load_vocabulary
 from mpipeline.workers.base import Generation, WorkerContext
 from mpipeline.workers.openai import OpenAIUpstream
 from tests.fault_upstream import FaultUpstream, Ok
@@ -150,3 +152,25 @@ def test_a_passage_is_cut_at_a_token_boundary_of_the_vocabulary() -> None:
         assert text.startswith(cut) and vocab.count(cut) <= limit
     assert vocab.cut(text, total) == text
     vocab.close()
+
+
+# Letters, digits, punctuation, blanks, newlines, underscores, non-ASCII: every
+# kind of piece the pre-tokenizer tells apart. No lone surrogates: no text with one
+# reaches a stage (msgspec refuses to encode it onto a ring).
+_TEXT = st.text(
+    alphabet=st.sampled_from(list("ab Zz09_.,!?-\n\t  \x1cé中文😀"))
+    | st.characters(blacklist_categories=("Cs",)),
+    max_size=80,
+)
+
+
+@given(_TEXT)
+def test_the_vectorised_estimate_counts_as_the_per_piece_rule(text: str) -> None:
+    # ``count`` sums in numpy what ``cut`` charges piece by piece: they must agree,
+    # or a cut to N tokens would not count N.
+    est = Estimate()
+    assert est.count(text) == sum(est._piece(m.group()) for m in _PIECE.finditer(text))
+    n = est.count(text)
+    assert est.cut(text, n) == text
+    if n:
+        assert est.count(est.cut(text, n - 1)) <= n - 1
