@@ -18,6 +18,7 @@ from pathlib import Path
 from mpipeline import __version__
 from mpipeline.bench import cli as bench_cli
 from mpipeline.errors import ConfigError, ExitCode
+from mpipeline.mcp import cli as mcp_cli
 from mpipeline.ops import cli as ops_cli
 from mpipeline.ops.args import CONFIG_DEFAULTS, port_number
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     bench_cli.add_parser(commands)
     ops_cli.add_parsers(commands)
+    mcp_cli.add_parser(commands)
 
     config = commands.add_parser("config", help="check, print or write the configuration")
     config_commands = config.add_subparsers(
