@@ -26,6 +26,9 @@ from mpipeline.config._base import (
 
 _PORT = Meta(ge=0, le=65535)
 _RATE = Meta(ge=0, le=1e9)
+# Bounds of the async requests' table (gateway.jobs_ttl_s, gateway.jobs_max).
+MAX_JOBS_TTL_S = 7 * 24 * 3600
+MAX_JOBS = 1_000_000
 
 
 class SupervisorConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -236,6 +239,23 @@ class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fiel
             "closed (1001); pongs do not keep it open."
         ),
     ] = 120.0
+    jobs_ttl_s: Annotated[
+        float,
+        Meta(gt=0, le=MAX_JOBS_TTL_S),
+        _doc(
+            "Seconds the outcome of an async request (POST /v1/requests) is kept after it "
+            "ends; after that GET /v1/requests/{id} answers 404. At most a week."
+        ),
+    ] = 3600.0
+    jobs_max: Annotated[
+        int,
+        Meta(ge=1, le=MAX_JOBS),
+        _doc(
+            "Async requests one gateway replica holds, finished ones included (in memory). "
+            "When it is full the oldest finished one is forgotten early; when every one is "
+            "unfinished, POST /v1/requests answers 429 with Retry-After."
+        ),
+    ] = 1000
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
 
 

@@ -13,7 +13,8 @@ The routes belong to four API styles (``style.py``): native REST
 ``GET /v1/status``), OpenAI (``openai.py``: ``POST /v1/chat/completions``,
 ``GET /v1/models``; ``openai_endpoints.py``: ``POST /v1/completions`` and
 ``POST /v1/embeddings``, passed through), Anthropic's Messages (``anthropic_ingress.py``:
-``POST /v1/messages``) and the WebSocket of prompts (``websocket.py``:
+``POST /v1/messages``), async requests (``jobs_routes.py``: ``POST /v1/requests``,
+``GET``/``DELETE /v1/requests/{id}``) and the WebSocket of prompts (``websocket.py``:
 ``GET /v1/stream``). This module builds them, hands each the admission, and
 serves them through a ``Router`` that also says whose error shape answers a
 path. Only the two health routes skip the token.
@@ -35,6 +36,8 @@ from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.anthropic_ingress import AnthropicMessages
 from mpipeline.gateway.exchange import Reply, Request, Response, Switch
 from mpipeline.gateway.fds import connection_budget
+from mpipeline.gateway.jobs import JobTable
+from mpipeline.gateway.jobs_routes import AsyncRequests, RequestJobs
 from mpipeline.gateway.metrics import GatewayMetrics
 from mpipeline.gateway.models import Models
 from mpipeline.gateway.native import NativeApi
@@ -128,7 +131,10 @@ class Gateway:
             keepalive=keepalive,
             models=models,
         )
-        self._router = Router((native, chat, endpoints, messages, stream), default=native)
+        table: RequestJobs = JobTable(ttl_s=cfg.jobs_ttl_s, max_jobs=cfg.jobs_max)
+        self._jobs = AsyncRequests(pipeline, native, table)
+        styles = (native, self._jobs, chat, endpoints, messages, stream)
+        self._router = Router(styles, default=native)
         self._openapi = openapi.document(model=model, auth=self._auth.enabled)
 
     def use_metrics(self, metrics: GatewayMetrics) -> None:
@@ -158,6 +164,7 @@ class Gateway:
         """Fail readiness, stop accepting, let requests finish (bounded), close."""
         self._draining = True
         await self._server.stop(self._drain_timeout_s)
+        await self._jobs.close()
         self._admission.close()
 
     def stop_accepting(self) -> None:
@@ -190,6 +197,13 @@ class Gateway:
     def connections(self) -> int:
         """Client connections open now, WebSocket ones included."""
         return len(self._server.connections)
+
+    @property
+    def jobs(self) -> dict[str, int]:
+        """Async requests held now by state; refused: POSTs turned away (table full);
+        evicted: finished ones forgotten before their TTL to make room."""
+        table = self._jobs.table
+        return {**table.counts(), "refused": table.refused, "evicted": table.evicted}
 
     def not_ready(self) -> str | None:
         """Why the gateway should get no traffic, or None when it should."""

@@ -32,7 +32,7 @@ from mpipeline.gateway.style import Handler, Upgrade
 from mpipeline.gateway.websocket import PATH as STREAM_PATH
 from mpipeline.messages import Completed, TokenChunk
 from mpipeline.metrics.snapshot import snapshot
-from mpipeline.pipeline import Pipeline
+from mpipeline.pipeline import Pipeline, RequestOptions
 
 _PROMPT = msgspec.json.Decoder(PromptBody)
 _ENCODE = msgspec.json.Encoder().encode
@@ -54,6 +54,10 @@ class Serving(Protocol):
         """The gateway's OpenAPI document, encoded (``openapi.py``)."""
 
     def not_ready(self) -> str | None: ...
+
+    @property
+    def jobs(self) -> dict[str, int]:
+        """Async requests held (``POST /v1/requests``) by state, and those refused or evicted."""
 
 
 class NativeApi(schemas.NativeErrors):
@@ -118,6 +122,7 @@ class NativeApi(schemas.NativeErrors):
             "not_ready": serving.not_ready(),
             "connections": serving.connections,
             "requests": dict(self._pipeline.stats),
+            "jobs": serving.jobs,
         }
         try:
             with rundir.connect(run_dir) as run:
@@ -128,32 +133,43 @@ class NativeApi(schemas.NativeErrors):
             return
         response.send(200, _ENCODE({"gateway": gateway, "pipeline": pipeline}))
 
-    async def _prompt(self, request: Request, response: Response) -> None:
+    def prepare(
+        self, request: Request, *, no_stream: str | None = None
+    ) -> tuple[PromptBody, RequestOptions] | Reply:
+        """A ``POST /v1/prompt`` body decoded, checked and admitted, with how to run it;
+        else the refusal to send. Shared with ``POST /v1/requests`` (``jobs_routes.py``)
+        so the two routes accept, bound and refuse exactly alike; ``no_stream``, when
+        given, refuses ``stream: true`` with that message (before a rate-limit token
+        is spent on it)."""
         body = schemas.decode(_PROMPT, request.body)
         if isinstance(body, Problem):
-            response.send_reply(self._problem(body))
-            return
+            return self._problem(body)
+        if no_stream is not None and body.stream:
+            return self._problem(Problem(no_stream, "stream"))
         session = body.session_id or request.header("x-session-id")
         if session is not None and len(session) > schemas.MAX_SESSION_ID:
             limit = f"X-Session-Id is longer than {schemas.MAX_SESSION_ID} characters"
-            response.send_reply(self._problem(Problem(limit)))
-            return
+            return self._problem(Problem(limit))
         deadline_ms = deadlines.requested_ms(request, stream=body.stream)
         if isinstance(deadline_ms, Problem):
-            response.send_reply(self._problem(deadline_ms))
-            return
+            return self._problem(deadline_ms)
         refused = self._admission.check(session)
         if refused is not None:
-            response.send_reply(self.rate_limited(refused))
-            return
+            return self.rate_limited(refused)
         key = None
         if self._models is not None:
             model = self._models.resolve(body.model or "")
             if isinstance(model, Problem):
-                response.send_reply(self._problem(model))
-                return
+                return self._problem(model)
             key = model.key
-        options = schemas.request_options(body, session, deadline_ms, key)
+        return body, schemas.request_options(body, session, deadline_ms, key)
+
+    async def _prompt(self, request: Request, response: Response) -> None:
+        prepared = self.prepare(request)
+        if isinstance(prepared, Reply):
+            response.send_reply(prepared)
+            return
+        body, options = prepared
         if body.stream:
             events = sse.pipeline_events(self._pipeline, body.input, options)
             renderer = _PromptRenderer()

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from mpipeline.gateway.anthropic_shapes import AnthropicErrorBody, AnthropicMessage, MessagesBody
+from mpipeline.gateway.jobs_shapes import JobBody, JobOut
 from mpipeline.gateway.openai_endpoints import CompletionBody, EmbeddingBody
 from mpipeline.gateway.openai_request import ChatBody
 from mpipeline.gateway.openai_shapes import ChatCompletion, ModelList, OpenAIErrorBody
@@ -48,7 +49,7 @@ def document(*, model: str, auth: bool) -> bytes:
     """The document for a gateway serving ``model``; ``auth``: a bearer token is set."""
     types = [PromptBody, PromptResult, ErrorBody, ChatBody, ChatCompletion, ModelList]
     types += [OpenAIErrorBody, Health, Readiness, MessagesBody, AnthropicMessage]
-    types += [AnthropicErrorBody, CompletionBody, EmbeddingBody]
+    types += [AnthropicErrorBody, CompletionBody, EmbeddingBody, JobBody, JobOut]
     refs, components = msgspec.json.schema_components(types, ref_template=_REF)
     ref = {t.__name__: r for t, r in zip(types, refs, strict=True)}
     doc: dict[str, Any] = {
@@ -99,6 +100,36 @@ def _streamed(schema: dict[str, Any], description: str) -> dict[str, Any]:
     ok = _json(schema, description)
     ok["content"].update(_SSE)
     return ok
+
+
+def _jobs(ref: dict[str, dict[str, Any]], native: dict[str, Any]) -> dict[str, Any]:
+    """``/v1/requests``: submit (202 and a Location), then poll or cancel by id."""
+    job = ref["JobOut"]
+    submit = _post(
+        "Submit a prompt to run in the background (async request)",
+        ref["JobBody"],
+        {"202": _json(job, "Accepted; poll the Location"), **_errors(native, _NATIVE_ERRORS)},
+    )
+    submit["post"]["responses"]["202"]["headers"] = {
+        "Location": {"schema": {"type": "string"}, "description": "/v1/requests/{id}"}
+    }
+    param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    gone = _errors(native, (401, 404))
+    by_id = {
+        "parameters": [param],
+        "get": {
+            "summary": "An async request's status, and its result or error once it ended",
+            "responses": {"200": _json(job, "The request"), **gone},
+        },
+        "delete": {
+            "summary": "Cancel an async request (its outcome becomes cancelled)",
+            "responses": {
+                "200": _json(job, "Cancelled (or already was)"),
+                **_errors(native, (401, 404, 409)),
+            },
+        },
+    }
+    return {"/v1/requests": submit, "/v1/requests/{id}": by_id}
 
 
 def _paths(ref: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -161,6 +192,7 @@ def _paths(ref: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "/v1/stream": _get(
             "The WebSocket of prompts; a plain GET is refused", _errors(native, (401, 426))
         ),
+        **_jobs(ref, native),
         PATH: _get(
             "This document",
             {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_errors(native, (401,))},
