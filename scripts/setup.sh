@@ -17,9 +17,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # generator of `mpipeline bench --http`.
 # build-essential and cmake compile llama-cpp-python (the local model worker);
 # prometheus gives promtool and the server the observability tests run; openssl
-# makes the TLS tests' certificates. Under CI=true a test that finds one of
-# them missing fails instead of skipping (tests/conftest.py).
-APT_PACKAGES=(wrk build-essential cmake prometheus openssl)
+# makes the TLS tests' certificates; chromium and chromium-driver run the web
+# dashboard's browser test (Selenium drives Debian's chromedriver, so no browser
+# is downloaded). Under CI=true a test that finds one of them missing fails
+# instead of skipping (tests/conftest.py).
+APT_PACKAGES=(wrk build-essential cmake prometheus openssl chromium chromium-driver)
 # As root, the profiling tests drop CAP_SYS_PTRACE with capsh.
 if [[ $(id -u) -eq 0 ]]; then
     APT_PACKAGES+=(libcap2-bin)

@@ -10,6 +10,7 @@ cannot delay it, and ``mpipeline top`` reads exactly what Prometheus reads.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from mpipeline.metrics.schema import (
     stage_region,
 )
 from mpipeline.metrics.snapshot import Status, snapshot
+from mpipeline.metrics.view import Frame
 from mpipeline.rundir import Run, RunInfo
 from mpipeline.topology import edge_label
 
@@ -98,6 +100,10 @@ class Reader:
         self.close()
 
     def collect(self, run: Run) -> list[Metric]:
+        return self.read(run)[1]
+
+    def read(self, run: Run) -> tuple[Status, list[Metric]]:
+        """The run's snapshot and every family, from one read of its segments."""
         snap = snapshot(run)
         families = _Families()
         self._cells(run.info, families)
@@ -105,7 +111,7 @@ class Reader:
         _circuits(snap, families)
         self._replicas(snap, families)
         _clients(run, families)
-        return families.all()
+        return snap, families.all()
 
     # From the metrics block
 
@@ -223,6 +229,22 @@ class RunCollector(Collector):
             if run is None:
                 return _Families().all()
             return self._reader.collect(run)
+
+    def frame(self) -> Frame:
+        """One ``Frame`` of the run for a live view (the web dashboard), like ``top`` reads.
+
+        Under the scrape lock, so it never reads segments that ``close`` is about to
+        unmap; before the run is published and after it closes, ``problem`` says so.
+        """
+        with self._lock:
+            at, wall = time.monotonic(), time.time()
+            run = self._current()
+            if run is None:
+                return Frame(
+                    at, wall, None, problem="the pipeline is not running (starting or stopping)"
+                )
+            status, families = self._reader.read(run)
+            return Frame(at, wall, status, families)
 
     def close(self) -> None:
         """Wait for a scrape in progress, then answer later ones with no samples.

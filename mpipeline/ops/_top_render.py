@@ -16,8 +16,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from mpipeline.metrics.view import CoreView, RingView, StageView, View
 from mpipeline.ops.status import format_bytes, format_cpus, format_duration
-from mpipeline.ops.top_model import CoreView, RingView, StageView, View
 
 BAR_WIDTH = 20
 # Eighths of a cell, so a bar moves before a whole cell fills.

@@ -4,9 +4,10 @@ It reads what ``mpipeline status`` and ``/metrics`` read (the run's state
 file, control block, ring headers, breaker board and metrics block, through
 ``status`` and ``metrics.collect``), so it needs no HTTP endpoint, works with
 the metrics server off, and can never change what the pipeline does. A
-``source`` callable produces one ``Frame`` per refresh; ``top_model`` turns
-consecutive frames into rates; this module only draws them. Tests drive the
-app with a fake source through Textual's own harness.
+``source`` callable produces one ``Frame`` per refresh; ``metrics.view`` turns
+consecutive frames into rates (the web dashboard uses the same model); this
+module only draws them. Tests drive the app with a fake source through
+Textual's own harness.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from mpipeline import rundir
 from mpipeline.errors import ConfigError, ExitCode, MPipelineError
 from mpipeline.metrics.collect import Reader
 from mpipeline.metrics.snapshot import snapshot
+from mpipeline.metrics.view import Frame, Model, View
 from mpipeline.ops import _top_render as draw
-from mpipeline.ops.top_model import Frame, Model, View
 
 DEFAULT_INTERVAL_S = 1.0
 # Fewer than this many seconds between reads would cost more than it shows.

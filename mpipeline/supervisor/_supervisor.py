@@ -137,11 +137,13 @@ class Supervisor:
         leaves nothing behind. It answers with no samples until the run is published."""
         from mpipeline.metrics.collect import Reader, RunCollector
         from mpipeline.metrics.server import MetricsServer
+        from mpipeline.supervisor._dashboard import dashboard
 
         collector = RunCollector(Reader(), lambda: self._published)
-        # The gateway's token guards /metrics too (checked set at startup already).
+        # The gateway's token guards /metrics and the dashboard too (checked set already).
         auth = BearerAuth.from_env(self.cfg.gateway.auth_token_env)
-        server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, collector, auth)
+        board = dashboard(self.run_dir, collector, auth)
+        server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, collector, auth, board)
         self._collector = collector
         try:
             server.start()

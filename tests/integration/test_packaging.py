@@ -43,6 +43,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -286,6 +287,10 @@ def serve_one_and_stop(
             model="echo", messages=[{"role": "user", "content": "hello from a wheel"}]
         )
     assert completion.choices[0].message.content == "hello from a wheel"
+    # The web dashboard's page, script and style are package data: served from the wheel.
+    board = state["metrics_url"].removesuffix("/metrics") + "/dashboard"
+    for page in (board, f"{board}/static/dashboard.js", f"{board}/static/dashboard.css"):
+        assert httpx.get(page, timeout=CLI_TIMEOUT_S).status_code == 200, page
 
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children

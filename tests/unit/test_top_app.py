@@ -26,10 +26,10 @@ from mpipeline.metrics.snapshot import (
     RingCounters,
     Status,
 )
+from mpipeline.metrics.view import Frame
 from mpipeline.ops import top
 from mpipeline.ops._top_render import bar, sparkline
 from mpipeline.ops.top import HelpScreen, TopApp
-from mpipeline.ops.top_model import Frame
 from tests._screen import screen_text
 
 STAGES = ("gateway", "rag", "assemble", "inference", "post", "stream")

@@ -12,16 +12,9 @@ from prometheus_client.core import (
     Metric,
 )
 
+from mpipeline.metrics.rates import bucket_delta, counter_delta, quantile, savings
 from mpipeline.metrics.snapshot import EdgeStatus, ReplicaStatus, RingCounters, Status
-from mpipeline.ops.top_model import (
-    Frame,
-    Model,
-    bucket_delta,
-    counter_delta,
-    per_core,
-    quantile,
-    savings,
-)
+from mpipeline.metrics.view import Frame, Model, per_core
 
 BOUNDS = (0.001, 0.002, 0.004, 0.008)
 

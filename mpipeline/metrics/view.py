@@ -1,29 +1,33 @@
-"""The numbers ``mpipeline top`` shows, computed from consecutive frames.
+"""The numbers a live view of a run shows, computed from consecutive frames.
 
-Everything the supervisor publishes is a running total (messages processed,
-histogram buckets, CPU seconds, errors) or a level (ring fill, circuit
-state). A dashboard wants what happened *lately*, so, like ``top``'s %CPU,
-each figure is the difference between the last two frames divided by the
-time between them. That math lives here, with no Textual and no shared
-memory, so it is unit tested on synthetic frames and shared by the live app
-and ``mpipeline top --once``.
-
-Counters follow Prometheus ``rate()``: a series that went down was reset (a
-restarted replica counts from zero again), so its delta is its new value; a
-series missing from the earlier frame was zero there (``collect`` leaves out
-most all-zero series).
+``mpipeline top`` (in ``ops``) and the supervisor's web dashboard (in
+``metrics.dashboard``) show the same figures, so the model that turns frames
+into them lives here, below both: the supervisor may not import ``ops``
+(pyproject.toml's layers), and two copies of this math would drift. Like
+``top``'s %CPU, each rate is the difference between the last two frames
+divided by the time between them (``metrics.rates``); levels (ring fill,
+circuit state) are shown as read. No Textual, no HTML and no shared memory
+here: it is unit tested on synthetic frames.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import Metric
 
 from mpipeline.messages import STAGE_ORDER
+from mpipeline.metrics.rates import (
+    Buckets,
+    Samples,
+    bucket_delta,
+    counter_delta,
+    quantile,
+    rate,
+    savings,
+)
 from mpipeline.metrics.snapshot import CircuitStatus, EdgeStatus, ReplicaStatus, Status
 
 # Stages in the order a request meets them; the gateway is the edge of the run.
@@ -43,9 +47,6 @@ CPU_SECONDS = "mpipeline_process_cpu_seconds_total"
 TOKENS = "mpipeline_tokens_total"
 DEDUP_HITS = "mpipeline_dedup_hits_total"
 UPSTREAM_CALLS = "mpipeline_upstream_calls_total"
-
-Key = tuple[str, ...]
-Buckets = dict[float, float]  # cumulative count by upper bound (math.inf last), as ``le``
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,91 +150,6 @@ class View:
     interval_s: float | None = None
 
 
-class Samples:
-    """A frame's samples by name, so a query does not walk every family."""
-
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._by_name: dict[str, list[tuple[Mapping[str, str], float]]] = {}
-        for fam in families:
-            for s in fam.samples:
-                self._by_name.setdefault(s.name, []).append((s.labels, s.value))
-
-    def sum_by(self, name: str, by: Sequence[str] = ()) -> dict[Key, float]:
-        """Sum of the samples called ``name``, grouped by the labels ``by``."""
-        out: dict[Key, float] = {}
-        for labels, value in self._by_name.get(name, ()):
-            key = tuple(labels.get(b, "") for b in by)
-            out[key] = out.get(key, 0.0) + value
-        return out
-
-    def total(self, name: str) -> float:
-        return sum(self.sum_by(name).values())
-
-    def buckets(self, histogram: str, where: Callable[[Mapping[str, str]], bool]) -> Buckets:
-        """Cumulative bucket counts of the ``histogram`` series ``where`` picks, summed."""
-        out: Buckets = {}
-        for labels, value in self._by_name.get(histogram + "_bucket", ()):
-            if where(labels):
-                le = float(labels["le"])  # "+Inf" parses as inf
-                out[le] = out.get(le, 0.0) + value
-        return out
-
-
-# Pure math
-
-
-def counter_delta(prev: float, cur: float) -> float:
-    """How much a counter grew; a counter that went down was reset and counts from 0."""
-    return cur if cur < prev else cur - prev
-
-
-def bucket_delta(prev: Buckets | None, cur: Buckets) -> Buckets:
-    """Observations between two reads of a cumulative histogram.
-
-    A smaller total means the histogram was reset: everything in ``cur`` is new.
-    The result is kept cumulative (non-decreasing) even if a writer moved
-    between the reads of two buckets.
-    """
-    if not prev or cur.get(math.inf, 0.0) < prev.get(math.inf, 0.0):
-        return dict(cur)
-    out: Buckets = {}
-    running = 0.0
-    for le in sorted(cur):
-        running = max(running, cur[le] - prev.get(le, 0.0))
-        out[le] = running
-    return out
-
-
-def quantile(q: float, buckets: Buckets) -> float | None:
-    """Prometheus ``histogram_quantile``: linear inside the bucket holding rank q·count.
-
-    None when nothing was observed. A rank in the +Inf bucket answers with the
-    largest finite bound, as Prometheus does.
-    """
-    bounds = sorted(buckets)
-    if not bounds or bounds[-1] != math.inf:
-        return None
-    total = buckets[math.inf]
-    if total <= 0:
-        return None
-    rank = q * total
-    lower, below = 0.0, 0.0
-    for upper in bounds:
-        count = buckets[upper]
-        if count >= rank and count > below:
-            if upper == math.inf:
-                return lower
-            return lower + (upper - lower) * (rank - below) / (count - below)
-        lower, below = upper, count
-    return lower
-
-
-def savings(hits: float, calls: float) -> float | None:
-    """Share of model work avoided: answers given without their own upstream call."""
-    done = hits + calls
-    return hits / done if done > 0 else None
-
-
 def per_core(replicas: Iterable[tuple[str, Sequence[int], float]]) -> tuple[CoreView, ...]:
     """CPU % per core from (replica, pinned cores, replica CPU %).
 
@@ -247,10 +163,6 @@ def per_core(replicas: Iterable[tuple[str, Sequence[int], float]]) -> tuple[Core
             percent[cpu] = percent.get(cpu, 0.0) + pct / len(cpus)
             names.setdefault(cpu, []).append(name)
     return tuple(CoreView(c, percent[c], tuple(names[c])) for c in sorted(percent))
-
-
-def _rate(prev: Mapping[Key, float], cur: Mapping[Key, float], dt: float) -> dict[Key, float]:
-    return {k: counter_delta(prev.get(k, 0.0), v) / dt for k, v in cur.items()}
 
 
 # The stateful part: baselines, history, error tail
@@ -390,7 +302,7 @@ def _cpu(cur: Samples, since: _Since | None) -> dict[str, float]:
     if since is None:
         return {}
     by = ("replica",)
-    rates = _rate(since.samples.sum_by(CPU_SECONDS, by), cur.sum_by(CPU_SECONDS, by), since.dt)
+    rates = rate(since.samples.sum_by(CPU_SECONDS, by), cur.sum_by(CPU_SECONDS, by), since.dt)
     return {k[0]: 100.0 * v for k, v in rates.items()}
 
 
@@ -398,7 +310,7 @@ def _tokens(cur: Samples, since: _Since | None) -> tuple[float, float] | None:
     if since is None:
         return None
     by = ("direction",)
-    rates = _rate(since.samples.sum_by(TOKENS, by), cur.sum_by(TOKENS, by), since.dt)
+    rates = rate(since.samples.sum_by(TOKENS, by), cur.sum_by(TOKENS, by), since.dt)
     return rates.get(("in",), 0.0), rates.get(("out",), 0.0)
 
 
