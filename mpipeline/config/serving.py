@@ -5,7 +5,7 @@ Apart from ``tables.py`` only for size; ``tables`` re-exports every one.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -256,6 +256,21 @@ class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fiel
             "unfinished, POST /v1/requests answers 429 with Retry-After."
         ),
     ] = 1000
+    batch_concurrency: Annotated[
+        int,
+        Meta(ge=1, le=1024),
+        _doc(
+            "Lines of one batch (POST /v1/batches) run at once; each batch runs on one "
+            "gateway replica, so this bounds what a batch takes of the pipeline."
+        ),
+    ] = 4
+    batch_priority: Annotated[
+        Literal["critical", "high", "normal", "low"],
+        _doc(
+            "Priority of batch lines; below interactive traffic (normal) by default, so "
+            "the shards serve waiting requests first."
+        ),
+    ] = "low"
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
 
 

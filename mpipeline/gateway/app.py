@@ -14,7 +14,8 @@ The routes belong to four API styles (``style.py``): native REST
 ``GET /v1/models``; ``openai_endpoints.py``: ``POST /v1/completions`` and
 ``POST /v1/embeddings``, passed through), Anthropic's Messages (``anthropic_ingress.py``:
 ``POST /v1/messages``), async requests (``jobs_routes.py``: ``POST /v1/requests``,
-``GET``/``DELETE /v1/requests/{id}``) and the WebSocket of prompts (``websocket.py``:
+``GET``/``DELETE /v1/requests/{id}``), OpenAI's Batch API (``batch_routes.py``:
+``/v1/files``, ``/v1/batches``) and the WebSocket of prompts (``websocket.py``:
 ``GET /v1/stream``). This module builds them, hands each the admission, and
 serves them through a ``Router`` that also says whose error shape answers a
 path. Only the two health routes skip the token.
@@ -34,6 +35,7 @@ from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
 from mpipeline.gateway import openapi, schemas
 from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.anthropic_ingress import AnthropicMessages
+from mpipeline.gateway.batch_routes import Batches
 from mpipeline.gateway.exchange import Reply, Request, Response, Switch
 from mpipeline.gateway.fds import connection_budget
 from mpipeline.gateway.jobs import JobTable
@@ -133,7 +135,8 @@ class Gateway:
         )
         table: RequestJobs = JobTable(ttl_s=cfg.jobs_ttl_s, max_jobs=cfg.jobs_max)
         self._jobs = AsyncRequests(pipeline, native, table)
-        styles = (native, self._jobs, chat, endpoints, messages, stream)
+        self._batches = Batches(pipeline, cfg, model=model, models=models, keepalive_s=keepalive_s)
+        styles = (native, self._jobs, chat, endpoints, messages, stream, self._batches)
         self._router = Router(styles, default=native)
         self._openapi = openapi.document(model=model, auth=self._auth.enabled)
 
@@ -158,6 +161,7 @@ class Gateway:
             sock = bind(self._cfg.host, self._cfg.port)
         self._server.max_connections = connection_budget(self._cfg.max_connections)
         await self._server.start(sock)
+        self._batches.start(self._pipeline.run_dir)
         log.info("gateway listening on %s", self.url)
 
     async def close(self) -> None:
@@ -165,6 +169,7 @@ class Gateway:
         self._draining = True
         await self._server.stop(self._drain_timeout_s)
         await self._jobs.close()
+        await self._batches.close()
         self._admission.close()
 
     def stop_accepting(self) -> None:

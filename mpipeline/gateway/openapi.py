@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from mpipeline.gateway import batch_openapi
 from mpipeline.gateway.anthropic_shapes import AnthropicErrorBody, AnthropicMessage, MessagesBody
 from mpipeline.gateway.jobs_shapes import JobBody, JobOut
 from mpipeline.gateway.openai_endpoints import CompletionBody, EmbeddingBody
@@ -50,6 +51,7 @@ def document(*, model: str, auth: bool) -> bytes:
     types = [PromptBody, PromptResult, ErrorBody, ChatBody, ChatCompletion, ModelList]
     types += [OpenAIErrorBody, Health, Readiness, MessagesBody, AnthropicMessage]
     types += [AnthropicErrorBody, CompletionBody, EmbeddingBody, JobBody, JobOut]
+    types += batch_openapi.TYPES
     refs, components = msgspec.json.schema_components(types, ref_template=_REF)
     ref = {t.__name__: r for t, r in zip(types, refs, strict=True)}
     doc: dict[str, Any] = {
@@ -193,6 +195,7 @@ def _paths(ref: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "The WebSocket of prompts; a plain GET is refused", _errors(native, (401, 426))
         ),
         **_jobs(ref, native),
+        **batch_openapi.paths(ref, openai),
         PATH: _get(
             "This document",
             {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_errors(native, (401,))},

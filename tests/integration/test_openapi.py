@@ -100,8 +100,10 @@ def no_server_fault(
 # message must be from the user (or a tool) and some message must have content
 # (on /v1/messages too, where the echo worker also refuses sampling fields);
 # /v1/stream is a WebSocket, whose plain GET is answered 426 as documented; the
-# echo worker has no /v1/completions or /v1/embeddings (404, as documented).
+# echo worker has no /v1/completions or /v1/embeddings (404, as documented); a
+# batch's input_file_id must name an uploaded file (400, as OpenAI answers it).
 CROSS_FIELD = {
+    "POST /v1/batches",
     "POST /v1/chat/completions",
     "POST /v1/messages",
     "POST /v1/completions",
