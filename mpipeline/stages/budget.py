@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import msgspec
 
@@ -95,12 +96,24 @@ class _Plan:
         self.droppable = [i for i, t in enumerate(self.history) if t.role != "system"]
         self._memo: dict[str, int] = {}
         own = [t.content for t in self.history if t.role == "system"]
-        heads = own or ([system] if system else [])
-        turn = counter.per_turn
-        self.base = counter.fixed + sum(self.tokens(h) + turn for h in heads)
-        self.base += self.tokens(self.question.content) + turn
-        self.header = self.tokens(CONTEXT_HEADER) + (0 if heads else turn)
-        self.sep = self.tokens(SEPARATOR)
+        self._heads = own or ([system] if system else [])
+
+    # Counted on first use: with no token budget (most non-llama_cpp deployments) a
+    # request is fitted by characters alone and no token is ever counted.
+    @cached_property
+    def base(self) -> int:
+        """Tokens of what always stays: framing, the system turn's own text, the input."""
+        turn = self.counter.per_turn
+        heads = sum(self.tokens(h) + turn for h in self._heads)
+        return self.counter.fixed + heads + self.tokens(self.question.content) + turn
+
+    @cached_property
+    def header(self) -> int:
+        return self.tokens(CONTEXT_HEADER) + (0 if self._heads else self.counter.per_turn)
+
+    @cached_property
+    def sep(self) -> int:
+        return self.tokens(SEPARATOR)
 
     def tokens(self, text: str) -> int:
         if (n := self._memo.get(text)) is None:

@@ -7,6 +7,7 @@ what a real OpenAI worker sends.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -164,3 +165,30 @@ def test_a_refusal_names_only_the_bounds_that_are_set() -> None:
     assert isinstance(out, Failed)
     assert "at most 10 characters (max_prompt_chars) fit" in out.reason
     assert "None" not in out.reason and "tokens" not in out.reason.split("; ", 1)[1]
+
+
+def test_without_a_token_budget_no_token_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counting cost assemble most of its CPU on every request (bench --workload
+    # realistic); with only a character bound (or none) it must not run at all.
+    counted: list[str] = []
+
+    def count(self: Estimate, text: str) -> int:
+        counted.append(text)
+        return len(text.split())
+
+    monkeypatch.setattr(Estimate, "count", count)
+    context = [Passage(source="a.md", text="cats purr " * 50, score=1.0)]
+    history = [Turn(role="user", content="earlier " * 40), Turn(role="assistant", content="ok")]
+    request = PromptRequest(request_id="r", input="why do cats purr?", history=history)
+    for chars in (0, 700):  # no bound; a bound that dropping the history meets
+        out = _run(_stage(max_prompt_chars=chars), Retrieved(request=request, context=context))
+        assert isinstance(out, Assembled) and counted == []
+        assert out.messages[-1].content == "why do cats purr?"
+    # The character bound held by dropping the oldest turn.
+    assert isinstance(out, Assembled)
+    assert [t.content for t in out.messages[1:]] == ["ok", "why do cats purr?"]
+    assert sum(len(t.content) for t in out.messages) <= 700
+    # With a token budget it counts, and the budget holds.
+    out = _run(_stage(budget_tokens=60), Retrieved(request=request, context=context))
+    assert isinstance(out, Assembled) and counted
+    assert COUNT.conversation(out.messages) <= 60
