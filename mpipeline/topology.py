@@ -44,6 +44,9 @@ class ReplicaSpec:
     outputs: tuple[str, ...]
     # Error rings indexed by client slot; the last stage uses ``outputs``.
     errors: tuple[str, ...]
+    # No other replica or gateway is pinned to any of ``cpus``: busy-polling
+    # there costs nobody else's time (``spin_us = "auto"``).
+    own_cores: bool = False
 
     @property
     def name(self) -> str:
@@ -124,9 +127,21 @@ def _replica_specs(
                     inputs=tuple(inputs[rname]),
                     outputs=tuple(outputs[rname]),
                     errors=tuple(errors.get(rname, outputs[rname])),
+                    own_cores=_alone(rname, plan),
                 )
             )
     return replicas
+
+
+def _alone(name: str, plan: dict[str, list[int]]) -> bool:
+    """Whether no other process of the plan is pinned to any core of ``name``'s.
+
+    An unpinned replica (no cores listed) runs anywhere, so it shares.
+    """
+    mine = set(plan[name])
+    return bool(mine) and all(
+        other == name or mine.isdisjoint(cpus) for other, cpus in plan.items()
+    )
 
 
 def ring_name(run_id: str, producer: str, consumer: str) -> str:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
 from mpipeline import _shm
 from mpipeline.errors import RingCorrupted, RingEmpty, RingPoisoned
@@ -37,6 +38,8 @@ from mpipeline.ring._layout import (
     _fence,
     _unpack_record,
 )
+
+_T = TypeVar("_T")
 
 
 class Consumer(RingCore):
@@ -179,12 +182,45 @@ class Consumer(RingCore):
         view = self.try_get()
         if view is not None:
             return view
+        return await self._park(self.try_get, timeout)
+
+    async def wait_readable(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Sleep until a record is there to take, without taking it.
+
+        Lets a consumer that reads in batches wake once and then take a whole
+        batch with ``get_many``, instead of one record from ``get`` and the
+        rest on its next round (one wake per batch, not per record). Views
+        handed out earlier stay valid: nothing is released here.
+
+        :raises RingEmpty: when ``timeout`` seconds pass with nothing to read.
+        :raises RingPoisoned: when the ring is poisoned.
+        """
+        if self._readable() is None:
+            await self._park(self._readable, timeout)
+
+    def _readable(self) -> bool | None:
+        """True when a record is published past the ones handed out, else None."""
+        if not self._consuming:
+            self._claim_consumer()
+        if self._poison is None and self._q[S_POISONED]:
+            self._poison = "the supervisor marked this ring poisoned"
+        if self._poison is not None:
+            raise RingPoisoned(f"ring {self.name} is poisoned: {self._poison}")
+        r = self._rnext
+        if r == self._wcache:
+            self._wcache = self._load_write(r)
+            if r == self._wcache:
+                return None
+        return True
+
+    async def _park(self, probe: Callable[[], _T | None], timeout: float | None) -> _T:  # noqa: ASYNC109
+        """Spin ``spin_s``, then sleep on the doorbell until ``probe`` returns a value."""
         if self.spin_s > 0:
             end = time.perf_counter() + self.spin_s
             while time.perf_counter() < end:
-                view = self.try_get()
-                if view is not None:
-                    return view
+                got = probe()
+                if got is not None:
+                    return got
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         bell = self._bell(_DATA_BELL)
@@ -194,9 +230,9 @@ class Consumer(RingCore):
             q[S_CONSUMER_WAIT] = self._cwait
             try:
                 _fence()
-                view = self.try_get()
-                if view is not None:
-                    return view
+                got = probe()
+                if got is not None:
+                    return got
                 wait = _TICK_S
                 if deadline is not None:
                     wait = min(wait, deadline - loop.time())
@@ -206,9 +242,9 @@ class Consumer(RingCore):
             finally:
                 self._cwait += 1
                 q[S_CONSUMER_WAIT] = self._cwait
-            view = self.try_get()
-            if view is not None:
-                return view
+            got = probe()
+            if got is not None:
+                return got
 
     def _corrupt_record(self, r: int, view: memoryview) -> RingCorrupted:
         self._corrupt += 1

@@ -71,11 +71,14 @@ class Outbox:
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
 
-    def attach(self) -> None:
+    def attach(self, *, spin_s: float) -> None:
+        """Attach the output and error rings; a full one is polled ``spin_s`` before a park."""
         spec = self.spec
-        self.outputs = [Ring.attach(n) for n in spec.outputs]
+        self.outputs = [Ring.attach(n, spin_s=spin_s) for n in spec.outputs]
         self.errors = (
-            self.outputs if spec.errors == spec.outputs else [Ring.attach(n) for n in spec.errors]
+            self.outputs
+            if spec.errors == spec.outputs
+            else [Ring.attach(n, spin_s=spin_s) for n in spec.errors]
         )
         self.pending = [[] for _ in self.outputs]
         self.err_pending = (

@@ -38,7 +38,7 @@ from mpipeline.messages import (
 )
 from mpipeline.metrics.block import Writer
 from mpipeline.metrics.schema import BUCKET_OF_BITS, HIST_SUM
-from mpipeline.ring import Ring
+from mpipeline.ring import DEFAULT_SPIN_S, Ring
 from mpipeline.runner._log import about, log
 from mpipeline.runner._meter import Meter
 from mpipeline.runner._outbox import Outbox
@@ -48,6 +48,17 @@ from mpipeline.topology import ReplicaSpec
 
 # How long an idle pump sleeps on its doorbell before re-checking for a stop.
 _IDLE_WAIT_S = 0.25
+
+
+def spin_seconds(spin_us: int | str, *, own_cores: bool) -> float:
+    """How long this replica's rings busy-poll before parking (a stage's ``spin_us``).
+
+    "auto" spins only on cores of its own: where replicas share a core, a
+    spinning waiter takes the core from the very process it is waiting for.
+    """
+    if spin_us == "auto":
+        return DEFAULT_SPIN_S if own_cores else 0.0
+    return int(spin_us) / 1e6
 
 
 class StageRunner:
@@ -66,6 +77,7 @@ class StageRunner:
         self.name = spec.stage
         stage_cfg = getattr(cfg.stages, spec.stage)
         self.batch: int = stage_cfg.batch
+        self.spin_s = spin_seconds(stage_cfg.spin_us, own_cores=spec.own_cores)
         is_last = spec.next_stage == "client"
         next_cfg = None if is_last else getattr(cfg.stages, spec.next_stage)
         self.meter = Meter(spec, cfg.supervisor.heartbeat_interval_s, ctl, metrics)
@@ -106,8 +118,8 @@ class StageRunner:
     # Lifecycle
 
     def attach(self) -> None:
-        self.inputs = [Ring.attach(n) for n in self.spec.inputs]
-        self.outbox.attach()
+        self.inputs = [Ring.attach(n, spin_s=self.spin_s) for n in self.spec.inputs]
+        self.outbox.attach(spin_s=self.spin_s)
 
     def close(self) -> None:
         for ring in self.inputs:
@@ -200,7 +212,14 @@ class StageRunner:
             await asyncio.sleep(0)
 
     async def _idle_get(self, ring: Ring) -> memoryview | None:
-        """Flush, then wait for one record; None after ``_IDLE_WAIT_S`` or a stop."""
+        """Flush, then wait for one record; None after ``_IDLE_WAIT_S`` or a stop.
+
+        One record, not a wake and a whole batch (``Ring.wait_readable`` and
+        ``get_many``): a pump that woke once per batch carried a zero-delay
+        stream's chunks to its client faster than the client's pause could
+        take, and the client cut readers that had not had a turn to read
+        (bench/RESULTS.md, "Cheaper hops").
+        """
         if self.outbox.has_pending():
             await self.outbox.flush()
         task = asyncio.current_task()
