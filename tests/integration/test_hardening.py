@@ -52,6 +52,10 @@ CAP = 3
 WORDS = 6000
 BIG_RING = 1024 * 1024
 HTTP_TIMEOUT_S = 10.0
+# "At once": not waiting on any deadline or timeout (the defaults are 30 s; a wedged
+# replica never answers). Generous because the suite must pass on a loaded 2-core box:
+# issue 20's acceptance run saw 3.7 s for three refusals while a bench ran beside it.
+AT_ONCE_S = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,7 @@ def _works(client: httpx.Client) -> None:
     r = client.post("/v1/prompt", json={"input": "still here"})
     assert r.status_code == 200, r.text
     assert r.json()["text"] == "still here"
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < AT_ONCE_S
 
 
 # 1, 7: integers beyond 64 bits (and beyond 63) are 400 at once, everywhere
@@ -186,7 +190,7 @@ def test_huge_metadata_and_history_are_400_at_once(client: httpx.Client) -> None
     long_value = {"note": "v" * 513}
     r = client.post("/v1/prompt", json={"input": "x", "metadata": long_value})
     assert r.status_code == 400, r.text
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < AT_ONCE_S
 
 
 def test_input_and_metadata_that_overflow_a_record_are_413_at_once(client: httpx.Client) -> None:
@@ -196,7 +200,7 @@ def test_input_and_metadata_that_overflow_a_record_are_413_at_once(client: httpx
     started = time.monotonic()
     r = client.post("/v1/prompt", json={"input": "a" * (limit - 100), "metadata": metadata})
     assert r.status_code == 413, r.text
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < AT_ONCE_S
     _works(client)
 
 
@@ -232,7 +236,7 @@ def test_a_stream_reader_that_stops_reading_pauses_the_shard_and_loses_nothing(
             started = time.monotonic()
             done = await asyncio.gather(*(p.submit(f"other {i}") for i in range(20)))
             assert [d.text for d in done] == [f"other {i}" for i in range(20)]
-            assert time.monotonic() - started < 3.0
+            assert time.monotonic() - started < AT_ONCE_S
             # Reading again resumes it; every token arrives, in order.
             parts = [first.text]
             final = None
