@@ -205,10 +205,12 @@ def test_killed_supervisor_takes_its_replicas_and_the_next_run_sweeps(
     assert lock_is_free(first.run_dir)
 
     second = start_supervisor(config_path=first.config_path)
-    match = re.search(r"removed (\d+) stale segments", second.log())
-    assert match, second.log()
-    assert int(match.group(1)) >= len(leftover)
     assert run_segments(run_id) == []
+    # The next run sweeps them, unless another supervisor on this machine (a bench
+    # beside the suite: issue 20's acceptance) started first and swept them itself.
+    match = re.search(r"removed (\d+) stale segments", second.log())
+    if match is not None:
+        assert int(match.group(1)) >= len(leftover)
 
     second_kids = second.descendants()
     second.send(signal.SIGTERM)
