@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import collections
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import psutil
 import uvloop
 
-from bench.profile_share import BUCKETS, bucket
+from bench.profile_share import BUCKETS, bucket, record_all, stacks
 from mpipeline.bench.cores import Options, config_for_cores, replica_pids, window_for
 from mpipeline.bench.cpu import pin
 from mpipeline.bench.load import Load, Target, closed_loop
@@ -55,7 +53,6 @@ async def drive(
     cores: list[int], seconds: float, window: int | None, out: Path
 ) -> dict[str, float]:
     """Run the load, sample every process; the CPU % of one core each process used."""
-    pyspy = str(Path(sys.executable).with_name("py-spy"))
     work = realistic(out / "work", quick=True)
     cfg = config_for_cores(cores, work.config, heavy=work.heavy)
     opts = Options(cores=(len(cores),), workload=work)
@@ -72,17 +69,7 @@ async def drive(
         procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         before = {name: sum(proc.cpu_times()[:2]) for name, proc in procs.items()}
         t0 = time.monotonic()
-        samplers = [
-            subprocess.Popen(  # noqa: ASYNC220
-                [pyspy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250"]
-                + ["-f", "raw", "--nonblocking", "-o", str(out / f"{name}.txt")],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for name, pid in pids.items()
-        ]
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, lambda: [s.wait() for s in samplers])
+        await record_all(pids, seconds, out)
         elapsed = time.monotonic() - t0
         cpu = {
             name: 100 * (sum(proc.cpu_times()[:2]) - before[name]) / elapsed
@@ -98,14 +85,11 @@ def report(out: Path, cpu: dict[str, float]) -> None:
     stages: collections.Counter[str] = collections.Counter()
     for name in cpu:
         counts: collections.Counter[str] = collections.Counter()
-        path = out / f"{name}.txt"
-        if path.exists():
-            for line in path.read_text().splitlines():
-                stack, _, n = line.rpartition(" ")
-                where = bucket(stack)
-                counts[where] += int(n)
-                if where == BUCKETS[2]:
-                    stages[stage_of(stack)] += int(n)
+        for stack, n in stacks(out / f"{name}.txt").items():
+            where = bucket(stack)
+            counts[where] += n
+            if where == BUCKETS[2]:
+                stages[stage_of(stack)] += n
         rows[name] = counts
     rows["all"] = sum(rows.values(), collections.Counter())
     width = max(map(len, BUCKETS))

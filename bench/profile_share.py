@@ -47,8 +47,35 @@ def bucket(stack: str) -> str:
     return BUCKETS[4]
 
 
-async def drive(seconds: float, window: int, out: Path) -> list[str]:
+async def record_all(pids: dict[str, int], seconds: float, out: Path) -> None:
+    """Sample every process in ``pids`` with py-spy over the same ``seconds``, into
+    ``out/<name>.txt`` (raw: one line per distinct stack, its count last)."""
     pyspy = str(Path(sys.executable).with_name("py-spy"))
+    # Popen returns once each sampler exists; they all sample the same window.
+    samplers = [
+        subprocess.Popen(  # noqa: ASYNC220
+            [pyspy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250"]
+            + ["-f", "raw", "--nonblocking", "-o", str(out / f"{name}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: [s.wait() for s in samplers])
+
+
+def stacks(path: Path) -> collections.Counter[str]:
+    """The samples of one raw py-spy file by stack (empty when py-spy wrote none)."""
+    counts: collections.Counter[str] = collections.Counter()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            counts[stack] += int(n)
+    return counts
+
+
+async def drive(seconds: float, window: int, out: Path) -> list[str]:
     async with Pipeline("config/pipeline.toml", run_dir=out / "run") as p:
         ctl = p._ctl
         assert ctl is not None
@@ -71,17 +98,7 @@ async def drive(seconds: float, window: int, out: Path) -> list[str]:
         for _ in range(window):
             submit()
         await asyncio.sleep(1)  # warm up before sampling
-        # Popen returns once each sampler exists; they all sample the same window.
-        samplers = [
-            subprocess.Popen(  # noqa: ASYNC220
-                [pyspy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250"]
-                + ["-f", "raw", "--nonblocking", "-o", str(out / f"{name}.txt")],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for name, pid in pids.items()
-        ]
-        await loop.run_in_executor(None, lambda: [s.wait() for s in samplers])
+        await record_all(pids, seconds, out)
         await finished
     return list(pids)
 
@@ -97,11 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, collections.Counter[str]] = {}
         for name in names:
             counts: collections.Counter[str] = collections.Counter()
-            path = out / f"{name}.txt"
-            if path.exists():
-                for line in path.read_text().splitlines():
-                    stack, _, n = line.rpartition(" ")
-                    counts[bucket(stack)] += int(n)
+            for stack, n in stacks(out / f"{name}.txt").items():
+                counts[bucket(stack)] += n
             rows[name] = counts
     rows["all"] = sum(rows.values(), collections.Counter())
     width = max(map(len, BUCKETS))
