@@ -79,8 +79,6 @@ class Index:
         spent = 0
         for i in top.tolist():
             score = float(scores[i])
-            if score <= 0:
-                break
             spent += int(self._tokens[i])
             if budget and spent > budget:
                 break
