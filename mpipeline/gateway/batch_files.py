@@ -42,7 +42,13 @@ from mpipeline.gateway.batch_shapes import Batch, Done, FileObject, Purpose
 SUBDIR = "batches"
 FILES = "files"
 # Ids are ours (``new_id``); anything else in a path is refused before it reaches the disk.
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# (fullmatch: ``$`` would also match before a trailing newline.)
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# What one run keeps at most (the routes refuse more, a 400): files, inputs and outputs
+# alike (OpenAI's largest page of ``GET /v1/files``, so one listing holds them all), and
+# batches (which cannot be deleted, so this bounds the run dir and every listing's reads).
+MAX_FILES = 10_000
+MAX_BATCHES = 10_000
 # Append ``fsync``s at most this often (and always when a file is closed).
 FSYNC_INTERVAL_S = 1.0
 
@@ -65,7 +71,7 @@ def output_ids(batch_id: str) -> tuple[str, str]:
 
 
 def valid_id(value: str) -> bool:
-    return _ID.match(value) is not None
+    return _ID.fullmatch(value) is not None
 
 
 def now() -> int:
@@ -126,6 +132,9 @@ class BatchStore:
         found = (self.file(p.stem) for p in self.files.glob("*.json"))
         return sorted((f for f in found if f is not None), key=lambda f: f.created_at)
 
+    def file_count(self) -> int:
+        return sum(1 for _ in self.files.glob("*.json"))
+
     def content_path(self, file_id: str) -> Path:
         return self.files / f"{file_id}.jsonl"
 
@@ -154,6 +163,9 @@ class BatchStore:
             return None
         data = _read(self.root / f"{batch_id}.json")
         return None if data is None else _DECODE_BATCH.decode(data)
+
+    def batch_count(self) -> int:
+        return sum(1 for _ in self.root.glob("*.json"))
 
     def batch_ids(self) -> list[str]:
         return [p.stem for p in self.root.glob("*.json")]

@@ -26,7 +26,7 @@ import msgspec
 from mpipeline.config import GatewayConfig
 from mpipeline.gateway import schemas
 from mpipeline.gateway.batch_execute import LineExecutor
-from mpipeline.gateway.batch_files import BatchStore, new_id, now
+from mpipeline.gateway.batch_files import MAX_BATCHES, MAX_FILES, BatchStore, new_id, now
 from mpipeline.gateway.batch_input import parse_upload
 from mpipeline.gateway.batch_runner import BatchRunner
 from mpipeline.gateway.batch_shapes import (
@@ -117,6 +117,9 @@ class Batches(OpenAIErrors):
         if isinstance(upload, Problem):
             response.send_reply(problem_reply(upload))
             return
+        if self._store.file_count() >= MAX_FILES:
+            response.send_reply(self._files_full())
+            return
         obj = self._store.add_file(upload.filename, "batch", upload.data)
         response.send(200, _ENCODE(obj))
 
@@ -155,6 +158,14 @@ class Batches(OpenAIErrors):
             message = f"input_file_id {body.input_file_id!r} is not a batch input file: {why}"
             response.send_reply(self.error_reply(400, message, field="input_file_id"))
             return
+        # A batch's output and error files land among the files: both caps apply.
+        if self._store.file_count() >= MAX_FILES:
+            response.send_reply(self._files_full())
+            return
+        if self._store.batch_count() >= MAX_BATCHES:
+            message = f"this run holds {MAX_BATCHES} batches, the most it keeps; start a new run"
+            response.send_reply(self.error_reply(400, message))
+            return
         created = now()
         batch = Batch(
             id=new_id("batch_"),
@@ -171,12 +182,13 @@ class Batches(OpenAIErrors):
         response.send(200, _ENCODE(batch))
 
     async def _list(self, request: Request, response: Response) -> None:
-        query = urllib.parse.parse_qs(request.query)
+        query = urllib.parse.parse_qs(request.query, keep_blank_values=True)
         after = query.get("after", [None])[0]
-        try:
-            limit = int(query.get("limit", [str(PAGE)])[0])
-        except ValueError:
-            limit = 0
+        # One value of plain ASCII digits: int() would also take " 5", "1_0", "+5" or
+        # other scripts' digits, and parse_qs would drop a blank one unasked.
+        given = query.get("limit", [str(PAGE)])
+        text = given[0] if len(given) == 1 else ""
+        limit = int(text) if text.isascii() and text.isdigit() and len(text) <= 4 else 0
         if not 1 <= limit <= MAX_PAGE:
             message = f"limit must be a whole number from 1 to {MAX_PAGE}"
             response.send_reply(self.error_reply(400, message, field="limit"))
@@ -232,6 +244,13 @@ class Batches(OpenAIErrors):
                 batch, status="cancelling", cancelling_at=batch.cancelling_at or now()
             )
         return batch
+
+    def _files_full(self) -> Reply:
+        message = (
+            f"this run holds {MAX_FILES} files, the most it keeps; "
+            f"delete some with DELETE {FILES}/{{file_id}}"
+        )
+        return self.error_reply(400, message, field="file")
 
     def _no_file(self, file_id: str) -> Reply:
         return self.error_reply(404, f"no file {file_id[:80]!r}", field="file_id")

@@ -51,6 +51,8 @@ CANCELLED_MESSAGE = "cancelled by DELETE /v1/requests/{id}"
 # How long a DELETE waits for the cancelled request to leave the pipeline client
 # (``Pipeline.cancel`` answers it at once; this only bounds a surprise).
 CANCEL_WAIT_S = 5.0
+# Characters of an unknown id a 404 repeats (ours are 26; a path may be 64 KiB).
+ID_ECHO = 80
 _ENCODE = msgspec.json.Encoder().encode
 
 RequestJob = Job[PromptResult, RequestFailed]
@@ -169,7 +171,7 @@ class AsyncRequests(schemas.NativeErrors):
         if job is None:
             ttl = f"{self.table.ttl_s:g}"
             message = (
-                f"no request {job_id!r}: the id is unknown, or its outcome expired "
+                f"no request {job_id[:ID_ECHO]!r}: the id is unknown, or its outcome expired "
                 f"(kept gateway.jobs_ttl_s = {ttl} s after it ended)"
             )
             response.send_reply(self.error_reply(404, message))

@@ -70,7 +70,8 @@ STATUS_FOR_CODE: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL: 500,
 }
 # "Expected `str`, got `int` - at `$.messages[0].content`"
-_AT = re.compile(r"(?P<message>.*) - at `\$(?P<path>[^`]*)`", re.DOTALL)
+# A bad dict key reads "... - at `key` in `$.metadata`": the dict is the field.
+_AT = re.compile(r"(?P<message>.*) - at (?:`key` in )?`\$(?P<path>[^`]*)`", re.DOTALL)
 # "Expected `float` <= 2147483647.0": a whole number's bound, as the client reads it.
 _WHOLE_BOUND = re.compile(r"`float` (?P<op>[<>]=?) (?P<n>\d+)\.0\b")
 # "Object missing required field `input`": the field belongs in the path too.

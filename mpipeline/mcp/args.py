@@ -33,10 +33,17 @@ MAX_CONCURRENCY = 16
 DEFAULT_CONCURRENCY = 4
 # DLQ records one dlq_list call returns at most (the newest): an agent's context is small.
 MAX_LIST = 1000
+# Ids one dlq_list or dlq_replay call may name (as many as one list returns), reasons
+# it may filter on (far more than there are), and the length of ``since``: a call's
+# arguments are bounded before any of them reaches the DLQ reader.
+MAX_IDS = MAX_LIST
+MAX_REASONS = 32
+MAX_SINCE = 64
 Priority = Literal["critical", "high", "normal", "low"]
 DeadlineMs = Annotated[float, Meta(ge=1, le=MAX_DEADLINE_MS)]
 Reason = Annotated[str, Meta(min_length=1, max_length=64)]
 RecordId = Annotated[str, Meta(min_length=1, max_length=256)]
+Since = Annotated[str, Meta(min_length=1, max_length=MAX_SINCE)]
 _SINCE = "only records from this long ago (30s, 10m, 2h, 1d) or since an ISO 8601 time"
 
 
@@ -93,20 +100,26 @@ class DlqListArgs(Args, frozen=True):
     """``dlq_list``: the filters of ``mpipeline dlq list``."""
 
     reasons: Annotated[
-        list[Reason], Meta(description="only records with one of these reasons (ring_full...)")
+        list[Reason],
+        Meta(
+            max_length=MAX_REASONS,
+            description="only records with one of these reasons (ring_full...)",
+        ),
     ] = []
-    since: Annotated[str | None, Meta(description=_SINCE)] = None
-    ids: Annotated[list[RecordId], Meta(description="only these request ids")] = []
+    since: Annotated[Since | None, Meta(description=_SINCE)] = None
+    ids: Annotated[
+        list[RecordId], Meta(max_length=MAX_IDS, description="only these request ids")
+    ] = []
     limit: Annotated[int, Meta(ge=1, le=MAX_LIST, description="the newest N records")] = 100
 
 
 class DlqReplayArgs(Args, frozen=True):
     """``dlq_replay``: ``mpipeline dlq replay``: named records, or ``all`` not yet replayed."""
 
-    ids: Annotated[list[RecordId], Meta(description="records to replay")] = []
+    ids: Annotated[list[RecordId], Meta(max_length=MAX_IDS, description="records to replay")] = []
     all: Annotated[bool, Meta(description="every record not yet replayed")] = False
-    reasons: list[Reason] = []
-    since: Annotated[str | None, Meta(description=_SINCE)] = None
+    reasons: Annotated[list[Reason], Meta(max_length=MAX_REASONS)] = []
+    since: Annotated[Since | None, Meta(description=_SINCE)] = None
     deadline_ms: Annotated[
         DeadlineMs | None, Meta(description="deadline for every replay instead of each record's")
     ] = None

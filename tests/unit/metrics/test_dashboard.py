@@ -197,8 +197,28 @@ def test_events_stream_fresh_updates(base: str, frames: Frames) -> None:
     assert done == sorted(done) and done[0] < done[-1], done
 
 
-@pytest.mark.parametrize("interval", ["0.01", "nan", "abc", "61"])
-def test_a_bad_interval_is_refused_with_the_range(base: str, interval: str) -> None:
+@pytest.mark.parametrize(
+    "interval",
+    [
+        "0.01",
+        "nan",
+        "abc",
+        "61",
+        # Hostile: never-ending, negative, zero, overflowing, huge, repeated, not decimal.
+        "inf",
+        "-inf",
+        "-1",
+        "0",
+        "1e309",
+        "9" * 4000,
+        "0x1p0",
+        "",
+        ["1", "2"],
+    ],
+)
+def test_a_bad_interval_is_refused_with_the_range(
+    base: str, feed: Feed, interval: str | list[str]
+) -> None:
     reply = httpx.get(
         base + "/dashboard/events",
         params={"interval": interval},
@@ -207,6 +227,16 @@ def test_a_bad_interval_is_refused_with_the_range(base: str, interval: str) -> N
     )
     assert reply.status_code == 400
     assert "0.2 to 60" in reply.text
+    assert feed.streams == 0  # a refused stream holds no slot
+
+
+def test_a_repeated_or_huge_token_in_the_query_is_refused(base: str) -> None:
+    url = base + "/dashboard/snapshot.json"
+    with httpx.Client(timeout=HTTP_TIMEOUT_S) as c:
+        for tokens in ([TOKEN, TOKEN], ["wrong", TOKEN], ["x" * 60_000], [""]):
+            reply = c.get(url, params={"token": tokens})
+            assert reply.status_code == 401, tokens[0][:10]
+            assert TOKEN not in reply.text
 
 
 def test_streams_beyond_the_limit_get_503_and_a_closed_one_frees_its_slot(
