@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import uvloop
 
-from bench.profile_share import BUCKETS, bucket, record_all, stacks
+from bench.profile_share import BUCKETS, HEADER, bucket, record_all, share_cells, stacks
 from mpipeline.bench.cores import Options, config_for_cores, replica_pids, window_for
 from mpipeline.bench.cpu import pin
 from mpipeline.bench.load import Load, Target, closed_loop
@@ -92,12 +92,10 @@ def report(out: Path, cpu: dict[str, float]) -> None:
                 stages[stage_of(stack)] += n
         rows[name] = counts
     rows["all"] = sum(rows.values(), collections.Counter())
-    width = max(map(len, BUCKETS))
-    print(f"{'process':16s} {'CPU %':>6s}" + "".join(f"  {b:>{width}s}" for b in BUCKETS))
+    print(f"{'process':16s} {'CPU %':>6s}{HEADER}")
     for name, counts in rows.items():
-        total = sum(counts.values()) or 1
         used = sum(cpu.values()) if name == "all" else cpu[name]
-        cells = "".join(f"  {100 * counts[b] / total:>{width - 1}.0f}%" for b in BUCKETS)
+        cells = share_cells(counts)
         print(f"{name:16s} {used:6.0f}{cells}")
     total = sum(stages.values()) or 1
     print("\nstage work, by stage (% of all stage-work samples):")

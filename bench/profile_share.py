@@ -33,6 +33,17 @@ BUCKETS = (
 )
 
 
+_WIDTH = max(map(len, BUCKETS))
+# The column heads of a table of shares, one column per bucket.
+HEADER = "".join(f"  {b:>{_WIDTH}s}" for b in BUCKETS)
+
+
+def share_cells(counts: collections.Counter[str]) -> str:
+    """One process's samples as a row of ``HEADER``'s columns: % of its samples each."""
+    total = sum(counts.values()) or 1
+    return "".join(f"  {100 * counts[b] / total:>{_WIDTH - 1}.0f}%" for b in BUCKETS)
+
+
 def bucket(stack: str) -> str:
     """The bucket of a sample: its innermost frame that belongs to one."""
     for frame in reversed(stack.split(";")):
@@ -118,12 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 counts[bucket(stack)] += n
             rows[name] = counts
     rows["all"] = sum(rows.values(), collections.Counter())
-    width = max(map(len, BUCKETS))
-    print(f"{'replica':12s}" + "".join(f"  {b:>{width}s}" for b in BUCKETS))
+    print(f"{'replica':12s}{HEADER}")
     for name, counts in rows.items():
-        total = sum(counts.values()) or 1
-        cells = "".join(f"  {100 * counts[b] / total:>{width - 1}.0f}%" for b in BUCKETS)
-        print(f"{name:12s}{cells}")
+        print(f"{name:12s}{share_cells(counts)}")
     return 0
 
 
