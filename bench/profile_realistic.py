@@ -25,8 +25,9 @@ import psutil
 import uvloop
 
 from bench.profile_share import BUCKETS, HEADER, bucket, record_all, share_cells, stacks
-from mpipeline.bench.cores import Options, config_for_cores, replica_pids, window_for
+from mpipeline.bench.cores import Options, replica_pids, window_for
 from mpipeline.bench.cpu import pin
+from mpipeline.bench.layout import config_for_cores
 from mpipeline.bench.load import Load, Target, closed_loop
 from mpipeline.bench.workload import realistic
 from mpipeline.pipeline import Pipeline

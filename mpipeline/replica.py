@@ -27,9 +27,9 @@ from mpipeline.config import Catalog, PipelineConfig, load
 from mpipeline.control import ControlBlock, ReplicaState
 from mpipeline.errors import BootError, ExitCode
 from mpipeline.metrics import Writer, attach_writer, stage_region
-from mpipeline.runner import StageRunner
+from mpipeline.runner import GroupRunner, LocalLink, StageRunner
 from mpipeline.stages import STAGES, AsyncStage, Stage, StageContext
-from mpipeline.topology import ReplicaSpec
+from mpipeline.topology import GroupSpec, ReplicaSpec
 from mpipeline.workers import served_upstream_names
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(ExitCode.FAILURE)
 
 
-def main(spec: ReplicaSpec, config_path: str, ctl_name: str, parent: int, log_level: int) -> None:
+def main(
+    spec: ReplicaSpec | GroupSpec, config_path: str, ctl_name: str, parent: int, log_level: int
+) -> None:
     """Entry point of a replica process (the spawn target)."""
     run_child(
         spec.name,
@@ -123,33 +125,60 @@ def _metrics_writer(spec: ReplicaSpec, cfg: PipelineConfig, segments: str) -> Wr
     return attach_writer(segments, spec.slot, region)
 
 
-async def _serve(spec: ReplicaSpec, cfg: PipelineConfig, ctl_name: str) -> None:
+async def _serve(spec: ReplicaSpec | GroupSpec, cfg: PipelineConfig, ctl_name: str) -> None:
+    """Boot the stage (or each member of a placement group), report ready, run, stop."""
+    members = spec.members if isinstance(spec, GroupSpec) else (spec,)
     ctl = ControlBlock.attach(ctl_name)
-    ctl.booting(spec.slot, os.getpid())
-    faults = faults_mod.for_stage(spec.stage)
+    for member in members:
+        ctl.booting(member.slot, os.getpid())
+    stages: list[Stage[Any, Any] | AsyncStage[Any, Any]] = []
     try:
-        if faults.boot_error:
-            raise BootError("injected boot_error fault")
         segments = ctl_name.removesuffix("-control")
-        metrics = _metrics_writer(spec, cfg, segments)
-        stage = build_stage(spec, cfg, segments, metrics)
-        if faults.any:
-            stage = faults_mod.wrap(stage, faults)
-        await stage.start()
-        runner = StageRunner(spec, cfg, stage, ctl, metrics)
-        runner.attach()
+        # Built last member first: each earlier one hands its outputs to the next.
+        runners: list[StageRunner] = []
+        for member in reversed(members):
+            # In a group, say which member failed: the process is named after the group.
+            about = f"{member.name}: " if len(members) > 1 else ""
+            faults = faults_mod.for_stage(member.stage)
+            if faults.boot_error:
+                raise BootError(f"{about}injected boot_error fault")
+            metrics = _metrics_writer(member, cfg, segments)
+            stage = build_stage(member, cfg, segments, metrics)
+            if faults.any:
+                stage = faults_mod.wrap(stage, faults)
+            await stage.start()
+            stages.append(stage)
+            link = None
+            if runners:
+                after = runners[0]
+                link = LocalLink(after.entry(), after.outbox, after.meter, timed=after.pool is None)
+            runner = StageRunner(member, cfg, stage, ctl, metrics, sink=link)
+            if runners:
+                runner.pools += runners[0].pools
+            runners.insert(0, runner)
+        group = GroupRunner(runners)
+        group.attach()
     except BootError:
+        await _stop_stages(stages)
         raise
     except Exception as exc:
+        await _stop_stages(stages)
         raise BootError(f"{type(exc).__name__}: {exc}") from exc
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    ctl.set_state(spec.slot, ReplicaState.READY)
+    for member in members:
+        ctl.set_state(member.slot, ReplicaState.READY)
     log.debug("ready on cpus %s", list(spec.cpus))
     try:
-        await runner.run(stop)
+        await (group.run(stop) if len(runners) > 1 else runners[0].run(stop))
     finally:
-        ctl.set_state(spec.slot, ReplicaState.EXITED)
-        await stage.stop()
-        runner.close()
+        for member in members:
+            ctl.set_state(member.slot, ReplicaState.EXITED)
+        await _stop_stages(stages)
+        group.close()
         ctl.close()
+
+
+async def _stop_stages(stages: list[Stage[Any, Any] | AsyncStage[Any, Any]]) -> None:
+    for stage in stages:
+        await stage.stop()

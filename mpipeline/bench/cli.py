@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import cast
 
+from mpipeline.bench.layout import LAYOUTS, Layout
 from mpipeline.errors import ExitCode
 from mpipeline.ops.args import positive_int
 
@@ -35,6 +37,16 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="echo: every stage passes requests on (the pipeline's own cost); realistic: "
         "rag over 10,000 generated passages, a token budget, replies with planted PII "
         "redacted by post (default echo)",
+    )
+    bench.add_argument(
+        "--layout",
+        type=_layouts,
+        default=("per-stage",),
+        metavar="LIST",
+        help="process layouts to measure, comma-separated, each at every core count: "
+        "per-stage (a process per stage replica, the default config) and chained (the "
+        "whole flow as one placement group per core); the first gives the ratio and the "
+        "targets (default per-stage)",
     )
     bench.add_argument("--quick", action="store_true", help="short phases (a smoke test)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -176,6 +188,16 @@ def _float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _layouts(text: str) -> tuple[Layout, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in LAYOUTS]
+    if not values or bad or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"one or more of {', '.join(LAYOUTS)}, each once: {text!r}"
+        )
+    return cast(tuple[Layout, ...], values)
+
+
 def _cpu_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -193,6 +215,9 @@ def _bench(args: argparse.Namespace) -> int:
             "not with --http, --upstream or --metrics both",
             file=sys.stderr,
         )
+        return ExitCode.USAGE
+    if args.layout != ("per-stage",) and (args.http or args.upstream):
+        print("mpipeline bench: --layout is for the in-process bench", file=sys.stderr)
         return ExitCode.USAGE
     if args.upstream and args.http:
         print("mpipeline bench: --upstream and --http are separate benches", file=sys.stderr)
@@ -223,6 +248,7 @@ def _bench(args: argparse.Namespace) -> int:
         plot_path=args.plot,
         shared=args.shared_cores,
         metrics=args.metrics,
+        layouts=args.layout,
     )
     _bench_logging()
     if args.workload == "echo":

@@ -22,23 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import msgspec
 import uvloop
 
 from mpipeline import rundir
 from mpipeline.bench import report as rep
 from mpipeline.bench.baseline import AsyncioPipeline
 from mpipeline.bench.cpu import CpuMeter, pin
+from mpipeline.bench.layout import Layout, config_for_cores, laid_out, stage_pinning
 from mpipeline.bench.load import Load, Phase, Progress, Target, closed_loop, open_loop
 from mpipeline.bench.workload import Realistic
-from mpipeline.config import PipelineConfig, active_stages, pinning
+from mpipeline.config import PipelineConfig, active_stages
 from mpipeline.metrics.snapshot import snapshot
 from mpipeline.pipeline import Pipeline
 
 MetricsMode = Literal["on", "off", "both"]
 
-# Stages besides inference get one replica per this many cores (at least one).
-CORES_PER_SIDE_REPLICA = 8
 # Requests in flight at full speed, per replica of the first stage. Measured on
 # the 2-core box: 256-1024 give the most req/s for both the pipeline and the
 # baseline; 2048 and more overfill the 1 MiB rings (about 600 B a request),
@@ -72,6 +70,8 @@ class Options:
     metrics: MetricsMode = "on"
     # ``--workload realistic`` (None: echo): its config, prompts and reply checks.
     workload: Realistic | None = None
+    # ``--layout``: the first gives ``runs`` and the ratio; the rest ``layout_runs``.
+    layouts: tuple[Layout, ...] = ("per-stage",)
 
 
 def options(
@@ -89,6 +89,7 @@ def options(
     plot_path: Path | None = None,
     shared: bool = False,
     metrics: MetricsMode = "on",
+    layouts: tuple[Layout, ...] = ("per-stage",),
 ) -> Options:
     """Options from the command line, where None means the (``quick``) default."""
     return Options(
@@ -105,6 +106,7 @@ def options(
         plot_path=plot_path,
         shared=shared,
         metrics=metrics,
+        layouts=layouts,
     )
 
 
@@ -127,57 +129,9 @@ def command_line(opts: Options) -> list[str]:
         cmd += ["--metrics", opts.metrics]
     if opts.workload is not None:
         cmd += ["--workload", "realistic"]
+    if opts.layouts != ("per-stage",):
+        cmd += ["--layout", ",".join(opts.layouts)]
     return cmd
-
-
-def config_for_cores(
-    cores: list[int],
-    base: PipelineConfig | None = None,
-    *,
-    shared: bool = False,
-    metrics: bool = True,
-    heavy: tuple[str, ...] = ("inference",),
-) -> PipelineConfig:
-    """The bench's pipeline on ``cores``: echo, no delay, shards = cores.
-
-    ``heavy`` (inference; the stages with the most work) get one replica per
-    core each; the others one replica per ``CORES_PER_SIDE_REPLICA`` cores (at
-    least one), since each costs a fraction of a shard. Replicas are dealt over ``cores`` in flow
-    order, one core each, wrapping when there are more replicas than cores
-    (the way ``cpus = "auto"`` deals the affinity mask), so consecutive stages
-    land on different cores. ``shared``: every replica may run on all of
-    ``cores`` and the kernel balances them instead. ``metrics``: the replicas
-    count into the metrics block and the supervisor serves /metrics on a free
-    port, as a default deployment does; off records nothing.
-    """
-    cfg = base or PipelineConfig()
-    c = len(cores)
-    side = max(1, c // CORES_PER_SIDE_REPLICA)
-    stages = cfg.stages
-    offset = 0
-    updates = {}
-    for name, _ in active_stages(cfg):
-        st = getattr(stages, name)
-        n = c if name in heavy else side
-        if shared:
-            cpus, per = list(cores), c
-        else:
-            # A list is dealt from its start, so rotate it to continue where the last stage ended.
-            k = offset % c
-            cpus, per = [*cores[k:], *cores[:k]], 1
-        offset += n
-        fields: dict[str, object] = {"replicas": n, "cpus": cpus, "cores_per_replica": per}
-        if name == "inference":
-            echo = msgspec.structs.replace(st.echo, token_delay_ms=0.0, max_tokens=16)
-            fields["echo"] = echo
-        updates[name] = msgspec.structs.replace(st, **fields)
-    return msgspec.structs.replace(
-        cfg,
-        stages=msgspec.structs.replace(stages, **updates),
-        metrics=msgspec.structs.replace(cfg.metrics, enabled=metrics, port=0),
-        # The bench client plays the gateway; `bench --http` adds a real one.
-        gateway=msgspec.structs.replace(cfg.gateway, replicas=0),
-    )
 
 
 def window_for(cfg: PipelineConfig, opts: Options) -> int:
@@ -188,18 +142,17 @@ def window_for(cfg: PipelineConfig, opts: Options) -> int:
     return WINDOW_PER_FRONT_REPLICA * first.replicas
 
 
-def stage_pinning(cfg: PipelineConfig, cores: list[int]) -> dict[str, list[int]]:
-    """Cores of every stage replica; the bench client, which plays the gateway, gets all."""
-    stages = {name for name, _ in active_stages(cfg)}
-    plan = {k: v for k, v in pinning(cfg, cores).items() if k.rsplit("-", 1)[0] in stages}
-    return {"client (bench)": list(cores), **plan}
-
-
 def replica_pids(run_dir: Path) -> dict[str, int]:
-    """``{"supervisor": pid, "rag-0": pid, ...}`` of the pipeline running in ``run_dir``."""
+    """``{"supervisor": pid, "rag-0": pid, ...}`` of the pipeline running in ``run_dir``.
+
+    A placement group is one process, named once (``"chain-0"``): its CPU must
+    not be counted once per member.
+    """
     with rundir.connect(run_dir) as run:
         snap = snapshot(run)
-        return {"supervisor": run.control.supervisor_pid} | {r.name: r.pid for r in snap.replicas}
+        group_of = {m.name: g.name for g in run.info.topology.groups for m in g.members}
+        pids = {group_of.get(r.name, r.name): r.pid for r in snap.replicas}
+        return {"supervisor": run.control.supervisor_pid} | pids
 
 
 async def _phases(
@@ -257,10 +210,15 @@ def _workload(opts: Options) -> tuple[PipelineConfig | None, tuple[str, ...]]:
 
 
 async def _run_pipeline(
-    cores: list[int], opts: Options, progress: Progress, *, metrics: bool = True
+    cores: list[int],
+    opts: Options,
+    progress: Progress,
+    *,
+    metrics: bool = True,
+    layout: Layout = "per-stage",
 ) -> rep.Run:
     base, heavy = _workload(opts)
-    cfg = config_for_cores(cores, base, shared=opts.shared, metrics=metrics, heavy=heavy)
+    cfg = laid_out(cores, base, layout, shared=opts.shared, metrics=metrics, heavy=heavy)
     window = window_for(cfg, opts)
     restore = pin(cores)  # before the supervisor starts: it and its children inherit the mask
     try:
@@ -269,12 +227,14 @@ async def _run_pipeline(
             async with Pipeline(cfg, run_dir=run_dir) as p:
                 pids = {"client (bench)": os.getpid(), **replica_pids(run_dir)}
                 label = f"{len(cores)} core{'s' if len(cores) > 1 else ''}"
+                label += f", {layout}" if layout != "per-stage" else ""
                 label += ":" if metrics else ", metrics off:"
                 phases = await _phases(p, pids, cores, window, opts, label, progress)
     finally:
         restore()
+    name = "pipeline" if metrics else rep.METRICS_OFF_NAME
     return rep.Run(
-        name="pipeline" if metrics else rep.METRICS_OFF_NAME,
+        name=name if layout == "per-stage" else f"{name}, {layout}",
         cores=len(cores),
         cpus=list(cores),
         replicas={name: st.replicas for name, st in active_stages(cfg)},
@@ -319,11 +279,16 @@ async def run(opts: Options) -> rep.Report:
     progress = Progress(opts.progress)
     runs = []
     ab = []
+    others: dict[Layout, list[rep.Run]] = {layout: [] for layout in opts.layouts[1:]}
+    first = opts.layouts[0]
     for c in counts:
         if c in skipped:
             continue
         cores = available[:c]
-        runs.append(await _run_pipeline(cores, opts, progress, metrics=opts.metrics != "off"))
+        on = opts.metrics != "off"
+        runs.append(await _run_pipeline(cores, opts, progress, metrics=on, layout=first))
+        for layout, done in others.items():
+            done.append(await _run_pipeline(cores, opts, progress, metrics=on, layout=layout))
         if opts.metrics == "both":
             # On, off, off, on, back to back on the same cores: run-to-run noise here
             # is several percent, larger than the cost measured, and a drift of the
@@ -333,6 +298,7 @@ async def run(opts: Options) -> rep.Report:
                 for metrics in (False, False, True)
             ]
     runs = rep.with_efficiency(runs)
+    layout_runs = [r for done in others.values() for r in rep.with_efficiency(done)]
     baseline = None
     if opts.baseline and runs:
         baseline = await _run_baseline(available[: runs[-1].cores], opts, progress)
@@ -356,6 +322,7 @@ async def run(opts: Options) -> rep.Report:
         "prompt_bytes": 512,
         "output_tokens": 16,
         "metrics": opts.metrics,
+        "layouts": ",".join(opts.layouts),
     }
     report = rep.Report(
         machine=rep.machine(),
@@ -367,6 +334,7 @@ async def run(opts: Options) -> rep.Report:
         ratio=ratio,
         verdicts=rep.verdicts(runs, baseline),
         metrics_ab=ab,
+        layout_runs=layout_runs,
     )
     return opts.workload.report(report) if opts.workload else report
 
@@ -394,7 +362,9 @@ def main(opts: Options) -> int:
         rep.write_json(report, opts.json_path)
         rep.stderr(f"wrote {opts.json_path}")
     if opts.plot_path is not None:
-        rep.plot(report, opts.plot_path)
+        from mpipeline.bench.plot import plot
+
+        plot(report, opts.plot_path)
         rep.stderr(f"wrote {opts.plot_path}")
     failed = sum(p.failed for r in report.runs for p in r.phases)
     return 0 if failed == 0 and report.runs and not problems else 1

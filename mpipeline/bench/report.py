@@ -81,6 +81,8 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     # after the one in ``runs`` (metrics off, off, on: an ABBA sequence, so a drift
     # of the machine over the four runs cancels out of the comparison).
     metrics_ab: list[Run] = msgspec.field(default_factory=list)
+    # ``--layout``: the runs of every layout after the first, named "pipeline, <layout>".
+    layout_runs: list[Run] = msgspec.field(default_factory=list)
     # ``--workload realistic``: each side's replies, read after its phases (bench.workload).
     checks: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
 
@@ -242,7 +244,12 @@ def table(report: Report) -> str:
             "noise",
         )
     ]
-    runs = [*report.runs, *report.metrics_ab, *([report.baseline] if report.baseline else [])]
+    runs = [
+        *report.runs,
+        *report.layout_runs,
+        *report.metrics_ab,
+        *([report.baseline] if report.baseline else []),
+    ]
     for r in runs:
         for p in r.phases:
             phase = "full speed" if p.kind == "full" else f"{p.offered_rps:,.0f}/s"
@@ -280,6 +287,7 @@ def table(report: Report) -> str:
         ]
     if report.ratio is not None:
         lines += ["", f"pipeline / asyncio baseline at full speed: {report.ratio:.2f}x"]
+        lines += _layout_ratios(report)
     costs = metrics_costs(report)
     if costs:
         lines += ["", "metrics cost at full speed (mean of on, off, off, on; same cores):"]
@@ -299,6 +307,23 @@ def table(report: Report) -> str:
         have = len(report.machine.affinity)
         lines += ["", f"skipped core counts {report.skipped_cores}: only {have} cores available"]
     return "\n".join(lines)
+
+
+def _layout_ratios(report: Report) -> list[str]:
+    """Each further layout's most cores over the baseline, as the ratio line above."""
+    base = report.baseline.full if report.baseline is not None else None
+    if base is None or not base.throughput_rps:
+        return []
+    top: dict[str, Run] = {}
+    for r in report.layout_runs:
+        if r.full is not None and r.cores >= top.get(r.name, r).cores:
+            top[r.name] = r
+    return [
+        f"{name} / asyncio baseline at full speed: "
+        f"{r.full.throughput_rps / base.throughput_rps:.2f}x"
+        for name, r in top.items()
+        if r.full is not None
+    ]
 
 
 def _cpu_rows(runs: list[Run]) -> list[tuple[str, ...]]:
@@ -352,52 +377,6 @@ def _format_rows(rows: list[tuple[str, ...]]) -> str:
 
 def write_json(report: Report, path: Path) -> None:
     path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
-
-
-def plot(report: Report, path: Path) -> None:
-    """Throughput and scaling efficiency against cores, as a PNG.
-
-    :raises ImportError: when matplotlib is missing (the ``bench`` extra).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in sorted(report.runs, key=lambda r: r.cores) if r.full is not None]
-    cores = [r.cores for r in runs]
-    rps = [r.full.throughput_rps for r in runs if r.full is not None]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(cores, rps, "o-", label="mpipeline")
-    if runs:
-        per_core = rps[0] / cores[0]
-        ax1.plot(cores, [per_core * c for c in cores], ":", color="grey", label="linear")
-    if report.baseline is not None and report.baseline.full is not None:
-        ax1.axhline(
-            report.baseline.full.throughput_rps, color="tab:red", ls="--", label="asyncio, 1 core"
-        )
-    if TARGET_CORES in cores:
-        ax1.plot([TARGET_CORES], [TARGET_RPS], "r*", ms=10, label="target, 2 cores")
-    ax1.set_xlabel("cores")
-    ax1.set_ylabel("req/s (echo, 512 B, 16 tokens)")
-    ax1.set_title("Throughput")
-    ax1.set_xticks(cores)
-    ax1.set_ylim(bottom=0)
-    ax1.legend()
-    eff = [100.0 * (r.efficiency or 0.0) for r in runs]
-    ax2.plot(cores, eff, "o-")
-    ax2.axhline(100.0 * TARGET_EFFICIENCY, color="tab:red", ls="--", label="target 85 %")
-    ax2.set_xlabel("cores")
-    ax2.set_ylabel("% of linear")
-    ax2.set_title("Scaling efficiency")
-    ax2.set_xticks(cores)
-    ax2.set_ylim(0, 110)
-    ax2.legend()
-    m = report.machine
-    fig.suptitle(f"{m.cpu_model}, {m.python}, {m.date[:10]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def stderr(text: str) -> None:

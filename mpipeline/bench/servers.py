@@ -23,8 +23,8 @@ import msgspec
 import psutil
 
 from mpipeline import _shm, rundir
-from mpipeline.bench.cores import config_for_cores
 from mpipeline.bench.cpu import pin
+from mpipeline.bench.layout import config_for_cores
 from mpipeline.config import PipelineConfig
 from mpipeline.control import ControlBlock
 from mpipeline.errors import MPipelineError

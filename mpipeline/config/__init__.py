@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from mpipeline.config import _toml
+from mpipeline.config import _toml, groups
 from mpipeline.config._base import ENV_NAME
 from mpipeline.config._files import (
     CONFIG_ENV,
@@ -33,17 +33,15 @@ from mpipeline.config._files import (
     shipped_files,
     write_new,
 )
+from mpipeline.config._plan import active_stages, chained, ring_bytes, ring_bytes_total
 from mpipeline.config.catalog import Catalog, ServedModel, check_served
 from mpipeline.config.tables import *  # noqa: F403 - the tables are this package's API
 from mpipeline.config.tables import (
-    ERROR_RING_BYTES,
     MIB,
-    STAGE_ORDER,
     Cpus,
     PinnedConfig,
     PipelineConfig,
     RagConfig,
-    StageConfig,
 )
 from mpipeline.config.tables import __all__ as _tables
 from mpipeline.errors import ConfigError as ConfigError
@@ -87,7 +85,13 @@ def warnings(cfg: PipelineConfig) -> list[str]:
     """Legal but doubtful settings: oversubscribed cores, an open unauthenticated gateway."""
     out = []
     available = _available_cpus()
-    plan = pinning(cfg, available)
+    lead = groups.leaders(active_stages(cfg))
+    # One entry per process: a placement group's later members run in its first's.
+    plan = {
+        name: cores
+        for name, cores in pinning(cfg, available).items()
+        if lead.get(stage := name.rpartition("-")[0], stage) == stage
+    }
     wanted = sum(len(cores) for cores in plan.values())
     users: dict[int, list[str]] = {}
     for name, cores in plan.items():
@@ -122,38 +126,6 @@ def dump_toml(cfg: PipelineConfig) -> str:
     return _toml.write_toml(msgspec.to_builtins(cfg))
 
 
-def active_stages(cfg: PipelineConfig) -> list[tuple[str, StageConfig]]:
-    """The stages the topology runs, in flow order: rag is left out when disabled."""
-    skip = () if cfg.stages.rag.enabled else ("rag",)
-    return [(name, getattr(cfg.stages, name)) for name in STAGE_ORDER if name not in skip]
-
-
-def ring_bytes(cfg: PipelineConfig) -> dict[str, int]:
-    """Bytes of ring memory per consuming stage ("gateway" for the return rings,
-    "errors" for the error rings).
-
-    One ring per (producer replica, consumer replica) pair, sized by the consumer.
-    The gateway side counts every client slot: the gateway replicas and the
-    ``api_clients`` slots for Python clients and the CLI.
-    """
-    gateway = cfg.gateway.replicas + cfg.gateway.api_clients
-    out = {}
-    producers = gateway
-    for name, stage in active_stages(cfg):
-        out[name] = producers * stage.replicas * stage.ring_capacity
-        producers = stage.replicas
-    out["gateway"] = producers * gateway * cfg.gateway.ring_capacity
-    # Error rings: every replica but the last stage's has one to every client.
-    senders = sum(stage.replicas for _, stage in active_stages(cfg)[:-1])
-    out["errors"] = senders * gateway * ERROR_RING_BYTES
-    return out
-
-
-def ring_bytes_total(cfg: PipelineConfig) -> int:
-    """Bytes of every ring the topology creates."""
-    return sum(ring_bytes(cfg).values())
-
-
 def cpus_for(
     stage_cfg: PinnedConfig, index: int, n_available: list[int], stage_offset: int = 0
 ) -> list[int]:
@@ -177,10 +149,16 @@ def pinning(cfg: PipelineConfig, available: list[int] | None = None) -> dict[str
     supervisor is not included: ``supervisor.cpus == "auto"`` means unpinned.
     """
     available = _available_cpus() if available is None else available
-    plan = {}
+    plan: dict[str, list[int]] = {}
     offset = 0
-    sets: list[tuple[str, PinnedConfig]] = [("gateway", cfg.gateway), *active_stages(cfg)]
+    stages = active_stages(cfg)
+    lead = groups.leaders(stages)
+    sets: list[tuple[str, PinnedConfig]] = [("gateway", cfg.gateway), *stages]
     for name, pinned in sets:
+        if lead.get(name, name) != name:  # a group runs on its first stage's cores
+            for i in range(pinned.replicas):
+                plan[f"{name}-{i}"] = plan[f"{lead[name]}-{i}"]
+            continue
         for i in range(pinned.replicas):
             plan[f"{name}-{i}"] = cpus_for(pinned, i, available, offset)
         offset += pinned.replicas * pinned.cores_per_replica
@@ -265,6 +243,7 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
         # Never echo it: someone may have pasted the token itself here.
         out.append(("gateway.auth_token_env", "must be the NAME of an environment variable"))
     out += check_served(cfg)
+    out += groups.check(cfg, active_stages(cfg))
     if cfg.stages.rag.enabled:
         out += _check_rag(cfg.stages.rag)
     slots = cfg.gateway.rate_limit.session_slots
@@ -376,6 +355,7 @@ __all__ = [
     "DEFAULT_PATH",
     "ServedModel",
     "active_stages",
+    "chained",
     "cpus_for",
     "default_toml",
     "dump_toml",

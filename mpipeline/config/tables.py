@@ -96,6 +96,17 @@ class StageConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fields
             "the very process it waits for)."
         ),
     ] = "auto"
+    group: Annotated[
+        str,
+        Meta(pattern=r"^([a-z][a-z0-9_]{0,31})?$"),
+        _doc(
+            "Placement group: consecutive stages with the same group name run in one "
+            "process per replica (operator chaining), passing messages as Python objects "
+            "with no ring, encode or wake between them; rings remain between groups. "
+            "Every stage of a group has the first one's replicas and runs on its cores. "
+            '"" (the default): a process of its own.'
+        ),
+    ] = ""
 
 
 class RagConfig(StageConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):

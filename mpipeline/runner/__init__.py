@@ -19,6 +19,8 @@ The parts, each in its module:
 - ``TaskPool`` (``_pool.py``): an async stage's messages, started eagerly,
   run concurrently up to a limit with a priority backlog beyond it, swept
   for timeouts and client cancels;
+- ``LocalLink`` and ``GroupRunner`` (``_chain.py``): a placement group's
+  members in one process, each one's outputs handed to the next as objects;
 - ``Meter`` (``_meter.py``): the counters, the heartbeat into the control
   block and the stage-duration histogram into the metrics block.
 
@@ -29,6 +31,7 @@ supervises, serves or benchmarks.
 
 from __future__ import annotations
 
+from mpipeline.runner._chain import GroupRunner, LocalLink
 from mpipeline.runner._runner import StageRunner
 
-__all__ = ["StageRunner"]
+__all__ = ["GroupRunner", "LocalLink", "StageRunner"]

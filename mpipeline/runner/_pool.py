@@ -32,7 +32,7 @@ from mpipeline.messages import Message, PromptRequest, failed_from, request_of
 from mpipeline.metrics.schema import BUCKET_OF_BITS, HIST_SUM
 from mpipeline.runner._log import about, log
 from mpipeline.runner._meter import Meter
-from mpipeline.runner._outbox import Outbox
+from mpipeline.runner._sink import Sink
 from mpipeline.stages.base import AsyncStage
 from mpipeline.topology import ReplicaSpec
 
@@ -83,7 +83,7 @@ class TaskPool:
         spec: ReplicaSpec,
         stage: AsyncStage[Any, Any],
         ctl: ControlBlock | None,
-        outbox: Outbox,
+        outbox: Sink,
         meter: Meter,
         *,
         limit: int,

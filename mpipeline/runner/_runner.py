@@ -43,6 +43,7 @@ from mpipeline.runner._log import about, log
 from mpipeline.runner._meter import Meter
 from mpipeline.runner._outbox import Outbox
 from mpipeline.runner._pool import TaskPool
+from mpipeline.runner._sink import Sink
 from mpipeline.stages.base import AsyncStage, BaseStage, Stage
 from mpipeline.topology import ReplicaSpec
 
@@ -71,7 +72,10 @@ class StageRunner:
         stage: BaseStage[Any, Any],
         ctl: ControlBlock | None = None,
         metrics: Writer | None = None,
+        sink: Sink | None = None,
     ) -> None:
+        """``sink`` replaces the ring outbox: a ``LocalLink`` to the next member of
+        this replica's placement group (``_chain.py``)."""
         self.spec = spec
         self.stage = stage
         self.name = spec.stage
@@ -82,7 +86,7 @@ class StageRunner:
         next_cfg = None if is_last else getattr(cfg.stages, spec.next_stage)
         self.meter = Meter(spec, cfg.supervisor.heartbeat_interval_s, ctl, metrics)
         # The edge's policy belongs to the consuming stage; return rings always block.
-        self.outbox = Outbox(
+        self.outbox: Sink = sink or Outbox(
             spec,
             self.meter,
             is_last=is_last,
@@ -102,6 +106,9 @@ class StageRunner:
                 read_ahead=max(self.batch, limit),
                 timeout_ns=int(stage_cfg.timeout_s * 1e9),
             )
+        # Pools whose full backlog stops the pumps: this stage's, and in a
+        # placement group the later members' too (no ring between to fill up).
+        self.pools: list[TaskPool] = [self.pool] if self.pool is not None else []
         in_type: Any = EDGE_TYPES[spec.stage]
         # The first stage reads requests from clients; assemble does when rag is off.
         self.decoder: Codec[Message] = Codec(in_type | PromptRequest | Failed)
@@ -109,6 +116,13 @@ class StageRunner:
         self._stopping = False
         # Pumps parked on their doorbell, which a stop cancels at once.
         self._idle: set[asyncio.Task[Any]] = set()
+
+    def entry(self) -> Callable[[Message, int], None]:
+        """What takes one message into this stage: admission, then the stage or its pool.
+
+        The pumps build their own; a placement group's ``LocalLink`` calls this one.
+        """
+        return self._dispatcher() if self.pool is None else self.pool.dispatcher(self._admit)
 
     @property
     def processed(self) -> int:
@@ -161,7 +175,8 @@ class StageRunner:
         decode = self.decoder.decode_many
         get_many = ring.get_many
         pool = self.pool
-        dispatch = self._dispatcher() if pool is None else pool.dispatcher(self._admit)
+        pools = self.pools
+        dispatch = self.entry()
         outbox = self.outbox
         meter = self.meter
         batch = self.batch
@@ -185,8 +200,9 @@ class StageRunner:
                         return  # stopped while idle: nothing was taken from the ring
                     continue
                 views = [view]
-            if pool is not None and pool.saturated():
-                await pool.room()
+            for full in pools:
+                if full.saturated():
+                    await full.room()
             now = start = clock()
             for view in views:
                 try:

@@ -34,7 +34,7 @@ HANDLED_SIGNALS = (
 
 @dataclass
 class Replica:
-    spec: topology.ReplicaSpec | topology.GatewaySpec
+    spec: topology.ReplicaSpec | topology.GroupSpec | topology.GatewaySpec
     process: BaseProcess | None = None
     # When it died lately (monotonic s), for the restart intensity window.
     deaths: collections.deque[float] = field(default_factory=collections.deque)
@@ -102,16 +102,17 @@ def hung(
     proc = rep.process
     if proc is None or rep.killed or proc.exitcode is not None:
         return None
-    slot = rep.spec.slot
-    state = ctl.replica_state(slot)
+    slots = rep.spec.slots
+    state = ctl.replica_state(slots[0])
     if state == ReplicaState.READY:
         rep.ready = True
-    age = now_ns - ctl.heartbeat_ns(slot)
+    # A placement group's members beat their own slots: any one beating is a live process.
+    age = now_ns - max(ctl.heartbeat_ns(slot) for slot in slots)
     if age <= int(policy.liveness_timeout_s * 1e9):
         return None
     if state == ReplicaState.BOOTING:
         return "is stuck booting" if age > int(policy.boot_timeout_s * 1e9) else None
-    busy = ctl.in_flight(slot) > 0 or any(
+    busy = any(ctl.in_flight(slot) > 0 for slot in slots) or any(
         rings[name].stats().used_bytes > 0 for name in rep.spec.inputs
     )
     if busy:

@@ -60,8 +60,9 @@ class Supervisor:
         self.run_id = secrets.token_hex(4)
         self.topo = topology.build(cfg, self.run_id)
         self.ctx = multiprocessing.get_context("spawn")
-        specs: list[topology.ReplicaSpec | topology.GatewaySpec] = [
-            *self.topo.replicas,
+        # One per process: a placement group is one process over several slots.
+        specs: list[topology.ReplicaSpec | topology.GroupSpec | topology.GatewaySpec] = [
+            *self.topo.processes,
             *self.topo.gateways,
         ]
         self.replicas = [Replica(spec) for spec in specs]
@@ -202,7 +203,8 @@ class Supervisor:
     def _spawn(self, rep: Replica) -> None:
         assert self.ctl is not None
         spec = rep.spec
-        self.ctl.spawning(spec.slot)
+        for slot in spec.slots:
+            self.ctl.spawning(slot)
         common = (str(self.config_path), self.ctl.name, os.getpid(), self.log_level)
         if isinstance(spec, topology.GatewaySpec):
             from mpipeline.gateway import replica as gateway_replica
@@ -216,7 +218,8 @@ class Supervisor:
             from mpipeline import replica
 
             proc = rep.start(self.ctx, replica.main, (spec, *common))
-        self.ctl.spawned(spec.slot, proc.pid or 0)
+        for slot in spec.slots:
+            self.ctl.spawned(slot, proc.pid or 0)
 
     def _boot(self) -> bool:
         assert self.ctl is not None
@@ -225,7 +228,9 @@ class Supervisor:
         deadline = time.monotonic() + self.sup.boot_timeout_s
         while True:
             for rep in self.replicas:
-                if not rep.ready and self.ctl.replica_state(rep.spec.slot) == ReplicaState.READY:
+                if not rep.ready and all(
+                    self.ctl.replica_state(slot) == ReplicaState.READY for slot in rep.spec.slots
+                ):
                     rep.ready = True
             if all(rep.ready for rep in self.replicas):
                 return True
@@ -299,15 +304,16 @@ class Supervisor:
             code = rep.reap()
             if code is None:
                 continue
-            slot = rep.spec.slot
             # Tells clients too: the requests this replica held will not come back.
-            self.ctl.exited(slot, code)
+            for slot in rep.spec.slots:
+                self.ctl.exited(slot, code)
             if code == ExitCode.BOOT_ERROR:
                 log.error("replica %s failed to boot on restart; stopping", rep.spec.name)
                 self._exit_code = ExitCode.BOOT_ERROR
                 return
             delay = rep.died(now, self.sup)
-            self.ctl.restarted(slot)
+            for slot in rep.spec.slots:
+                self.ctl.restarted(slot)
             if delay is None:
                 log.error(
                     "replica %s died %d times within %.0fs (last: %s): FATAL",
@@ -365,7 +371,7 @@ class Supervisor:
             assert self.segments is not None
             rings = self.segments.rings.values()
             busy = any(r.stats().used_bytes and r.consumer_alive() for r in rings) or any(
-                self.ctl.in_flight(r.spec.slot) for r in self.replicas
+                self.ctl.in_flight(slot) for r in self.replicas for slot in r.spec.slots
             )
             quiet = 0 if busy else quiet + 1
             if quiet >= 3:

@@ -25,11 +25,14 @@ import msgspec
 import psutil
 import pytest
 
-from mpipeline import _shm
-from mpipeline.config import STAGE_ORDER, PipelineConfig, dump_toml
+from mpipeline import _shm, topology
+from mpipeline.config import STAGE_ORDER, PipelineConfig, chained, dump_toml, load
 from mpipeline.control import R_PID, R_STATE, ControlBlock, ReplicaState, RunState
 from mpipeline.rundir import LOCK_FILE, STATE_FILE
 
+# The suite's second layout (scripts/test.sh): the reliability tests again, chained.
+LAYOUT_ENV = "MPIPELINE_TEST_LAYOUT"
+LAYOUTS = ("per-stage", "chained")
 # Generous for a loaded 2-core CI box; a boot normally takes about a second.
 BOOT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -125,11 +128,18 @@ class ConfigFactory:
         cfg = PipelineConfig(run_dir=str(self.run_dir))
         for key, value in {**BASE_OVERRIDES, **(overrides or {})}.items():
             cfg = with_field(cfg, key, value)
-        return cfg
+        return self.laid_out(cfg)
+
+    @staticmethod
+    def laid_out(cfg: PipelineConfig) -> PipelineConfig:
+        """``cfg`` in the layout under test: ``MPIPELINE_TEST_LAYOUT=chained`` runs
+        every run of stages with equal replicas as one placement group."""
+        layout = os.environ.get(LAYOUT_ENV, "per-stage")
+        assert layout in LAYOUTS, f"{LAYOUT_ENV}={layout!r}: one of {LAYOUTS}"
+        return chained(cfg) if layout == "chained" else cfg
 
     def write(self, cfg: PipelineConfig | Mapping[str, object] | None = None) -> Path:
-        if not isinstance(cfg, PipelineConfig):
-            cfg = self(cfg)
+        cfg = self(cfg) if not isinstance(cfg, PipelineConfig) else self.laid_out(cfg)
         self._files += 1
         path = self.tmp_path / f"pipeline-{self._files}.toml"
         path.write_text(dump_toml(cfg), encoding="utf-8")
@@ -248,6 +258,26 @@ class SupervisorProcess:
     def replica_pid(self, replica: str) -> int:
         with self.control() as ctl:
             return ctl.get(self.slot(replica), R_PID)
+
+    def process_of(self, replica: str) -> str:
+        """The process that runs ``replica``: its group's ("rag_assemble-0"), or itself."""
+        return self._group_of(replica)[0]
+
+    def comembers(self, replica: str) -> list[str]:
+        """The replicas that share ``replica``'s process (itself alone when in no group)."""
+        return self._group_of(replica)[1]
+
+    def _group_of(self, replica: str) -> tuple[str, list[str]]:
+        # From the config, not the state file: a run that failed to boot has none.
+        for group in topology.build(load(self.config_path), "test").groups:
+            names = [m.name for m in group.members]
+            if replica in names:
+                return group.name, names
+        return replica, [replica]
+
+    def process_names(self) -> list[str]:
+        """One name per stage process: a placement group counts once."""
+        return list(dict.fromkeys(self.process_of(name) for name in self.replica_names()))
 
     def replica_names(self) -> list[str]:
         return [f"{r['stage']}-{r['index']}" for r in self.state["topology"]["replicas"]]

@@ -99,7 +99,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_clean(
         {"stages.inference.replicas": 2, "stages.inference.echo.token_delay_ms": 25.0}
     )
     kids = sp.descendants()
-    assert len(kids) >= len(sp.replica_names())
+    assert len(kids) >= len(sp.process_names())
     words = " ".join(f"w{j}" for j in range(12))
 
     async def main() -> tuple[int, list[Completed | BaseException]]:
@@ -361,10 +361,11 @@ def test_boot_error_halts_with_exit_3_naming_the_replica(
     started = time.monotonic()
     assert sp.wait_exit(40) == ExitCode.BOOT_ERROR
     log = sp.log()
-    assert "replica post-0 failed to boot" in log
+    post = sp.process_of("post-0")
+    assert f"replica {post} failed to boot" in log
     assert "injected boot_error fault" in log
     # No loop: one boot of post, however long it takes here.
-    assert log.count("post-0 failed to boot") == 1
+    assert log.count(f"{post} failed to boot") == 1
     assert time.monotonic() - started < 30
     assert lock_is_free(sp.run_dir)
     assert not (sp.run_dir / STATE_FILE).exists()
@@ -400,8 +401,9 @@ def test_crash_loop_goes_fatal_with_exit_4_and_clients_get_errors(
     codes = {o.code for o in outcomes if isinstance(o, RequestFailed)}
     assert codes <= {ErrorCode.STAGE_RESTARTED, ErrorCode.SHUTTING_DOWN}
     log = sp.log()
-    assert re.search(r"replica post-0 died 3 times within 60s .*: FATAL", log), log
-    assert log.count("replica post-0 died (exit 70") == 2
+    post = sp.process_of("post-0")
+    assert re.search(rf"replica {post} died 3 times within 60s .*: FATAL", log), log
+    assert log.count(f"replica {post} died (exit 70") == 2
     assert run_segments(run_id) == []
     wait_until(lambda: not any(alive(k) for k in kids), ORPHAN_DEADLINE_S, "children to exit")
     assert lock_is_free(sp.run_dir)

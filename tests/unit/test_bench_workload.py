@@ -10,7 +10,7 @@ import pytest
 
 from mpipeline.bench import workload
 from mpipeline.bench.baseline import AsyncioPipeline
-from mpipeline.bench.cores import config_for_cores
+from mpipeline.bench.layout import config_for_cores
 from mpipeline.config import PipelineConfig
 from mpipeline.errors import RequestFailed
 from mpipeline.messages import Assembled, Completed, TokenChunk

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mpipeline.bench.cores import (
-    WINDOW_PER_FRONT_REPLICA,
-    command_line,
-    config_for_cores,
-    options,
-    stage_pinning,
-    window_for,
-)
+from mpipeline.bench.cores import WINDOW_PER_FRONT_REPLICA, command_line, options, window_for
+from mpipeline.bench.layout import config_for_cores, laid_out, stage_pinning
 
 
 def test_one_core_puts_every_replica_on_it() -> None:
@@ -69,3 +63,14 @@ def test_window_scales_with_the_first_stage_unless_given() -> None:
     assert window_for(config_for_cores([0]), options(window=100)) == 100
     assert "--window" not in command_line(options())
     assert command_line(options(window=100))[-2:] == ["--window", "100"]
+
+
+def test_the_chained_layout_runs_the_whole_flow_as_one_process_per_core() -> None:
+    cfg = laid_out([0, 1], None, "chained")
+    stages = [cfg.stages.rag, cfg.stages.assemble, cfg.stages.inference]
+    stages += [cfg.stages.post, cfg.stages.stream]
+    assert {s.group for s in stages} == {"chain"} and {s.replicas for s in stages} == {2}
+    # A group runs on its first stage's cores: one core per chain, not shared.
+    plan = stage_pinning(cfg, [0, 1])
+    assert plan["rag-0"] == plan["stream-0"] == [0] and plan["rag-1"] == plan["post-1"] == [1]
+    assert laid_out([0, 1], None, "per-stage") == config_for_cores([0, 1])

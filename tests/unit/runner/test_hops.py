@@ -12,6 +12,7 @@ from mpipeline import config, topology
 from mpipeline.config import PipelineConfig
 from mpipeline.ring import DEFAULT_SPIN_S
 from mpipeline.runner import StageRunner
+from mpipeline.runner._outbox import Outbox
 from mpipeline.runner._runner import spin_seconds
 from tests.unit.runner.rig import Retrieve, Rig, configure
 
@@ -45,7 +46,9 @@ def test_the_runner_gives_every_ring_its_stage_spin(
             runner = StageRunner(spec, cfg, rig.stage)
             runner.attach()
             try:
-                rings = [*runner.inputs, *runner.outbox.outputs, *runner.outbox.errors]
+                outbox = runner.outbox
+                assert isinstance(outbox, Outbox)
+                rings = [*runner.inputs, *outbox.outputs, *outbox.errors]
                 return [r.spin_s for r in rings]
             finally:
                 runner.close()
