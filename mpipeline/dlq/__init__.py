@@ -18,6 +18,7 @@ The parts, each with its own reasons:
   rotations and claims between processes;
 * ``_reader``: reading every file back, oldest first, and joining records with
   their history;
+* ``_query``: ``since`` filters and a record as JSON, for the CLI and the MCP tools;
 * ``_claims``: how ``dlq replay`` takes records so that two replays at once
   never submit one twice.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from mpipeline.dlq._claims import Claimed, claim
 from mpipeline.dlq._files import DLQ_FILE, KEEP_FILES, MAX_FILE_BYTES, all_files
+from mpipeline.dlq._query import as_json, parse_since
 from mpipeline.dlq._reader import Listed, listing, read_entries
 from mpipeline.dlq._records import (
     MAX_RECORD_BYTES,
@@ -59,9 +61,11 @@ __all__ = [
     "ChatPayload",
     "ResultPayload",
     "all_files",
+    "as_json",
     "claim",
     "gone_letter",
     "letter_for",
     "listing",
+    "parse_since",
     "read_entries",
 ]

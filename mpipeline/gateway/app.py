@@ -16,7 +16,8 @@ The routes belong to four API styles (``style.py``): native REST
 ``POST /v1/messages``), async requests (``jobs_routes.py``: ``POST /v1/requests``,
 ``GET``/``DELETE /v1/requests/{id}``), OpenAI's Batch API (``batch_routes.py``:
 ``/v1/files``, ``/v1/batches``) and the WebSocket of prompts (``websocket.py``:
-``GET /v1/stream``). This module builds them, hands each the admission, and
+``GET /v1/stream``) and MCP over streamable HTTP (``mcp_http.py``: ``POST /mcp``).
+This module builds them, hands each the admission, and
 serves them through a ``Router`` that also says whose error shape answers a
 path. Only the two health routes skip the token.
 """
@@ -40,6 +41,7 @@ from mpipeline.gateway.exchange import Reply, Request, Response, Switch
 from mpipeline.gateway.fds import connection_budget
 from mpipeline.gateway.jobs import JobTable
 from mpipeline.gateway.jobs_routes import AsyncRequests, RequestJobs
+from mpipeline.gateway.mcp_http import McpHttp
 from mpipeline.gateway.metrics import GatewayMetrics
 from mpipeline.gateway.models import Models
 from mpipeline.gateway.native import NativeApi
@@ -136,7 +138,9 @@ class Gateway:
         table: RequestJobs = JobTable(ttl_s=cfg.jobs_ttl_s, max_jobs=cfg.jobs_max)
         self._jobs = AsyncRequests(pipeline, native, table)
         self._batches = Batches(pipeline, cfg, model=model, models=models, keepalive_s=keepalive_s)
-        styles = (native, self._jobs, chat, endpoints, messages, stream, self._batches)
+        # MCP over streamable HTTP (``POST /mcp``), over this gateway's own client.
+        self._mcp = McpHttp(pipeline, admission=admission, max_body=cfg.max_body_bytes)
+        styles = (native, self._jobs, chat, endpoints, messages, stream, self._batches, self._mcp)
         self._router = Router(styles, default=native)
         self._openapi = openapi.document(model=model, auth=self._auth.enabled)
 
@@ -170,6 +174,7 @@ class Gateway:
         await self._server.stop(self._drain_timeout_s)
         await self._jobs.close()
         await self._batches.close()
+        await self._mcp.close()
         self._admission.close()
 
     def stop_accepting(self) -> None:

@@ -14,11 +14,10 @@ _INPUT_COLUMN = 40
 
 
 def as_json(item: Listed) -> dict[str, Any]:
-    import msgspec
+    """``mpipeline.dlq.as_json``: the one JSON shape, shared with the MCP tools."""
+    from mpipeline.dlq import as_json as record_json
 
-    record: dict[str, Any] = msgspec.to_builtins(item.record)
-    record["replays"] = msgspec.to_builtins(item.replays)
-    return record
+    return record_json(item)
 
 
 def list_row(item: Listed) -> tuple[str, ...]:

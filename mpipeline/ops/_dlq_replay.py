@@ -9,18 +9,17 @@ claim, on disk before it is reported.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+# The one resubmission, shared with the MCP tool ``dlq_replay`` (both transports);
+# imported only when a replay runs (this module is), never to build the parser.
+from mpipeline.gateway.dlq_replay import REPLAY_CONCURRENCY
+from mpipeline.gateway.dlq_replay import resubmit as _resubmit
+
 if TYPE_CHECKING:
-    from mpipeline.dlq import Claimed, Listed, ReplayMarker
+    from mpipeline.dlq import Claimed, Listed
     from mpipeline.pipeline import Pipeline
-
-
-# Replays in flight at once: enough to drain a backlog fast, few enough that a
-# replay never sheds its own requests on a pipeline that is just recovering.
-REPLAY_CONCURRENCY = 32
 
 
 def claim_and_replay(
@@ -81,41 +80,3 @@ async def _replay(
     finally:
         await dlq.aclose()
     return failed
-
-
-async def _resubmit(p: Pipeline, claimed: Claimed, deadline_ms: float | None) -> ReplayMarker:
-    from mpipeline.dlq import ChatPayload, ReplayMarker
-    from mpipeline.errors import RequestFailed
-
-    rid, token = claimed.item.record.id, claimed.claim.claim
-    req = claimed.item.record.request
-    assert req is not None
-    # The conversation, fields and model of a chat request; none of a plain prompt.
-    chat = req.chat or ChatPayload()
-    try:
-        done = await p.submit(
-            req.input,
-            session_id=req.session_id,
-            metadata=dict(req.metadata),
-            priority=req.priority_value(),
-            deadline_ms=deadline_ms if deadline_ms is not None else req.deadline_ms,
-            max_tokens=req.max_tokens,
-            history=[t.turn() for t in chat.history] or None,
-            params=bytes(chat.params) or None,
-            input_raw=bytes(chat.input_raw) or None,
-            model=chat.model or None,
-            endpoint=chat.endpoint or None,
-        )
-    except RequestFailed as exc:
-        return ReplayMarker(
-            replay_of=rid,
-            ts=time.time(),
-            # "" when refused before acceptance: nothing reached the pipeline.
-            new_request_id=exc.request_id or None,
-            outcome=str(exc.code),
-            message=exc.failed.reason,
-            claim=token,
-        )
-    return ReplayMarker(
-        replay_of=rid, ts=time.time(), new_request_id=done.request_id, outcome="ok", claim=token
-    )

@@ -16,12 +16,9 @@ runs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import re
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -32,9 +29,6 @@ from mpipeline.ops.args import add_where
 
 if TYPE_CHECKING:
     from mpipeline.dlq import Listed
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -107,17 +101,17 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_since(text: str, now: float | None = None) -> float:
-    """``10m``, ``2h``... before ``now``, or an ISO 8601 time (local if no zone): unix time."""
-    match = _DURATION.match(text)
-    if match:
-        ago = float(match.group(1)) * _UNIT_S[match.group(2)]
-        return (time.time() if now is None else now) - ago
+    """``10m``, ``2h``... before ``now``, or an ISO 8601 time (local if no zone): unix time.
+
+    ``mpipeline.dlq.parse_since`` (shared with the MCP tools), loaded only when
+    ``--since`` is given, as argparse wants its refusal.
+    """
+    from mpipeline.dlq import parse_since as since
+
     try:
-        return datetime.datetime.fromisoformat(text.strip()).timestamp()
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a duration (30s, 10m, 2h, 1d) or an ISO time: {text!r}"
-        ) from None
+        return since(text, now)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:

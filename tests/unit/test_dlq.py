@@ -185,7 +185,7 @@ def test_a_replay_sends_the_request_as_it_was(path: Path) -> None:
     """``dlq replay`` resubmits history, fields, input JSON, model and endpoint."""
     from types import SimpleNamespace
 
-    from mpipeline.ops._dlq_replay import _resubmit
+    from mpipeline.gateway.dlq_replay import resubmit as _resubmit
 
     sent: dict[str, Any] = {}
 

@@ -40,10 +40,10 @@ from mpipeline.gateway.batch_shapes import CHAT, MAX_CUSTOM_ID, BatchError, File
 from mpipeline.gateway.exchange import JSON, Reply, Request
 from mpipeline.gateway.jobs import JobTable
 from mpipeline.gateway.jobs_routes import PREFIX, AsyncRequests
+from mpipeline.gateway.mcp_tools import args as mcp_args
 from mpipeline.gateway.models import Models
 from mpipeline.gateway.native import NativeApi
 from mpipeline.gateway.openai_fields import Backend
-from mpipeline.mcp import args as mcp_args
 from mpipeline.pipeline import Pipeline
 
 # Ids a client may put in a path: traversal, absolute, long, non-ASCII (as the

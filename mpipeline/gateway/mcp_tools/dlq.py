@@ -1,27 +1,34 @@
 """``dlq_list`` and ``dlq_replay``: ``mpipeline dlq list|replay`` for an agent.
 
-The records, filters and JSON are the CLI's (``ops.dlq``, ``ops._dlq_render``);
-a replay claims its records the same way (``mpipeline.dlq.claim``: two replays
-at once, from here or the CLI, never submit one twice), resubmits each with
-the CLI's ``_resubmit`` (the request exactly as the client first sent it) and
+The records, filters and JSON are the CLI's (``mpipeline.dlq``'s ``listing``,
+``parse_since``, ``as_json``); a replay claims its records the same way
+(``mpipeline.dlq.claim``: two replays at once, from here or the CLI, never
+submit one twice), resubmits each with the CLI's ``resubmit``
+(``gateway.dlq_replay``: the request exactly as the client first sent it) and
 appends a ``replayed`` marker per record before reporting it. The one
-difference: a replay here sends through the server's own attached client
-instead of attaching another, so it needs no second client slot.
+difference: a replay here sends through the server's own pipeline client (the
+stdio server's attachment, or the gateway replica's own client) instead of
+attaching another, so it needs no second client slot.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpipeline.dlq import DLQ_FILE, DeadLetterQueue, claim, listing, read_entries
-from mpipeline.mcp.args import DlqListArgs, DlqReplayArgs, parse
-from mpipeline.mcp.tools import ToolFailedError
-from mpipeline.ops._dlq_render import as_json
-from mpipeline.ops._dlq_replay import REPLAY_CONCURRENCY, _resubmit
-from mpipeline.ops.dlq import parse_since
+from mpipeline.dlq import (
+    DLQ_FILE,
+    DeadLetterQueue,
+    as_json,
+    claim,
+    listing,
+    parse_since,
+    read_entries,
+)
+from mpipeline.gateway.dlq_replay import REPLAY_CONCURRENCY, resubmit
+from mpipeline.gateway.mcp_tools.args import DlqListArgs, DlqReplayArgs, parse
+from mpipeline.gateway.mcp_tools.tools import ToolFailedError
 
 if TYPE_CHECKING:
     from mpipeline.dlq import Claimed, Listed
@@ -33,7 +40,7 @@ def _load(
 ) -> list[Listed]:
     try:
         after = parse_since(since) if since is not None else None
-    except argparse.ArgumentTypeError as exc:
+    except ValueError as exc:
         raise ToolFailedError(f"invalid arguments (argument `since`): {exc}") from None
     entries = read_entries(run_dir / DLQ_FILE, notes.append)
     return listing(entries, reasons=reasons, since=after, ids=ids)
@@ -79,7 +86,7 @@ async def _replay(
 
     async def one(claimed: Claimed) -> dict[str, Any]:
         async with gate:
-            marker = await _resubmit(p, claimed, deadline_ms)
+            marker = await resubmit(p, claimed, deadline_ms)
         await dlq.record((marker,))  # on disk before it is reported, as the CLI does
         return {
             "id": marker.replay_of,

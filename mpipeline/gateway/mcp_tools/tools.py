@@ -17,9 +17,9 @@ from typing import Any
 
 import msgspec
 
-from mpipeline.errors import MPipelineError, RequestFailed
+from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
 from mpipeline.gateway import schemas
-from mpipeline.mcp.args import BatchArgs, InferArgs, parse
+from mpipeline.gateway.mcp_tools.args import BatchArgs, InferArgs, parse
 from mpipeline.messages import Completed, TokenChunk
 from mpipeline.metrics.snapshot import snapshot
 from mpipeline.pipeline import Pipeline, RequestOptions
@@ -27,6 +27,10 @@ from mpipeline.rundir import connect
 
 # Reports progress for the request being served: (progress, total, message).
 Progress = Callable[[float, float | None, str | None], Awaitable[None]]
+# The gateway's rate limits for one request of a session: None to go on, else why not.
+# Over HTTP (``/mcp``) every prompt is admitted as ``POST /v1/prompt`` is, so MCP is
+# no way around the limits; over stdio the server is an API client, which has none.
+Admit = Callable[[str | None], str | None]
 
 
 class ToolFailedError(Exception):
@@ -66,7 +70,9 @@ def _result(done: Completed, received_ns: int) -> dict[str, Any]:
     return out
 
 
-async def infer(p: Pipeline, arguments: dict[str, Any] | None, progress: Progress) -> Any:
+async def infer(
+    p: Pipeline, arguments: dict[str, Any] | None, progress: Progress, admit: Admit | None = None
+) -> Any:
     """One request, streamed so that each chunk can be reported as progress.
 
     The result is ``POST /v1/prompt``'s: text, finish reason, usage, timings, citations.
@@ -76,6 +82,9 @@ async def infer(p: Pipeline, arguments: dict[str, Any] | None, progress: Progres
         text, options = _options(args, args.prompt)
     except msgspec.ValidationError as exc:  # the route's own checks, beyond the schema's
         raise ToolFailedError(f"invalid arguments: {exc}") from None
+    refused = admit(args.session_id) if admit is not None else None
+    if refused is not None:
+        raise ToolFailedError(f"{ErrorCode.RATE_LIMITED}: {refused}")
     received = time.monotonic_ns()
     total = float(args.max_tokens) if args.max_tokens is not None else None
     chunks = 0
@@ -92,11 +101,13 @@ async def infer(p: Pipeline, arguments: dict[str, Any] | None, progress: Progres
     raise ToolFailedError("the pipeline ended the stream without a result")  # pragma: no cover
 
 
-async def batch_infer(p: Pipeline, arguments: dict[str, Any] | None, progress: Progress) -> Any:
+async def batch_infer(
+    p: Pipeline, arguments: dict[str, Any] | None, progress: Progress, admit: Admit | None = None
+) -> Any:
     """Every prompt as its own request, at most ``concurrency`` in flight; results in order.
 
-    A prompt that is refused or fails is an error entry in its place; the others
-    still run. Progress counts the prompts answered so far.
+    A prompt that is refused (invalid, rate-limited) or fails is an error entry
+    in its place; the others still run. Progress counts the prompts answered so far.
     """
     args = parse(BatchArgs, arguments)
     gate = asyncio.Semaphore(args.concurrency)
@@ -114,12 +125,16 @@ async def batch_infer(p: Pipeline, arguments: dict[str, Any] | None, progress: P
             return _error(index, "invalid_request", message)
         async with gate:
             received = time.monotonic_ns()
-            try:
-                done = await p.submit(text, options)
-            except RequestFailed as exc:
-                entry = _error(index, str(exc.code), failure_text(exc))
+            refused = admit(args.session_id) if admit is not None else None
+            if refused is not None:
+                entry = _error(index, str(ErrorCode.RATE_LIMITED), refused)
             else:
-                entry = {"index": index, "ok": True, **_result(done, received)}
+                try:
+                    done = await p.submit(text, options)
+                except RequestFailed as exc:
+                    entry = _error(index, str(exc.code), failure_text(exc))
+                else:
+                    entry = {"index": index, "ok": True, **_result(done, received)}
         answered += 1
         await progress(float(answered), float(total), None)
         return entry

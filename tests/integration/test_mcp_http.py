@@ -1,0 +1,231 @@
+"""MCP over streamable HTTP at the gateway's ``/mcp``, driven by the MCP SDK's own client.
+
+A real supervisor with two gateway replicas on one socket, a bearer token, the
+echo model (assemble fails prompts with POISON in them), and the run's only API
+client slot held by the test: every tool must run over the serving replica's
+own pipeline client, never attach one. ``streamable_http_client`` and
+``ClientSession`` speak MCP to it; the raw refusals are checked with httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import httpx2
+import mcp_types as types
+import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from mpipeline.pipeline import Pipeline
+from tests.integration.conftest import SupervisorFactory, faults_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+CALL_TIMEOUT_S = 60.0
+TOKEN = "mcp-Http-Token-4321"
+TOKEN_ENV = "MPIPELINE_TEST_MCP_TOKEN"
+MAX_BODY = 64 * 1024
+TOOLS = {"infer", "batch_infer", "pipeline_status", "dlq_list", "dlq_replay"}
+CONFIG = {
+    "gateway.replicas": 2,
+    "gateway.auth_token_env": TOKEN_ENV,
+    "gateway.api_clients": 1,
+    "gateway.max_body_bytes": MAX_BODY,
+    # A few ms per token: an infer streams its words one chunk at a time.
+    "stages.inference.echo.token_delay_ms": 5.0,
+    # Two prompts per session, then a wait far longer than the test: the third is refused.
+    "gateway.rate_limit.session_requests_per_s": 0.05,
+    "gateway.rate_limit.session_burst": 2,
+}
+# Calls made before both replicas have answered one (the kernel picks, per connection).
+MAX_SPREAD_CALLS = 60
+MCP_ACCEPT = "application/json, text/event-stream"
+
+
+def _http(*, keepalive: bool = True) -> httpx2.AsyncClient:
+    """The SDK's HTTP client with the token; without keep-alive each POST is a new
+    connection, which the kernel may hand to either replica."""
+    limits = httpx2.Limits() if keepalive else httpx2.Limits(max_keepalive_connections=0)
+    return httpx2.AsyncClient(
+        headers={"authorization": f"Bearer {TOKEN}"}, timeout=CALL_TIMEOUT_S, limits=limits
+    )
+
+
+@asynccontextmanager
+async def _session(url: str, http: httpx2.AsyncClient) -> AsyncIterator[ClientSession]:
+    async with (
+        streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
+        ClientSession(read, write) as s,
+    ):
+        await s.initialize()
+        yield s
+
+
+async def _call(s: ClientSession, name: str, arguments: dict[str, Any]) -> types.CallToolResult:
+    return await s.call_tool(name, arguments, read_timeout_seconds=CALL_TIMEOUT_S)
+
+
+def _ok(result: types.CallToolResult) -> Any:
+    text = result.content[0].text if isinstance(result.content[0], types.TextContent) else ""
+    assert not result.is_error, text
+    assert result.structured_content is not None
+    assert json.loads(text) == result.structured_content
+    return result.structured_content
+
+
+def _error(result: types.CallToolResult) -> str:
+    assert result.is_error
+    (content,) = result.content
+    assert isinstance(content, types.TextContent)
+    assert "Traceback" not in content.text
+    return content.text
+
+
+def test_tools_over_streamable_http_on_two_gateways(start_supervisor: SupervisorFactory) -> None:
+    sp = start_supervisor(CONFIG, env={TOKEN_ENV: TOKEN, **faults_env("assemble:raise_on=POISON")})
+    gateways = {f"{sp.replica_pid(f'gateway-{g}'):x}": g for g in range(2)}
+
+    async def run() -> None:
+        # The run's one API client slot is taken for the whole test: /mcp must not need it.
+        async with Pipeline.attach(sp.run_dir) as held:
+            async with _http() as http, _session(sp.url, http) as s:
+                await _tools(s)
+                await _infer(s, gateways)
+                await _batch(s)
+                await _status(s)
+                await _dlq(s)
+                await _config(s)
+                await _rate_limited(s)
+            await _spread(sp.url, gateways)
+            assert (await held.submit("slot still mine")).text == "slot still mine"
+
+    with sp.explain():
+        asyncio.run(run())
+        _refusals(sp.url)
+
+
+async def _tools(s: ClientSession) -> None:
+    tools = {t.name: t for t in (await s.list_tools()).tools}
+    assert set(tools) == TOOLS
+    assert tools["infer"].input_schema["required"] == ["prompt"]
+
+
+async def _infer(s: ClientSession, gateways: dict[str, int]) -> None:
+    done = _ok(await _call(s, "infer", {"prompt": "hello there", "session_id": "a"}))
+    assert done["text"] == "hello there" and done["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == 2 and done["session_id"] == "a"
+    # Served by a gateway replica's own client: its request ids carry that pid.
+    assert any(done["request_id"].startswith(pid) for pid in gateways)
+
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    words = "one two three four five"
+    result = await s.call_tool(
+        "infer",
+        {"prompt": words, "max_tokens": 10},
+        read_timeout_seconds=CALL_TIMEOUT_S,
+        progress_callback=progress,
+    )
+    assert _ok(result)["text"] == words
+    # One notification per streamed chunk, on the POST's own SSE response, in order.
+    assert [v for v, _, _ in seen] == [float(i) for i in range(1, len(seen) + 1)]
+    assert len(seen) >= 2 and {t for _, t, _ in seen} == {10.0}
+    assert "".join(m or "" for _, _, m in seen) == words
+
+
+async def _batch(s: ClientSession) -> None:
+    prompts = ["first", "", "POISON second", "third words"]
+    out = _ok(await _call(s, "batch_infer", {"prompts": prompts, "concurrency": 2}))
+    results = out["results"]
+    assert [r["index"] for r in results] == list(range(len(prompts)))
+    assert [r["ok"] for r in results] == [True, False, False, True]
+    assert [r["text"] for r in results if r["ok"]] == ["first", "third words"]
+    assert results[1]["error"]["type"] == "invalid_request"
+    assert results[2]["error"]["type"] == "stage_error"
+    assert (out["completed"], out["failed"]) == (2, 2)
+
+
+async def _status(s: ClientSession) -> None:
+    status = _ok(await _call(s, "pipeline_status", {}))
+    assert status["state"] == "RUNNING"
+    names = {r["name"] for r in status["replicas"]}
+    assert {"gateway-0", "gateway-1", "inference-0"} <= names
+    assert "`max_tokens`" in _error(await _call(s, "infer", {"prompt": "x", "max_tokens": 0}))
+    text = _error(await _call(s, "infer", {"prompt": "POISON pill"}))
+    assert text.startswith("stage_error in assemble")
+
+
+async def _dlq(s: ClientSession) -> None:
+    listed = _ok(await _call(s, "dlq_list", {}))
+    # The poisoned batch prompt and the poisoned infer, each recorded by its replica.
+    assert listed["total"] == 2 == listed["not_replayed"]
+    assert {r["reason"] for r in listed["records"]} == {"stage_error"}
+    assert {r["request"]["input"] for r in listed["records"]} == {"POISON second", "POISON pill"}
+    assert "`since`" in _error(await _call(s, "dlq_list", {"since": "a while"}))
+
+
+async def _config(s: ClientSession) -> None:
+    config = (await s.read_resource("mpipeline://config/effective")).contents[0]
+    assert isinstance(config, types.TextResourceContents)
+    assert "token_delay_ms = 5.0" in config.text
+
+
+async def _rate_limited(s: ClientSession) -> None:
+    """The gateway's limits hold for MCP as for ``POST /v1/prompt``: no way around them."""
+    for _ in range(2):
+        _ok(await _call(s, "infer", {"prompt": "within", "session_id": "limited"}))
+    text = _error(await _call(s, "infer", {"prompt": "over", "session_id": "limited"}))
+    assert text.startswith("rate_limited: this session's rate limit is exhausted")
+    out = _ok(await _call(s, "batch_infer", {"prompts": ["x"], "session_id": "limited"}))
+    assert out["results"][0]["error"]["type"] == "rate_limited"
+
+
+async def _spread(url: str, gateways: dict[str, int]) -> None:
+    """One session whose requests reach both replicas: stateless, each is served whole."""
+    served: set[int] = set()
+    async with _http(keepalive=False) as http, _session(url, http) as s:
+        for i in range(MAX_SPREAD_CALLS):
+            done = _ok(await _call(s, "infer", {"prompt": f"spread {i}"}))
+            assert done["text"] == f"spread {i}"
+            served |= {g for pid, g in gateways.items() if done["request_id"].startswith(pid)}
+            if served == {0, 1}:
+                return
+    raise AssertionError(f"{MAX_SPREAD_CALLS} calls all reached gateway-{served}")
+
+
+def _refusals(url: str) -> None:
+    """What the gateway and the SDK refuse before any tool runs, each with a clear body."""
+    mcp = f"{url}/mcp"
+    hello = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    accept = {"accept": MCP_ACCEPT}
+    auth = {"authorization": f"Bearer {TOKEN}", **accept}
+    with httpx.Client(timeout=CALL_TIMEOUT_S) as client:
+        for headers in (accept, {"authorization": "Bearer wrong", **accept}):
+            r = client.post(mcp, json=hello, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert r.json()["error"]["message"] == "missing or wrong bearer token"
+        # Stateless: no session for a GET stream or a DELETE to end.
+        for method in ("GET", "DELETE"):
+            r = client.request(method, mcp, headers=auth)
+            assert r.status_code == 405 and r.headers["allow"] == "POST"
+            assert r.json()["jsonrpc"] == "2.0"
+        r = client.post(mcp, json={"x": "y" * MAX_BODY}, headers=auth)
+        assert r.status_code == 413
+        # Bad JSON-RPC: the SDK's own parse error.
+        bad = {**auth, "content-type": "application/json"}
+        r = client.post(mcp, content=b"{not json", headers=bad)
+        assert r.status_code == 400 and r.json()["error"]["code"] == types.PARSE_ERROR
+        # A stateless request outside a session still works: one POST, one answer.
+        r = client.post(mcp, json=hello, headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert '"name":"infer"' in r.text.replace(" ", "")
