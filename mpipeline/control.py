@@ -13,7 +13,10 @@ clients, run state, supervisor pid, supervisor start ticks, started ns. Then
 state, last exit, restarts) and 8 per client (pid, start ticks, cancel count,
 paused count, and its request counts: accepted, completed, failed, in
 flight), then a cancel board of ``CANCEL_SLOTS`` u64 per client, then a pause
-board of ``PAUSE_SLOTS`` u64 per client. Each replica slot has one writer at
+board of ``PAUSE_SLOTS`` u64 per client, then the config words: the run's
+config version and log level (the supervisor writes both on a reload) and,
+per replica, the config version it has applied (the replica writes it).
+Each replica slot has one writer at
 a time: the replica, except generation/last exit/restarts and pid which the
 supervisor writes while the replica is down.
 
@@ -63,6 +66,8 @@ C_PID, C_START, C_CANCELS, C_PAUSED, C_ACCEPTED, C_COMPLETED, C_FAILED, C_INFLIG
 CANCEL_SLOTS = 1024
 # Streams one client can hold paused at once without a collision being likely.
 PAUSE_SLOTS = 1024
+# Run-wide config words after the boards: version, log level.
+CONFIG_WORDS = 2
 # A signal death is stored in the last-exit slot as this bit | signo.
 SIGNALLED = 0x10000
 
@@ -120,11 +125,12 @@ class ControlBlock(_shm.Segment):
         self._clients = _shm.HEADER_WORDS + SLOT_WIDTH * self.n_replicas
         self._boards = self._clients + SLOT_WIDTH * self.n_clients
         self._pauses = self._boards + CANCEL_SLOTS * self.n_clients
+        self._config = self._pauses + PAUSE_SLOTS * self.n_clients
 
     @classmethod
     def create(cls, name: str, n_replicas: int, n_clients: int) -> ControlBlock:
         slots = _shm.HEADER_WORDS + SLOT_WIDTH * (n_replicas + n_clients)
-        size = 8 * (slots + (CANCEL_SLOTS + PAUSE_SLOTS) * n_clients)
+        size = 8 * (slots + (CANCEL_SLOTS + PAUSE_SLOTS) * n_clients + CONFIG_WORDS + n_replicas)
         return cls._create(name, size, {H_REPLICAS: n_replicas, H_CLIENTS: n_clients})
 
     @classmethod
@@ -328,3 +334,33 @@ class ControlBlock(_shm.Segment):
             return False
         h = xxhash.xxh3_64_intdigest(request_id.encode()) or 1
         return bool(self._q[self._pauses + PAUSE_SLOTS * client + h % PAUSE_SLOTS] == h)
+
+    # Config version (live reconfiguration)
+
+    @property
+    def config_version(self) -> int:
+        """The version of the config the run is on: 0 at start, +1 per accepted reload."""
+        return int(self._q[self._config])
+
+    @config_version.setter
+    def config_version(self, value: int) -> None:
+        self._q[self._config] = value
+
+    @property
+    def log_level(self) -> int:
+        """The ``logging`` level every process should use; 0 leaves each one's own."""
+        return int(self._q[self._config + 1])
+
+    @log_level.setter
+    def log_level(self, value: int) -> None:
+        self._q[self._config + 1] = value
+
+    def config_applied(self, slot: int) -> int:
+        """The config version the process in ``slot`` says it runs with."""
+        self._base(slot)  # range check
+        return int(self._q[self._config + CONFIG_WORDS + slot])
+
+    def apply_config(self, slot: int, version: int) -> None:
+        """A replica acknowledges that it runs with config ``version``."""
+        self._base(slot)
+        self._q[self._config + CONFIG_WORDS + slot] = version

@@ -72,8 +72,10 @@ def run_child(
     instead of a restart loop, FAILURE (1) is a crash to restart.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A hangup is the supervisor's to answer (a reload); a rag replica handles its own.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # The supervisor blocks signals while it spawns; unblock now that INT is ignored.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     _die_with_parent(parent)
     # The format comes through the environment the CLI set before spawning;
     # logs.setup also quiets httpx/httpcore, whose URLs may carry a key (RELIABILITY 9).

@@ -177,6 +177,17 @@ class Gateway:
         await self._mcp.close()
         self._admission.close()
 
+    def reconfigure(self, cfg: GatewayConfig) -> None:
+        """Take a reloaded table's live fields (``config.diff.LIVE``): the default
+        deadlines and the stall limit, for requests that arrive from now on. The
+        rate limits live in the shared limiter, which the replica refreshes."""
+        self._cfg = cfg
+        pipeline = self._pipeline
+        pipeline.stall_timeout_s = cfg.stall_timeout_s
+        pipeline.timeout_s = cfg.timeout_s
+        pipeline.stream_timeout_s = cfg.stream_timeout_s
+        self._server.stall_timeout_s = cfg.stall_timeout_s
+
     def stop_accepting(self) -> None:
         """Fail readiness and close the listening socket; connections carry on."""
         self._draining = True

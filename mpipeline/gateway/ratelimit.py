@@ -248,6 +248,36 @@ class RateLimiter(_shm.Segment):
             return free, h, sburst
         return shared, 0, shared_tokens
 
+    # Live reconfiguration
+
+    def set_limits(self, cfg: RateLimitConfig) -> None:
+        """Store new rates and burst sizes (a reload), under the lock; buckets keep their
+        tokens, capped at the new sizes. The table's size cannot change: that needs a new run.
+        Each replica takes them with ``refresh``."""
+        fd = self._fd
+        if fd >= 0:
+            _flock(fd, _LOCK_EX)
+        try:
+            d = self._d
+            d[H_RATE] = cfg.requests_per_s
+            d[H_BURST] = burst = bucket_size(cfg.requests_per_s, cfg.burst)
+            d[H_TOKENS] = min(d[H_TOKENS], burst)
+            if self._n_slots:
+                d[H_SRATE] = cfg.session_requests_per_s
+                d[H_SBURST] = bucket_size(cfg.session_requests_per_s, cfg.session_burst)
+        finally:
+            if fd >= 0:
+                _flock(fd, _LOCK_UN)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the limits again (``set_limits`` in another process changed them)."""
+        d = self._d
+        self._rate = float(d[H_RATE])
+        self._burst = float(d[H_BURST])
+        self._srate = float(d[H_SRATE]) if self._n_slots else 0.0
+        self._sburst = float(d[H_SBURST])
+
     # Observation
 
     @property

@@ -17,6 +17,9 @@ import logging
 import os
 import signal
 import socket
+from pathlib import Path
+
+import msgspec
 
 from mpipeline.config import Catalog, PipelineConfig
 from mpipeline.control import ControlBlock, ReplicaState, RunState
@@ -27,7 +30,7 @@ from mpipeline.gateway.ratelimit import RateLimiter
 from mpipeline.metrics import attach_writer, gateway_region
 from mpipeline.pipeline import Pipeline
 from mpipeline.replica import run_child
-from mpipeline.rundir import RunInfo
+from mpipeline.rundir import EFFECTIVE_CONFIG, RunInfo
 from mpipeline.topology import GatewaySpec
 
 log = logging.getLogger(__name__)
@@ -97,7 +100,9 @@ async def _serve(
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     ctl.set_state(spec.slot, ReplicaState.READY)
-    beat = loop.create_task(_beat(spec, cfg, ctl, pipeline, gateway, metrics))
+    ctl.apply_config(spec.slot, 0)  # not yet: the first beat reads a reload's file
+    follow = _Reloads(spec, ctl, gateway, limiter, Path(info.run_dir) / EFFECTIVE_CONFIG)
+    beat = loop.create_task(_beat(spec, cfg, ctl, pipeline, gateway, metrics, follow))
     try:
         await stop.wait()
     finally:
@@ -129,14 +134,17 @@ async def _beat(
     pipeline: Pipeline,
     gateway: Gateway,
     metrics: GatewayMetrics | None,
+    follow: _Reloads,
 ) -> None:
-    """Heartbeat with the request counts; close the listener once the run drains."""
+    """Heartbeat with the request counts; close the listener once the run drains;
+    follow reloads."""
     interval = cfg.supervisor.heartbeat_interval_s
     accepting = True
     loop = asyncio.get_running_loop()
     while True:
         stats = pipeline.stats
         ctl.beat(spec.slot, stats["completed"] + stats["failed"], pipeline.inflight)
+        await follow.check()
         draining = ctl.raw_state >= RunState.DRAINING
         if accepting and draining:
             accepting = False
@@ -148,3 +156,52 @@ async def _beat(
         await asyncio.sleep(delay)
         if metrics is not None:
             metrics.lag(loop.time() - due)  # how long the loop was busy past the timer
+
+
+class _Reloads:
+    """Applies a reload the supervisor published (``mpipeline reload``, SIGHUP).
+
+    The supervisor validates the file, writes it to the run dir and bumps the
+    control block's config version; each beat compares the version and, when
+    it moved, reads that file and takes its live fields, then acknowledges the
+    version. The fields that need new processes come by a rolling restart.
+    """
+
+    def __init__(
+        self,
+        spec: GatewaySpec,
+        ctl: ControlBlock,
+        gateway: Gateway,
+        limiter: RateLimiter | None,
+        path: Path,
+    ) -> None:
+        self._spec, self._ctl, self._gateway, self._limiter = spec, ctl, gateway, limiter
+        self._path = path
+        self._applied = 0
+
+    async def check(self) -> None:
+        ctl = self._ctl
+        level = ctl.log_level
+        if level and logging.getLogger().level != level:
+            logging.getLogger().setLevel(level)
+        version = ctl.config_version
+        if version == self._applied:
+            return
+        try:
+            cfg = await asyncio.to_thread(_decode, self._path)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("cannot apply config version %d from %s: %s", version, self._path, exc)
+            self._applied = version  # said once; the version stays unacknowledged
+            return
+        self._gateway.reconfigure(cfg.gateway)
+        if self._limiter is not None:
+            self._limiter.refresh()
+        self._applied = version
+        ctl.apply_config(self._spec.slot, version)
+        log.info("applied config version %d", version)
+
+
+def _decode(path: Path) -> PipelineConfig:
+    """The config the supervisor validated and wrote. Decoded, not checked again: the
+    checks of cores against the affinity mask would see this pinned process's mask."""
+    return msgspec.toml.decode(path.read_bytes(), type=PipelineConfig)

@@ -110,6 +110,7 @@ class Reader:
         _rings(snap, families)
         _circuits(snap, families)
         self._replicas(snap, families)
+        families.put("config_version", [], snap.config_version)
         _clients(run, families)
         return snap, families.all()
 
@@ -175,6 +176,7 @@ class Reader:
             families.put("stage_restarts", labels, r.restarts)
             up = 1.0 if r.state == "READY" else 0.0
             families.put("replica_up", labels, up)
+            families.put("replica_config_version", labels, r.config_version)
             proc = self._process(r.pid) if r.pid else None
             if proc is None:
                 continue

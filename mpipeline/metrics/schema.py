@@ -168,6 +168,14 @@ FAMILIES = _families(
         ("stage", "replica"),
     ),
     Family("replica_up", "gauge", "1 when a replica is running and ready.", ("stage", "replica")),
+    # Live reconfiguration: the run's config version and the one each replica runs.
+    Family("config_version", "gauge", "The run's config version (+1 per applied reload).", ()),
+    Family(
+        "replica_config_version",
+        "gauge",
+        "The config version a replica has applied.",
+        ("stage", "replica"),
+    ),
     # Read from the control block's client slots: every client, gateways and
     # Python API clients alike. accepted = completed + failed + in_flight
     # holds in every scrape (invariant I6).

@@ -13,9 +13,13 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+import msgspec
 
 from mpipeline.control import SIGNALLED, ReplicaState
-from mpipeline.errors import ExitCode, RingCorrupted, RingNotFound
+from mpipeline.errors import ExitCode, MPipelineError, RingCorrupted, RingNotFound
+from mpipeline.reloads import read_outcome
 from mpipeline.resilience import BreakerBoard
 from mpipeline.ring import Ring
 from mpipeline.rundir import Run, RunInfo
@@ -41,6 +45,8 @@ class ReplicaStatus:
     restarts: int
     generation: int
     last_exit: str | None
+    # The config version this replica has applied (live reconfiguration).
+    config_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +104,9 @@ class Status:
     gateway_url: str | None = None
     circuits: list[CircuitStatus] = field(default_factory=list)
     metrics_url: str | None = None
+    # The run's config version, and its last reload (``reloads.ReloadOutcome`` as a dict).
+    config_version: int = 0
+    reload: dict[str, Any] | None = None
 
 
 def snapshot(run: Run) -> Status:
@@ -126,6 +135,7 @@ def snapshot(run: Run) -> Status:
                 restarts=rec.restarts,
                 generation=rec.generation,
                 last_exit=describe_exit(rec.last_exit, rec.restarts),
+                config_version=ctl.config_applied(slot),
             )
         )
     edges = [_edge(e) for e in topo.edges]
@@ -141,7 +151,18 @@ def snapshot(run: Run) -> Status:
         replicas=replicas,
         edges=edges,
         circuits=_circuits(run.info),
+        config_version=ctl.config_version,
+        reload=_reload(run),
     )
+
+
+def _reload(run: Run) -> dict[str, Any] | None:
+    """The run's last reload outcome, or None (none yet, or its file unreadable)."""
+    try:
+        outcome = read_outcome(run.run_dir)
+    except MPipelineError:
+        return None
+    return None if outcome is None else msgspec.to_builtins(outcome)
 
 
 def _circuits(info: RunInfo) -> list[CircuitStatus]:

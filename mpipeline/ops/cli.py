@@ -15,13 +15,44 @@ from mpipeline.ops.args import add_where, positive_int
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The commands that look at a running pipeline: status, top, profile, dlq."""
+    """The commands that look at (or, reload, reconfigure) a running pipeline."""
     dlq.add_parser(commands)
     index.add_parser(commands)
     status = commands.add_parser("status", help="replicas and rings of the running pipeline")
     add_where(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
+
+    reload = commands.add_parser(
+        "reload",
+        help="re-read the config file of the running pipeline and apply it live",
+        description="Ask the running supervisor to re-read its config file (SIGHUP does the "
+        "same), validate it and apply it without closing the socket: live settings at once, "
+        "settings read at start by a rolling restart of just the affected replicas. An "
+        "invalid file, or one that needs a full restart, changes nothing and says why "
+        "(exit 2 invalid, 1 refused or failed).",
+    )
+    add_where(reload)
+    reload.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=None,
+        help="also set the log level of every process",
+    )
+    reload.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=_setting,
+        metavar="FIELD=VALUE",
+        help="set a live field over the file's value until the next reload (repeatable), "
+        "e.g. gateway.timeout_s=12",
+    )
+    reload.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="wait this long (default 60)"
+    )
+    reload.add_argument("--json", action="store_true", help="machine-readable output")
+    reload.set_defaults(handler=_reload)
 
     profile = commands.add_parser(
         "profile",
@@ -65,6 +96,30 @@ def _status(args: argparse.Namespace) -> int:
     from mpipeline.ops import status
 
     return status.main(args.run_dir, args.config, as_json=args.json, out=sys.stdout, err=sys.stderr)
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from mpipeline.ops import reload
+
+    return reload.main(
+        args.run_dir,
+        args.config,
+        log_level=args.log_level,
+        settings=dict(args.set),
+        timeout_s=args.timeout,
+        as_json=args.json,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
+def _setting(text: str) -> tuple[str, object]:
+    from mpipeline.ops.reload import parse_setting
+
+    try:
+        return parse_setting(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _top(args: argparse.Namespace) -> int:

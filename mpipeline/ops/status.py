@@ -49,12 +49,24 @@ def render(status: Status) -> str:
         head += f"gateway {status.gateway_url}\n"
     if status.metrics_url:
         head += f"metrics {status.metrics_url}\n"
+    head += _config_line(status)
     replicas = _table(REPLICA_COLUMNS, [_replica_row(r) for r in status.replicas], {1, 4, 5, 6, 7})
     edges = _table(EDGE_COLUMNS, [_edge_row(e) for e in status.edges], {2, 3, 4, 5})
     if status.circuits:
         rows = [_circuit_row(c) for c in status.circuits]
         edges += "\n\n" + _table(CIRCUIT_COLUMNS, rows, {2, 3, 4})
     return f"{head}\n{replicas}\n\n{edges}"
+
+
+def _config_line(status: Status) -> str:
+    """The config version, and the last reload when there was one."""
+    line = f"config version {status.config_version}"
+    last = status.reload
+    if last is not None:
+        line += f"  last reload: {last['state']} (attempt {last['attempt']})"
+        if last.get("reason"):
+            line += f": {str(last['reason']).splitlines()[0]}"
+    return line + "\n"
 
 
 def _replica_row(r: ReplicaStatus) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ into the metrics block, and the timer's lateness is the event-loop lag gauge.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from mpipeline.control import ControlBlock, RunState
@@ -115,6 +116,10 @@ class Meter:
 
     def _tick(self) -> None:
         self.beat()
+        # A reload may set the run's log level (the supervisor stores it; 0: unset).
+        level = self.ctl.log_level if self.ctl is not None else 0
+        if level and logging.getLogger().level != level:
+            logging.getLogger().setLevel(level)
         loop = asyncio.get_running_loop()
         cells = self.cells
         if cells is not None and self._due:

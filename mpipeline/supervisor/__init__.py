@@ -2,7 +2,8 @@
 
 ``_supervisor.py`` is the loop (boot, watch, restart, drain, stop),
 ``_replicas.py`` one process slot and the restart policy, ``_segments.py``
-the run's shared memory. ``main`` validates the config before anything
+the run's shared memory, ``_reload.py`` and ``_rolling.py`` live
+reconfiguration (SIGHUP). ``main`` validates the config before anything
 exists, then runs a ``Supervisor``.
 """
 
@@ -73,6 +74,7 @@ def main(
         # Replicas read the config from a file: the run's own when it is unchanged,
         # else the effective config, which the supervisor writes into the run dir.
         sup = Supervisor(cfg, None if overrides or path is None else path, run_dir)
+        sup.reloader.set_source(path, overrides or {})
         return sup.run()
     except AlreadyRunning as exc:
         log.error("%s", exc)

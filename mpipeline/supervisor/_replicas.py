@@ -29,6 +29,7 @@ from mpipeline.ring import Ring
 HANDLED_SIGNALS = (
     signal.SIGINT,  # Ctrl-C: drain, then exit 0
     signal.SIGTERM,  # service manager stop: the same
+    signal.SIGHUP,  # `mpipeline reload`: re-read the config file and apply it live
 )
 
 

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpipeline import _shm, rundir, topology
-from mpipeline.auth import BearerAuth
-from mpipeline.config import Catalog, PipelineConfig, dump_toml
+from mpipeline.config import PipelineConfig, dump_toml
 from mpipeline.control import ControlBlock, ReplicaState, RunState
-from mpipeline.errors import ExitCode, MPipelineError
+from mpipeline.errors import ExitCode
+from mpipeline.supervisor._publish import run_info, serve_metrics, url_of
+from mpipeline.supervisor._reload import Reloader
 from mpipeline.supervisor._replicas import HANDLED_SIGNALS, Replica, describe_exit, hung, kill
 from mpipeline.supervisor._segments import RunSegments
 
@@ -84,12 +85,15 @@ class Supervisor:
         self._force = False
         self._exit_code = ExitCode.OK
         self.log_level = logging.getLogger().getEffectiveLevel()
+        # SIGHUP / `mpipeline reload` (main() sets the source file when there are overrides).
+        self.reloader = Reloader(self, config_path)
 
     # Entry point
 
     def run(self) -> int:
         self._lock.acquire()
         try:
+            self.reloader.forget()
             if self._own_config:  # only now: a running supervisor's file is never replaced
                 rundir.write_config(self.run_dir, dump_toml(self.cfg))
             if self.topo.gateways:
@@ -121,7 +125,7 @@ class Supervisor:
                     ", ".join(f"{r.spec.name}@{list(r.spec.cpus)}" for r in self.replicas),
                 )
                 if self.listener is not None:
-                    log.info("gateway listening on %s", self.gateway_url)
+                    log.info("gateway listening on %s", url_of(self.listener))
                 self._serve()
                 if not self._force and self._exit_code == ExitCode.OK:
                     self._drain()
@@ -136,53 +140,15 @@ class Supervisor:
     def _serve_metrics(self) -> None:
         """Bind /metrics before any segment exists, like the gateway: a busy port
         leaves nothing behind. It answers with no samples until the run is published."""
-        from mpipeline.metrics.collect import Reader, RunCollector
-        from mpipeline.metrics.server import MetricsServer
-        from mpipeline.supervisor._dashboard import dashboard
-
-        collector = RunCollector(Reader(), lambda: self._published)
-        # The gateway's token guards /metrics and the dashboard too (checked set already).
-        auth = BearerAuth.from_env(self.cfg.gateway.auth_token_env)
-        board = dashboard(self.run_dir, collector, auth)
-        server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, collector, auth, board)
-        self._collector = collector
-        try:
-            server.start()
-        except OSError as exc:
-            raise MPipelineError(
-                f"cannot serve metrics on {self.cfg.metrics.host}:{self.cfg.metrics.port}: "
-                f"{exc.strerror or exc} (set metrics.port, or metrics.enabled = false)"
-            ) from None
-        self.metrics_server = server
-
-    @property
-    def gateway_url(self) -> str | None:
-        if self.listener is None:
-            return None
-        host, port = self.listener.getsockname()[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self.metrics_server, self._collector = serve_metrics(
+            self.cfg, self.run_dir, lambda: self._published
+        )
 
     def _run_info(self) -> rundir.RunInfo:
         """The run as gateways and state.json describe it (segments exist; URLs are bound)."""
-        from mpipeline.workers import served_upstream_names
-
-        seg = self.segments
-        assert seg is not None
-        return rundir.RunInfo(
-            pid=os.getpid(),
-            run_id=self.run_id,
-            run_dir=str(self.run_dir),
-            config=str(self.config_path),
-            control=seg.ctl.name,
-            ratelimit=seg.limiter.name if seg.limiter else None,
-            breakers=seg.breakers.name if seg.breakers else None,
-            breaker_config=self.cfg.stages.inference.breaker,
-            metrics=seg.metrics.name if seg.metrics else None,
-            gateway_url=self.gateway_url,
-            metrics_url=self.metrics_server.url if self.metrics_server else None,
-            upstreams=served_upstream_names(Catalog.of(self.cfg)),
-            topology=self.topo,
-        )
+        assert self.segments is not None
+        metrics_url = self.metrics_server.url if self.metrics_server else None
+        return run_info(self, self.segments, url_of(self.listener), metrics_url)
 
     def _write_state(self) -> None:
         assert self.info is not None and self.ctl is not None
@@ -271,10 +237,11 @@ class Supervisor:
             pending = [r.restart_at for r in self.replicas if r.restart_at is not None]
             if pending:
                 timeout = max(0.0, min(timeout, min(pending) - time.monotonic()))
-            self._wait(timeout)
+            self._wait(self.reloader.timeout(timeout))
             self._handle_signals()
             if self._stopping:
                 return
+            self.reloader.step()  # before the reaper: a replica it replaces is its own
             self._reap()
             if self._exit_code != ExitCode.OK:
                 return
@@ -297,10 +264,15 @@ class Supervisor:
             log.info("stopping: draining in-flight work (signal again to stop at once)")
         self._stopping = True
 
+    def handle_sighup(self) -> None:
+        self.reloader.handle()
+
     def _reap(self) -> None:
         assert self.ctl is not None
         now = time.monotonic()
         for rep in self.replicas:
+            if self.reloader.owns(rep):
+                continue
             code = rep.reap()
             if code is None:
                 continue

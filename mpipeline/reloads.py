@@ -1,0 +1,148 @@
+"""The run dir's record of live reconfiguration: the last reload's outcome, and a request.
+
+``mpipeline reload`` and SIGHUP are answered by the supervisor, which is the
+only writer of ``reload.json``: its latest attempts, each with its number,
+the config version in effect, and what happened (applied live, replicas
+restarted, or refused and why). ``mpipeline reload`` waits for the first
+attempt after the newest one it saw before signalling (a few are kept, so a
+quick second reload cannot hide the first one's end); ``mpipeline status``
+and ``/v1/status`` show the latest.
+
+Options a signal cannot carry (``--log-level``, ``--set``) travel in
+``reload-request.json``, which the command writes just before the signal and
+the supervisor takes (reads and removes) when the signal arrives. Both files
+are 0600 in the owner's 0700 run dir, so only the run's user can ask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from mpipeline.errors import MPipelineError
+from mpipeline.rundir import open_private
+
+RELOAD_FILE = "reload.json"
+REQUEST_FILE = "reload-request.json"
+# The outcome's ``state``: still rolling replicas, done, or nothing changed.
+Outcome = Literal["applying", "applied", "refused", "failed"]
+# Attempts kept in the file.
+HISTORY = 8
+# How a refusal's reason starts when the request itself is wrong (the command exits 2).
+INVALID = "invalid configuration"
+NOT_LIVE = "only live settings can be set"
+
+
+class ReloadOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """``reload.json``: the latest reload attempt of a run, as its supervisor decided it."""
+
+    # Attempts since the run started (one per SIGHUP), and the config version now in effect.
+    attempt: int
+    version: int
+    state: Outcome
+    # Wall-clock seconds (time.time) of the decision and of the end of any rolling restart.
+    at: float
+    done_at: float | None = None
+    config: str
+    changed: list[str] = []
+    live: list[str] = []
+    # Replicas restarted (or still to restart, while "applying"), in order.
+    restarted: list[str] = []
+    reason: str | None = None
+    log_level: str | None = None
+    # Live fields that ``--set`` put over the file's values, with their values.
+    settings: dict[str, Any] = {}
+
+
+class ReloadLog(msgspec.Struct, frozen=True, kw_only=True):
+    """``reload.json``: the latest ``HISTORY`` attempts, oldest first."""
+
+    outcomes: list[ReloadOutcome] = []
+
+
+class ReloadRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``reload-request.json``: what ``mpipeline reload`` asks beyond re-reading the file."""
+
+    log_level: str | None = None
+    # Live fields (dotted path -> value) set over the file for this reload: the next
+    # reload re-reads the file without them.
+    settings: dict[str, Any] = {}
+
+
+_ENCODE = msgspec.json.Encoder()
+_LOG = msgspec.json.Decoder(ReloadLog)
+_REQUEST = msgspec.json.Decoder(ReloadRequest)
+
+
+def write_outcomes(run_dir: Path, outcomes: list[ReloadOutcome]) -> None:
+    """Publish the latest attempts (the last ``HISTORY`` of ``outcomes``)."""
+    _write(run_dir / RELOAD_FILE, _ENCODE.encode(ReloadLog(outcomes=outcomes[-HISTORY:])))
+
+
+def read_outcomes(run_dir: Path) -> list[ReloadOutcome]:
+    """The latest attempts, oldest first; empty when the run has had no reload.
+
+    :raises MPipelineError: when the file is unreadable or not a reload log
+    """
+    try:
+        return _LOG.decode((run_dir / RELOAD_FILE).read_bytes()).outcomes
+    except FileNotFoundError:
+        return []
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MPipelineError(f"cannot read {run_dir / RELOAD_FILE}: {exc}") from None
+
+
+def read_outcome(run_dir: Path) -> ReloadOutcome | None:
+    """The latest attempt, or None when the run has had no reload.
+
+    :raises MPipelineError: when the file is unreadable or not a reload log
+    """
+    outcomes = read_outcomes(run_dir)
+    return outcomes[-1] if outcomes else None
+
+
+def remove_outcome(run_dir: Path) -> None:
+    """Forget the outcome (a new run starts at version 0)."""
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / RELOAD_FILE).unlink()
+
+
+def write_request(run_dir: Path, request: ReloadRequest) -> None:
+    _write(run_dir / REQUEST_FILE, _ENCODE.encode(request))
+
+
+def take_request(run_dir: Path) -> ReloadRequest:
+    """The pending request, removed; an empty one when there is none.
+
+    :raises MPipelineError: when the file is not a request (it is removed too)
+    """
+    path = run_dir / REQUEST_FILE
+    try:
+        fd = open_private(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return ReloadRequest()
+    try:
+        data = os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    try:
+        return _REQUEST.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MPipelineError(f"bad {REQUEST_FILE}: {exc}") from None
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write-then-rename (0600, never through a link): readers see all of it or none."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
