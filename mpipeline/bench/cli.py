@@ -216,8 +216,8 @@ def _bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitCode.USAGE
-    if args.layout != ("per-stage",) and (args.http or args.upstream):
-        print("mpipeline bench: --layout is for the in-process bench", file=sys.stderr)
+    if args.layout != ("per-stage",) and args.upstream:
+        print("mpipeline bench: --layout is not for --upstream", file=sys.stderr)
         return ExitCode.USAGE
     if args.upstream and args.http:
         print("mpipeline bench: --upstream and --http are separate benches", file=sys.stderr)
@@ -277,6 +277,7 @@ def _bench_http(args: argparse.Namespace) -> int:
         peer=args.baseline,
         progress=not args.no_progress,
         json_path=args.json,
+        layouts=args.layout,
     )
     _bench_logging()
     return _bench_http.main(opts)

@@ -9,7 +9,7 @@ import msgspec
 from mpipeline.bench import report as rep
 from mpipeline.bench.cpu import ProcessCpu
 from mpipeline.bench.probe import Probe
-from mpipeline.bench.servers import GATEWAY, PEER
+from mpipeline.bench.servers import CHAINED, GATEWAY, PEER
 from mpipeline.bench.wrk import WrkStats
 
 # The issue's targets, checked on the 2-core rows.
@@ -65,10 +65,10 @@ class HttpReport(msgspec.Struct, frozen=True, kw_only=True):
     leftovers: list[str]
 
 
-def ratio(runs: list[HttpRun], cores: int, mode: str) -> float | None:
-    """Gateway req/s over the peer's at ``cores`` in ``mode``, when both were measured."""
+def ratio(runs: list[HttpRun], cores: int, mode: str, system: str = GATEWAY) -> float | None:
+    """``system``'s req/s over the peer's at ``cores`` in ``mode``, when both were measured."""
     got = {r.system: r.phase(mode) for r in runs if r.cores == cores}
-    gw, peer = got.get(GATEWAY), got.get(PEER)
+    gw, peer = got.get(system), got.get(PEER)
     if gw is None or peer is None or peer.throughput_rps <= 0:
         return None
     return gw.throughput_rps / peer.throughput_rps
@@ -170,14 +170,15 @@ def table(report: HttpReport) -> str:
         f"{s['token_delay_ms']:g} ms echo delay before the first token (TTFT):",
         rep._format_rows(probes),
     ]
-    ratios = []
-    for c in sorted({r.cores for r in report.runs}):
-        for mode in ("json", "stream"):
-            x = ratio(report.runs, c, mode)
-            if x is not None:
-                ratios.append(f"{c}c {mode} {x:.2f}x")
-    if ratios:
-        lines += ["", f"gateway / {PEER}: " + ", ".join(ratios)]
+    for system in (GATEWAY, CHAINED):
+        ratios = []
+        for c in sorted({r.cores for r in report.runs}):
+            for mode in ("json", "stream"):
+                x = ratio(report.runs, c, mode, system)
+                if x is not None:
+                    ratios.append(f"{c}c {mode} {x:.2f}x")
+        if ratios:
+            lines += ["", f"{system} / {PEER}: " + ", ".join(ratios)]
     if report.verdicts:
         lines += ["", "targets:"]
         for v in report.verdicts:

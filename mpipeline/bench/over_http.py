@@ -46,9 +46,11 @@ import uvloop
 from mpipeline.bench import report as rep
 from mpipeline.bench.cpu import CpuMeter, pin
 from mpipeline.bench.http_report import HttpReport, HttpRun, LoadPhase, table, verdicts, write_json
+from mpipeline.bench.layout import Layout
 from mpipeline.bench.load import OUTPUT_TOKENS, PROMPT_BYTES, prompt_body
 from mpipeline.bench.probe import Probe, latency_probe, ttfb_probe
 from mpipeline.bench.servers import (
+    CHAINED,
     GATEWAY,
     PEER,
     Server,
@@ -91,6 +93,8 @@ class Options:
     peer: bool = True
     progress: bool = True
     json_path: Path | None = None
+    # ``--layout``: the gateway in front of each (CHAINED names the chained one).
+    layouts: tuple[Layout, ...] = ("per-stage",)
 
 
 def options(
@@ -103,6 +107,7 @@ def options(
     peer: bool = True,
     progress: bool = True,
     json_path: Path | None = None,
+    layouts: tuple[Layout, ...] = ("per-stage",),
 ) -> Options:
     """Options from the command line, where None means the (``quick``) default."""
     default = QUICK_DURATION_S if quick else DEFAULT_DURATION_S
@@ -118,6 +123,7 @@ def options(
         peer=peer,
         progress=progress,
         json_path=json_path,
+        layouts=layouts,
     )
 
 
@@ -129,6 +135,8 @@ def command_line(opts: Options) -> list[str]:
         cmd += ["--wrk-cpus", ",".join(map(str, opts.wrk_cpus))]
     if not opts.peer:
         cmd.append("--no-baseline")
+    if opts.layouts != ("per-stage",):
+        cmd += ["--layout", ",".join(opts.layouts)]
     return cmd
 
 
@@ -153,10 +161,11 @@ def _server(system: str, cores: list[int], ctx: _Context, token_delay_ms: float)
     run_dir = ctx.workdir / f"run-{tag}"
     run_dir.mkdir(mode=0o700)  # the supervisor refuses a run dir open to others
     config = ctx.workdir / f"{tag}.toml"
-    cfg = gateway_config(cores, port, run_dir, token_delay_ms=token_delay_ms)
+    layout: Layout = "chained" if system == CHAINED else "per-stage"
+    cfg = gateway_config(cores, port, run_dir, token_delay_ms=token_delay_ms, layout=layout)
     # The peer reads the same file for its echo settings.
     config.write_text(dump_toml(cfg), encoding="utf-8")
-    if system == GATEWAY:
+    if system in (GATEWAY, CHAINED):
         return Server(system, gateway_command(config, run_dir), port, ctx.workdir, run_dir)
     return Server(system, peer_command(config, port), port, ctx.workdir)
 
@@ -291,7 +300,8 @@ def run(opts: Options) -> HttpReport:
             f"skipping core counts {skipped}: this process may use only {len(available)} "
             f"cores ({available})"
         )
-    systems = [GATEWAY, PEER] if opts.peer else [GATEWAY]
+    gateways = {"per-stage": GATEWAY, "chained": CHAINED}
+    systems = [gateways[layout] for layout in opts.layouts] + ([PEER] if opts.peer else [])
     runs: list[HttpRun] = []
     leftovers: list[str] = []
     with tempfile.TemporaryDirectory(prefix="mpipeline-bench-http-") as tmp:

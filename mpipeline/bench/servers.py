@@ -24,12 +24,14 @@ import psutil
 
 from mpipeline import _shm, rundir
 from mpipeline.bench.cpu import pin
-from mpipeline.bench.layout import config_for_cores
+from mpipeline.bench.layout import Layout, laid_out
 from mpipeline.config import PipelineConfig
 from mpipeline.control import ControlBlock
 from mpipeline.errors import MPipelineError
 
 GATEWAY = "gateway"
+# The same gateway in front of the chained layout (``bench --http --layout ...,chained``).
+CHAINED = "gateway, chained"
 PEER = "uvicorn+starlette"
 HOST = "127.0.0.1"
 PATH = "/v1/prompt"
@@ -47,7 +49,12 @@ def free_port() -> int:
 
 
 def gateway_config(
-    cores: list[int], port: int, run_dir: Path, *, token_delay_ms: float = 0.0
+    cores: list[int],
+    port: int,
+    run_dir: Path,
+    *,
+    token_delay_ms: float = 0.0,
+    layout: Layout = "per-stage",
 ) -> PipelineConfig:
     """The bench pipeline on ``cores`` (``config_for_cores``) behind a gateway on ``port``.
 
@@ -57,7 +64,7 @@ def gateway_config(
     the HTTP numbers recorded before they existed; ``mpipeline bench --metrics
     both`` measures what they cost.
     """
-    cfg = config_for_cores(cores, metrics=False)
+    cfg = laid_out(cores, None, layout, metrics=False)
     gw = msgspec.structs.replace(
         cfg.gateway,
         host=HOST,

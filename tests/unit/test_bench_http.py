@@ -310,3 +310,22 @@ def test_cli_refuses_options_that_do_not_go_with_http_or_without_it(
 ) -> None:
     assert cli_main(args) == 2
     assert "--http" in capsys.readouterr().err
+
+
+def test_the_chained_gateway_runs_the_whole_flow_per_core_and_repeats_its_command(
+    tmp_path: Path,
+) -> None:
+    cfg = gateway_config([0, 1], 8123, tmp_path, layout="chained")
+    assert {cfg.stages.rag.group, cfg.stages.stream.group} == {"chain"}
+    assert cfg.stages.assemble.replicas == 2 and cfg.gateway.port == 8123
+    assert gateway_config([0, 1], 8123, tmp_path).stages.rag.group == ""
+    opts = bh.options(layouts=("per-stage", "chained"))
+    assert bh.command_line(opts)[-2:] == ["--layout", "per-stage,chained"]
+
+
+@pytest.mark.parametrize("value", ["chain", "chained,chained", ""])
+def test_a_bad_layout_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", "--layout", value])
+    assert info.value.code == 2
+    assert "per-stage, chained" in capsys.readouterr().err
