@@ -12,22 +12,35 @@ Options a signal cannot carry (``--log-level``, ``--set``) travel in
 ``reload-request.json``, which the command writes just before the signal and
 the supervisor takes (reads and removes) when the signal arrives. Both files
 are 0600 in the owner's 0700 run dir, so only the run's user can ask.
+
+``ask`` is the asking side, whole: write the request, signal, wait for the
+answer. ``mpipeline reload`` and the MCP ``configure`` tool (served by a
+gateway replica, which may not import ``ops``) both call it, so it sits here,
+below the gateway. Askers take turns (``reload-ask.lock``): the request file
+holds one request, and two written at once would lose one of them silently.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import signal
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
 from mpipeline.errors import MPipelineError
-from mpipeline.rundir import open_private
+from mpipeline.rundir import connect, open_private
 
 RELOAD_FILE = "reload.json"
 REQUEST_FILE = "reload-request.json"
+ASK_LOCK = "reload-ask.lock"
+# How often an asker looks for the answer (and for its turn).
+POLL_S = 0.05
 # The outcome's ``state``: still rolling replicas, done, or nothing changed.
 Outcome = Literal["applying", "applied", "refused", "failed"]
 # Attempts kept in the file.
@@ -146,3 +159,91 @@ def _write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def render(outcome: ReloadOutcome) -> str:
+    """The outcome in words: one head line, then what was applied and how."""
+    if outcome.state == "refused":
+        return (
+            f"reload refused (config version stays {outcome.version}): {outcome.reason}\n"
+            "nothing was changed"
+        )
+    if outcome.state == "failed":
+        head = f"reload to config version {outcome.version} failed: {outcome.reason}"
+    elif not outcome.changed:
+        head = f"nothing changed: config version stays {outcome.version}"
+    else:
+        head = f"config version {outcome.version} applied"
+    lines = [head]
+    if outcome.live:
+        lines.append(f"  live: {', '.join(outcome.live)}")
+    if outcome.restarted:
+        lines.append(f"  restarted (rolling, drained): {', '.join(outcome.restarted)}")
+    if outcome.log_level:
+        lines.append(f"  log level: {outcome.log_level}")
+    if outcome.settings:
+        values = ", ".join(f"{k}={v!r}" for k, v in sorted(outcome.settings.items()))
+        lines.append(f"  set over the file until the next reload: {values}")
+    return "\n".join(lines)
+
+
+def ask(
+    run_dir: Path,
+    *,
+    log_level: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    timeout_s: float = 60.0,
+) -> ReloadOutcome:
+    """Ask the supervisor of ``run_dir`` to reload and wait for its answer (blocking:
+    an event loop calls it in a thread).
+
+    :raises MPipelineError: when no supervisor runs there, another asker holds the
+        turn past ``timeout_s``, or the supervisor gave no answer in time
+    """
+    deadline = time.monotonic() + timeout_s
+    with connect(run_dir) as run:
+        pid = run.info.pid
+    with _turn(run_dir, deadline):
+        before = read_outcome(run_dir)
+        seen = before.attempt if before is not None else 0
+        if log_level is not None or settings:
+            write_request(
+                run_dir, ReloadRequest(log_level=log_level, settings=dict(settings or {}))
+            )
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            raise MPipelineError(f"the supervisor (pid {pid}) is gone") from None
+        outcome = _wait(run_dir, seen, deadline)
+    if outcome is None:
+        raise MPipelineError(f"no answer from the supervisor (pid {pid}) in {timeout_s}s")
+    return outcome
+
+
+@contextlib.contextmanager
+def _turn(run_dir: Path, deadline: float) -> Iterator[None]:
+    """This asker's turn: an flock on ``ASK_LOCK``, polled until ``deadline``."""
+    fd = open_private(run_dir / ASK_LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise MPipelineError("another reload is being asked for; try again") from None
+                time.sleep(POLL_S)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _wait(run_dir: Path, seen: int, deadline: float) -> ReloadOutcome | None:
+    """The outcome of the first attempt after ``seen`` once it has ended (signals that
+    come together are one attempt), or None at the deadline."""
+    while time.monotonic() < deadline:
+        ours = [o for o in read_outcomes(run_dir) if o.attempt > seen]
+        if ours and ours[0].state != "applying":
+            return ours[0]
+        time.sleep(POLL_S)
+    return None

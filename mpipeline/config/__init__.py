@@ -113,6 +113,12 @@ def warnings(cfg: PipelineConfig) -> list[str]:
         )
     if env is not None and env not in os.environ:
         out.append(f"gateway.auth_token_env names {env}, which is not set here")
+    admin = cfg.gateway.admin_token_env
+    if admin is not None and not os.environ.get(admin):
+        out.append(
+            f"gateway.admin_token_env names {admin}, which is not set (or is empty) here: "
+            "the MCP tool configure will be refused over HTTP"
+        )
     return out
 
 
@@ -238,10 +244,13 @@ def _semantics(cfg: PipelineConfig) -> list[_toml.Problem]:
             out.append((path, f"{host!r} is neither an IP address nor a hostname"))
     if cfg.metrics.enabled and cfg.metrics.port == cfg.gateway.port != 0:
         out.append(("metrics.port", f"is the same as gateway.port ({cfg.gateway.port})"))
-    env = cfg.gateway.auth_token_env
-    if env is not None and not ENV_NAME.fullmatch(env):
-        # Never echo it: someone may have pasted the token itself here.
-        out.append(("gateway.auth_token_env", "must be the NAME of an environment variable"))
+    for path, env in (
+        ("gateway.auth_token_env", cfg.gateway.auth_token_env),
+        ("gateway.admin_token_env", cfg.gateway.admin_token_env),
+    ):
+        if env is not None and not ENV_NAME.fullmatch(env):
+            # Never echo it: someone may have pasted the token itself here.
+            out.append((path, "must be the NAME of an environment variable"))
     out += check_served(cfg)
     out += groups.check(cfg, active_stages(cfg))
     if cfg.stages.rag.enabled:

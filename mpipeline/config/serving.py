@@ -182,6 +182,17 @@ class GatewayConfig(PinnedConfig, frozen=True, kw_only=True, forbid_unknown_fiel
             "MPIPELINE_TOKEN",
         ),
     ] = None
+    admin_token_env: Annotated[
+        str | None,
+        _doc(
+            "NAME of the environment variable that holds the admin bearer token: over "
+            "/mcp, only a request that sends it may see and call the `configure` tool "
+            "(live settings). It is also let in wherever /mcp asks for auth_token_env's "
+            "token. Unset (the default): `configure` is refused over HTTP; `mpipeline mcp` "
+            "(stdio, the run dir's owner) may always use it.",
+            "MPIPELINE_ADMIN_TOKEN",
+        ),
+    ] = None
     max_body_bytes: Annotated[int, _GE1, _doc("Largest request body accepted, in bytes.")] = MIB
     max_connections: Annotated[
         int,

@@ -33,7 +33,7 @@ from typing import Self
 from mpipeline.auth import BearerAuth, open_bind_warning
 from mpipeline.config import Catalog, GatewayConfig, InferenceConfig, PipelineConfig
 from mpipeline.errors import ErrorCode, MPipelineError, RequestFailed
-from mpipeline.gateway import openapi, schemas
+from mpipeline.gateway import mcp_http, openapi, schemas
 from mpipeline.gateway.admission import Admission
 from mpipeline.gateway.anthropic_ingress import AnthropicMessages
 from mpipeline.gateway.batch_routes import Batches
@@ -139,7 +139,13 @@ class Gateway:
         self._jobs = AsyncRequests(pipeline, native, table)
         self._batches = Batches(pipeline, cfg, model=model, models=models, keepalive_s=keepalive_s)
         # MCP over streamable HTTP (``POST /mcp``), over this gateway's own client.
-        self._mcp = McpHttp(pipeline, admission=admission, max_body=cfg.max_body_bytes)
+        self._mcp = McpHttp(
+            pipeline,
+            admission=admission,
+            max_body=cfg.max_body_bytes,
+            admin_token_env=cfg.admin_token_env,
+            environ=environ,
+        )
         styles = (native, self._jobs, chat, endpoints, messages, stream, self._batches, self._mcp)
         self._router = Router(styles, default=native)
         self._openapi = openapi.document(model=model, auth=self._auth.enabled)
@@ -286,11 +292,15 @@ class Gateway:
         return style.error_reply(status, message, field=field, kind=kind, headers=headers)
 
     def _authorized(self, request: Request) -> bool:
-        """The token as ``Authorization: Bearer``, or bare as ``x-api-key`` (Anthropic's SDK)."""
+        """The token as ``Authorization: Bearer``, or bare as ``x-api-key`` (Anthropic's SDK);
+        on ``/mcp`` the admin token too (``McpHttp.admits``)."""
         auth = self._auth
         key = request.header("x-api-key")
-        return auth.allows(request.header("authorization")) or (
-            key is not None and auth.allows_key(key)
+        authorization = request.header("authorization")
+        return (
+            auth.allows(authorization)
+            or (key is not None and auth.allows_key(key))
+            or (request.path == mcp_http.PATH and self._mcp.admits(authorization))
         )
 
     def upgrade(self, request: Request) -> Reply | Switch | None:

@@ -30,6 +30,14 @@ Choices, and why:
   batch's entry), not an HTTP 429, because the POST carrying the call, and
   perhaps other calls' answers, was already accepted. ``dlq_replay`` is an
   operator's resubmission and is not limited, as ``mpipeline dlq replay`` is not.
+* **Admin**: ``configure`` (live settings) is listed and may be called only
+  by a request whose bearer token is the admin token (the variable that
+  ``gateway.admin_token_env`` names; compared in constant time by
+  ``auth.BearerAuth``). That token is also let through the gateway's own
+  token check on ``/mcp`` (``admits``), so an admin needs to send only one.
+  With no admin token configured (or its variable unset), ``configure`` is
+  refused over HTTP, saying how to enable it; ``mpipeline mcp`` (stdio, run
+  as the run dir's owner) may always call it.
 * **Errors**: what the SDK decides (a bad JSON-RPC body, a wrong content type
   or ``Accept``) is its own reply; what the gateway decides before it (401,
   405, 413, 429) is a JSON-RPC error object in the same shape.
@@ -45,12 +53,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 
+from mpipeline.auth import BearerAuth
 from mpipeline.errors import MPipelineError, RequestFailed
 from mpipeline.gateway import asgi, schemas
 from mpipeline.gateway.admission import Admission, Refused
@@ -61,6 +71,7 @@ from mpipeline.pipeline import Pipeline
 if TYPE_CHECKING:  # the SDK itself loads on the first request (``_manager``)
     from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
+    from mpipeline.gateway.mcp_tools.configure import Authorize
     from mpipeline.gateway.mcp_tools.tools import Admit
 
 log = logging.getLogger(__name__)
@@ -70,6 +81,12 @@ PATH = "/mcp"
 _INVALID_REQUEST = -32600
 _INTERNAL_ERROR = -32603
 _ENCODE = msgspec.json.Encoder().encode
+ADMIN_FIELD = "gateway.admin_token_env"
+_HOW = (
+    f"set {ADMIN_FIELD} to the NAME of an environment variable holding an admin token, "
+    "restart the gateway replicas with it set, and send it as the bearer token; or use "
+    "`mpipeline mcp` (stdio) as the run dir's owner"
+)
 
 
 class McpHttp:
@@ -78,8 +95,17 @@ class McpHttp:
     prefixes: tuple[str, ...] = ()
     upgrades: Mapping[str, Upgrade] = {}
 
-    def __init__(self, pipeline: Pipeline, *, admission: Admission, max_body: int) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        admission: Admission,
+        max_body: int,
+        admin_token_env: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self._pipeline = pipeline
+        self._admin, self._no_admin = _admin(admin_token_env, environ)
         self._admission = admission
         self._max_body = max_body
         self._app: asgi.AsgiApp | None = None
@@ -117,13 +143,30 @@ class McpHttp:
         if run_dir is None:
             raise MPipelineError("the pipeline client is not started")
         manager = await asyncio.to_thread(
-            _manager, self._pipeline, run_dir, self._admit, self._max_body
+            _manager, self._pipeline, run_dir, self._admit, self._authorize, self._max_body
         )
         running: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._runner = asyncio.create_task(self._run(manager, running))
         await running
         handle: asgi.AsgiApp = manager.handle_request
         return handle
+
+    def admits(self, authorization: str | None) -> bool:
+        """True when ``authorization`` bears the admin token (none configured: False)."""
+        return self._admin is not None and self._admin.allows(authorization)
+
+    def _authorize(self, request: object | None) -> str | None:
+        """``configure``'s check for one MCP request (the SDK's HTTP request)."""
+        if self._admin is None:
+            return self._no_admin
+        headers = getattr(request, "headers", None)
+        authorization = headers.get("authorization") if headers is not None else None
+        if self.admits(authorization):
+            return None
+        return (
+            f"configure needs admin: this request's bearer token is not the admin token "
+            f"({ADMIN_FIELD}); send that one instead"
+        )
 
     def _admit(self, session: str | None) -> str | None:
         """The rate limits for one prompt, as ``POST /v1/prompt`` applies them."""
@@ -183,8 +226,19 @@ class McpHttp:
         return self.error_reply(429, refused.message, headers=refused.headers)
 
 
+def _admin(name: str | None, environ: Mapping[str, str] | None) -> tuple[BearerAuth | None, str]:
+    """The admin token's check, or None and why there is none (never the token itself)."""
+    if name is None:
+        return None, f"configure is refused over HTTP: no admin token is configured ({_HOW})"
+    token = (os.environ if environ is None else environ).get(name, "")
+    if not token:
+        why = f"{ADMIN_FIELD} names {name}, which is not set (or is empty) for the gateway"
+        return None, f"configure is refused over HTTP: {why} ({_HOW})"
+    return BearerAuth(token), ""
+
+
 def _manager(
-    pipeline: Pipeline, run_dir: Path, admit: Admit, max_body: int
+    pipeline: Pipeline, run_dir: Path, admit: Admit, authorize: Authorize, max_body: int
 ) -> StreamableHTTPSessionManager:
     """The stateless session manager over the shared server (imports the SDK: in a thread)."""
     from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -196,5 +250,7 @@ def _manager(
     # route writes. Its warnings and errors still reach the replica's log.
     logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
     return StreamableHTTPSessionManager(
-        build(pipeline, run_dir, admit=admit), stateless=True, max_request_body_size=max_body
+        build(pipeline, run_dir, admit=admit, authorize=authorize),
+        stateless=True,
+        max_request_body_size=max_body,
     )

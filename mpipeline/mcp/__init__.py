@@ -5,7 +5,7 @@ starts ``mpipeline mcp --config FILE`` and talks MCP on its stdin and stdout.
 The server attaches to the supervisor already running there as an API client
 (``Pipeline.attach``, one ``gateway.api_clients`` slot) and serves the tools
 and resources defined once in ``mpipeline.gateway.mcp_tools`` (``infer``,
-``batch_infer``, ``pipeline_status``, ``dlq_list``, ``dlq_replay``; the
+``batch_infer``, ``pipeline_status``, ``dlq_list``, ``dlq_replay``, ``configure``; the
 effective config and the metrics snapshot):
 
 * ``server.py``: the shared server on stdio, over the attached client;
@@ -22,6 +22,7 @@ below the gateway (``metrics.snapshot``, ``mpipeline.dlq``,
 ``gateway.dlq_replay``), never from ``ops``. Nothing in the runtime imports
 this package, and the ``mcp`` SDK loads only when the command runs.
 
-``configure`` (issue 18's live settings) is left out: it needs live
-reconfiguration (issue 18 item 3), which does not exist yet.
+``configure`` (live settings) asks the supervisor through ``reloads.ask``,
+the code ``mpipeline reload`` runs; here every client may call it, since the
+server runs as the run dir's owner (over HTTP only the admin token may).
 """

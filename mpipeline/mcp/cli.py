@@ -19,7 +19,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="serve MCP (Model Context Protocol) on stdio for AI agents",
         description="Attach to the running pipeline and serve MCP on standard input and "
         "output until the client closes its side: tools infer, batch_infer, "
-        "pipeline_status, dlq_list and dlq_replay; resources mpipeline://config/effective "
+        "pipeline_status, dlq_list, dlq_replay and configure (live settings, as "
+        "`mpipeline reload --set`); resources mpipeline://config/effective "
         "and mpipeline://metrics. Exit 1 when no pipeline runs there, 2 on a bad config.",
     )
     add_where(mcp)

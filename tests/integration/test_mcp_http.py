@@ -31,10 +31,13 @@ CALL_TIMEOUT_S = 60.0
 TOKEN = "mcp-Http-Token-4321"
 TOKEN_ENV = "MPIPELINE_TEST_MCP_TOKEN"
 MAX_BODY = 64 * 1024
+ADMIN_TOKEN = "mcp-Admin-Token-8765"
+ADMIN_ENV = "MPIPELINE_TEST_MCP_ADMIN"
 TOOLS = {"infer", "batch_infer", "pipeline_status", "dlq_list", "dlq_replay"}
 CONFIG = {
     "gateway.replicas": 2,
     "gateway.auth_token_env": TOKEN_ENV,
+    "gateway.admin_token_env": ADMIN_ENV,
     "gateway.api_clients": 1,
     "gateway.max_body_bytes": MAX_BODY,
     # A few ms per token: an infer streams its words one chunk at a time.
@@ -48,12 +51,12 @@ MAX_SPREAD_CALLS = 60
 MCP_ACCEPT = "application/json, text/event-stream"
 
 
-def _http(*, keepalive: bool = True) -> httpx2.AsyncClient:
+def _http(*, keepalive: bool = True, token: str = TOKEN) -> httpx2.AsyncClient:
     """The SDK's HTTP client with the token; without keep-alive each POST is a new
     connection, which the kernel may hand to either replica."""
     limits = httpx2.Limits() if keepalive else httpx2.Limits(max_keepalive_connections=0)
     return httpx2.AsyncClient(
-        headers={"authorization": f"Bearer {TOKEN}"}, timeout=CALL_TIMEOUT_S, limits=limits
+        headers={"authorization": f"Bearer {token}"}, timeout=CALL_TIMEOUT_S, limits=limits
     )
 
 
@@ -88,7 +91,8 @@ def _error(result: types.CallToolResult) -> str:
 
 
 def test_tools_over_streamable_http_on_two_gateways(start_supervisor: SupervisorFactory) -> None:
-    sp = start_supervisor(CONFIG, env={TOKEN_ENV: TOKEN, **faults_env("assemble:raise_on=POISON")})
+    env = {TOKEN_ENV: TOKEN, ADMIN_ENV: ADMIN_TOKEN, **faults_env("assemble:raise_on=POISON")}
+    sp = start_supervisor(CONFIG, env=env)
     gateways = {f"{sp.replica_pid(f'gateway-{g}'):x}": g for g in range(2)}
 
     async def run() -> None:
@@ -102,6 +106,9 @@ def test_tools_over_streamable_http_on_two_gateways(start_supervisor: Supervisor
                 await _dlq(s)
                 await _config(s)
                 await _rate_limited(s)
+                await _not_admin(s)
+            async with _http(token=ADMIN_TOKEN) as http, _session(sp.url, http) as s:
+                await _configure(s)
             await _spread(sp.url, gateways)
             assert (await held.submit("slot still mine")).text == "slot still mine"
 
@@ -189,6 +196,38 @@ async def _rate_limited(s: ClientSession) -> None:
     assert out["results"][0]["error"]["type"] == "rate_limited"
 
 
+async def _not_admin(s: ClientSession) -> None:
+    """The gateway's token is not the admin's: configure is neither listed nor allowed."""
+    assert "configure" not in {t.name for t in (await s.list_tools()).tools}
+    text = _error(await _call(s, "configure", {"settings": {"gateway.timeout_s": 5}}))
+    assert text.startswith("configure needs admin") and "gateway.admin_token_env" in text
+    assert ADMIN_TOKEN not in text and TOKEN not in text
+    assert _ok(await _call(s, "pipeline_status", {}))["config_version"] == 0
+
+
+async def _configure(s: ClientSession) -> None:
+    """The admin token alone (not the gateway's) gets in, sees configure and applies it."""
+    tools = {t.name: t for t in (await s.list_tools()).tools}
+    assert set(tools) == TOOLS | {"configure"}
+    settings = tools["configure"].input_schema["properties"]["settings"]
+    assert "gateway.timeout_s" in settings["properties"]
+    assert "gateway.replicas" not in settings["properties"]
+    done = _ok(await _call(s, "configure", {"settings": {"gateway.timeout_s": 45}}))
+    assert (done["state"], done["version"]) == ("applied", 1)
+    assert done["live"] == ["gateway.timeout_s"] and done["restarted"] == []
+    assert done["settings"] == {"gateway.timeout_s": 45}
+    assert done["summary"].startswith("config version 1 applied")
+    # Both replicas run the new version (configure answers once every replica took it).
+    status = _ok(await _call(s, "pipeline_status", {}))
+    assert status["config_version"] == 1
+    # Not live, or a value the config refuses: an error naming the field; nothing changes.
+    text = _error(await _call(s, "configure", {"settings": {"gateway.max_connections": 9}}))
+    assert "`gateway.max_connections`" in text and "only live settings" in text
+    text = _error(await _call(s, "configure", {"settings": {"gateway.timeout_s": -1}}))
+    assert "gateway.timeout_s" in text and "nothing was changed" in text
+    assert _ok(await _call(s, "pipeline_status", {}))["config_version"] == 1
+
+
 async def _spread(url: str, gateways: dict[str, int]) -> None:
     """One session whose requests reach both replicas: stateless, each is served whole."""
     served: set[int] = set()
@@ -224,6 +263,10 @@ def _refusals(url: str) -> None:
         bad = {**auth, "content-type": "application/json"}
         r = client.post(mcp, content=b"{not json", headers=bad)
         assert r.status_code == 400 and r.json()["error"]["code"] == types.PARSE_ERROR
+        # The admin token passes the gateway's check on /mcp only.
+        admin = {"authorization": f"Bearer {ADMIN_TOKEN}", **accept}
+        assert client.post(mcp, json=hello, headers=admin).status_code == 200
+        assert client.get(f"{url}/v1/status", headers=admin).status_code == 401
         # A stateless request outside a session still works: one POST, one answer.
         r = client.post(mcp, json=hello, headers=auth)
         assert r.status_code == 200, r.text

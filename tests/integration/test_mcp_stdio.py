@@ -28,7 +28,7 @@ from tests.integration.conftest import SupervisorFactory, faults_env
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 CALL_TIMEOUT_S = 60.0
-TOOLS = {"infer", "batch_infer", "pipeline_status", "dlq_list", "dlq_replay"}
+TOOLS = {"infer", "batch_infer", "pipeline_status", "dlq_list", "dlq_replay", "configure"}
 CONFIG = {
     "gateway.api_clients": 1,
     # A few ms per token: an infer streams its words one chunk at a time.
@@ -102,6 +102,7 @@ def test_tools_and_resources_over_stdio(start_supervisor: SupervisorFactory) -> 
                 await _bad_arguments(s)
                 await _dlq(s, sp.run_dir)
                 await _resources(s, sp.config_path)
+                await _configure(s, sp.run_dir)
 
     asyncio.run(session())
     # The server left on its own when its stdin closed (not killed by the client's
@@ -175,6 +176,32 @@ async def _status(s: ClientSession, run_dir: Path) -> None:
 
     assert replicas(status) == replicas(expected)
     assert status["run_id"] == expected["run_id"] and status["state"] == "RUNNING"
+
+
+async def _configure(s: ClientSession, run_dir: Path) -> None:
+    """Over stdio the run dir's owner may configure: a live field applies, with the
+    outcome ``mpipeline reload --json`` would print; anything else changes nothing."""
+    settings = {"gateway.stall_timeout_s": 12.5, "supervisor.drain_timeout_s": 7}
+    done = _ok(await _call(s, "configure", {"settings": settings, "log_level": "info"}))
+    assert (done["state"], done["version"]) == ("applied", 1)
+    assert done["live"] == sorted(settings) and done["restarted"] == []
+    assert done["settings"] == settings and done["log_level"] == "info"
+    status = json.loads(await _cli("status", "--json", "--run-dir", str(run_dir)))
+    assert status["config_version"] == 1 and status["reload"]["attempt"] == done["attempt"]
+    # The effective config resource is the new version's.
+    config = (await s.read_resource("mpipeline://config/effective")).contents[0]
+    assert isinstance(config, types.TextResourceContents)
+    assert "stall_timeout_s = 12.5" in config.text and "drain_timeout_s = 7.0" in config.text
+    for bad, words in (
+        ({"settings": {"stages.inference.replicas": 2}}, "`stages.inference.replicas`"),
+        ({"settings": {"gateway.timout_s": 2}}, "`gateway.timout_s`): no such config field"),
+        ({"settings": {"gateway.stall_timeout_s": "lots"}}, "gateway.stall_timeout_s"),
+        ({"log_level": "loud"}, "`log_level`"),
+        ({}, "give `settings`, `log_level` or both"),
+    ):
+        assert words in _error(await _call(s, "configure", bad)), bad
+    status = json.loads(await _cli("status", "--json", "--run-dir", str(run_dir)))
+    assert status["config_version"] == 1
 
 
 async def _bad_arguments(s: ClientSession) -> None:

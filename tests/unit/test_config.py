@@ -65,6 +65,7 @@ def test_default_file_writes_out_every_field() -> None:
     written = set(_config_toml.key_lines(text))
     # Fields whose default is "unset" cannot be written in TOML; they are shown commented.
     written |= {"gateway.auth_token_env", "stages.rag.documents", "stages.stream.sink_jsonl"}
+    written.add("gateway.admin_token_env")
     written.add("stages.rag.index_dir")
     written |= {
         f"stages.inference.{table}.{name}"
@@ -486,11 +487,28 @@ def test_good_hosts(tmp_path: Path, host: str) -> None:
     assert issues_of(tmp_path, f'[metrics]\nhost = "{host}"\n') == []
 
 
-def test_token_env_must_be_a_name_and_is_never_echoed(tmp_path: Path) -> None:
-    text = '[gateway]\nauth_token_env = "sk-live-123"\n'
+@pytest.mark.parametrize("field", ["auth_token_env", "admin_token_env"])
+def test_token_env_must_be_a_name_and_is_never_echoed(tmp_path: Path, field: str) -> None:
+    text = f'[gateway]\n{field} = "sk-live-123"\n'
     [issue] = config.validate(write(tmp_path, text))
-    assert issue.field == "gateway.auth_token_env"
+    assert issue.field == f"gateway.{field}"
     assert "sk-live" not in str(issue)
+
+
+def test_an_admin_token_env_that_is_unset_here_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = msgspec.structs.replace(
+        PipelineConfig(),
+        gateway=msgspec.structs.replace(
+            PipelineConfig().gateway, admin_token_env="MPIPELINE_TEST_ADMIN_UNSET"
+        ),
+    )
+    monkeypatch.delenv("MPIPELINE_TEST_ADMIN_UNSET", raising=False)
+    [warning] = [w for w in config.warnings(cfg) if "admin_token_env" in w]
+    assert "configure will be refused over HTTP" in warning
+    monkeypatch.setenv("MPIPELINE_TEST_ADMIN_UNSET", "s3cret-admin")
+    assert not [w for w in config.warnings(cfg) if "admin_token_env" in w]
 
 
 def test_supervisor_cross_checks(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@
   call and writes the JSON schema ``tools/list`` shows;
 * ``tools.py``: ``infer``, ``batch_infer``, ``pipeline_status``;
 * ``dlq.py``: ``dlq_list``, ``dlq_replay``;
+* ``configure.py``: ``configure`` (live settings, through ``reloads.ask``;
+  admin only over HTTP);
 * ``resources.py``: the effective config and the metrics snapshot;
 * ``server.py``: the SDK's low-level server, the tool list and the dispatch.
 
@@ -11,7 +13,8 @@ Why here, inside the gateway package: the streamable HTTP transport runs in
 every gateway replica (``gateway.mcp_http``, ``/mcp``), and the gateway may
 import nothing above its layer (pyproject.toml's contracts), while ``mpipeline
 mcp`` (stdio, above the gateway) may import this. The tools need only a
-pipeline client, the run dir, the DLQ and the status snapshot, all below the
+pipeline client, the run dir, the DLQ, the status snapshot and the reload
+request (``reloads``), all below the
 gateway, plus the native route's types (``gateway.schemas``), so ``infer``
 is refused for exactly what ``POST /v1/prompt`` refuses. In a replica every
 tool runs over that replica's own pipeline client, as ``/v1/prompt`` does;

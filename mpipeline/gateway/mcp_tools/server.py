@@ -11,8 +11,9 @@ Every tool error (bad arguments, a failed request, no pipeline) comes back as
 an ``isError`` result with a message; only a bug would reach the SDK's own
 error path, and it is logged there with its traceback.
 
-``configure`` (issue 18) is not here: it needs live reconfiguration, which
-mpipeline does not have yet.
+``configure`` (live settings, ``configure.py``) is listed and called only
+when the transport's ``authorize`` allows the request: over HTTP a request
+without the admin token neither sees it in ``tools/list`` nor may call it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mcp.shared.exceptions import MCPError
 
 from mpipeline import __version__
 from mpipeline.errors import MPipelineError
-from mpipeline.gateway.mcp_tools import dlq, tools
+from mpipeline.gateway.mcp_tools import configure, dlq, tools
 from mpipeline.gateway.mcp_tools.args import (
     MAX_BATCH,
     BadArgumentsError,
@@ -82,11 +83,28 @@ _TOOLS = [
         annotations=types.ToolAnnotations(destructive_hint=False, idempotent_hint=True),
     ),
 ]
+_CONFIGURE = types.Tool(
+    name=configure.NAME,
+    description="Set live settings of the running pipeline (timeouts, rate limits, the "
+    "supervisor's restart policy) and the log level, without a restart: "
+    "`mpipeline reload --set FIELD=VALUE`. Returns the reload outcome (config version, "
+    "fields applied); a refused change changes nothing and says why. Needs admin: over "
+    "HTTP, the admin bearer token (gateway.admin_token_env).",
+    input_schema=configure.schema(),
+    annotations=types.ToolAnnotations(destructive_hint=False, idempotent_hint=True),
+)
 
 
-def build(p: Pipeline, run_dir: Path, *, admit: tools.Admit | None = None) -> Server[Any]:
-    """The server for the pipeline client ``p`` of the run in ``run_dir``; ``admit``,
-    when given, rate-limits each prompt of ``infer`` and ``batch_infer``."""
+def build(
+    p: Pipeline,
+    run_dir: Path,
+    *,
+    authorize: configure.Authorize,
+    admit: tools.Admit | None = None,
+) -> Server[Any]:
+    """The server for the pipeline client ``p`` of the run in ``run_dir``; ``authorize``
+    says which requests may see and call ``configure``; ``admit``, when given,
+    rate-limits each prompt of ``infer`` and ``batch_infer``."""
 
     def status(arguments: dict[str, Any] | None, _: tools.Progress) -> Awaitable[Any]:
         return _status(run_dir, arguments)
@@ -97,12 +115,14 @@ def build(p: Pipeline, run_dir: Path, *, admit: tools.Admit | None = None) -> Se
         "pipeline_status": status,
         "dlq_list": lambda a, _: dlq.dlq_list(run_dir, a),
         "dlq_replay": lambda a, _: dlq.dlq_replay(p, run_dir, a),
+        configure.NAME: lambda a, _: configure.configure(run_dir, a),
     }
 
     async def list_tools(
         ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=_TOOLS)
+        admin = authorize(ctx.request) is None
+        return types.ListToolsResult(tools=[*_TOOLS, _CONFIGURE] if admin else _TOOLS)
 
     async def call_tool(
         ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
@@ -110,6 +130,10 @@ def build(p: Pipeline, run_dir: Path, *, admit: tools.Admit | None = None) -> Se
         call = calls.get(params.name)
         if call is None:
             return _error(f"no tool {params.name!r}; the tools are {', '.join(calls)}")
+        if params.name == configure.NAME:
+            refused = authorize(ctx.request)
+            if refused is not None:
+                return _error(refused)
         try:
             result = await call(params.arguments, ctx.session.report_progress)
         except (BadArgumentsError, tools.ToolFailedError, MPipelineError) as exc:
