@@ -4,7 +4,9 @@ Starts the pipeline from ``config/pipeline.toml``, keeps requests in flight at
 full speed through the Python API, samples every replica with ``py-spy
 record --format raw`` at the same time, and files each sample under the
 innermost frame that belongs to one of the buckets below. Usage:
-``python -m bench.profile_share [--seconds S] [--window N]``.
+``python -m bench.profile_share [--seconds S] [--window N] [--config FILE]``
+(``--config config/examples/chained.toml`` profiles the chained layout: a
+placement group is one process, sampled once and named after its stages).
 """
 
 from __future__ import annotations
@@ -86,11 +88,15 @@ def stacks(path: Path) -> collections.Counter[str]:
     return counts
 
 
-async def drive(seconds: float, window: int, out: Path) -> list[str]:
-    async with Pipeline("config/pipeline.toml", run_dir=out / "run") as p:
+async def drive(seconds: float, window: int, out: Path, config: str) -> list[str]:
+    async with Pipeline(config, run_dir=out / "run") as p:
         ctl = p._ctl
         assert ctl is not None
-        pids = {f"{st}-{i}": ctl.get(slot, R_PID) for (st, i), slot in p._replica_slots.items()}
+        members: dict[int, list[str]] = {}
+        for (st, i), slot in p._replica_slots.items():
+            members.setdefault(ctl.get(slot, R_PID), []).append(f"{st}-{i}")
+        # One sampler per process: a placement group's members share one.
+        pids = {_label(names): pid for pid, names in members.items()}
         loop = asyncio.get_running_loop()
         stop = time.monotonic() + seconds + 2
         finished: asyncio.Future[None] = loop.create_future()
@@ -114,14 +120,23 @@ async def drive(seconds: float, window: int, out: Path) -> list[str]:
     return list(pids)
 
 
+def _label(names: list[str]) -> str:
+    """A process's name: its replica, or its group's first..last stage and index."""
+    if len(names) == 1:
+        return names[0]
+    first, last = names[0].rpartition("-")[0], names[-1]
+    return f"{first}..{last}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--window", type=int, default=512, help="requests in flight")
+    parser.add_argument("--config", default="config/pipeline.toml", help="pipeline to profile")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        names = uvloop.run(drive(args.seconds, args.window, out))
+        names = uvloop.run(drive(args.seconds, args.window, out, args.config))
         rows: dict[str, collections.Counter[str]] = {}
         for name in names:
             counts: collections.Counter[str] = collections.Counter()
@@ -129,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                 counts[bucket(stack)] += n
             rows[name] = counts
     rows["all"] = sum(rows.values(), collections.Counter())
-    print(f"{'replica':12s}{HEADER}")
+    width = max(12, *(len(name) + 1 for name in rows))
+    print(f"{'replica':{width}s}{HEADER}")
     for name, counts in rows.items():
-        print(f"{name:12s}{share_cells(counts)}")
+        print(f"{name:{width}s}{share_cells(counts)}")
     return 0
 
 
