@@ -54,6 +54,9 @@ METRICS: dict[str, Kind] = {
     "mpipeline_requests_completed_total": "counter",
     "mpipeline_requests_failed_total": "counter",
     "mpipeline_requests_in_flight": "gauge",
+    # Live reconfiguration: the run's config version and the one each replica applied.
+    "mpipeline_config_version": "gauge",
+    "mpipeline_replica_config_version": "gauge",
 }
 # The reference orchestrator's five series, kept under our prefix so its alerts translate.
 CORE_METRICS = (
