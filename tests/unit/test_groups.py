@@ -7,7 +7,6 @@ and drop exactly the rings between members of a group.
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 from mpipeline import config, topology
 from mpipeline.config import STAGE_ORDER, PipelineConfig, chained
 from mpipeline.errors import ConfigError
+from tests.unit.test_topology import ring_ends
 
 ROOT = Path(__file__).resolve().parents[2]
 CPUS = [0, 1, 2, 3]
@@ -87,15 +87,7 @@ def test_every_ring_still_has_one_writer_one_reader_and_the_plan_matches(layout:
     if layout != "per-stage":
         cfg = chained(cfg)
     topo = topology.build(cfg, "g2", CPUS)
-    writers: collections.Counter[str] = collections.Counter()
-    readers: collections.Counter[str] = collections.Counter()
-    for rep in topo.replicas:
-        readers.update(rep.inputs)
-        writers.update(set(rep.outputs) | set(rep.errors))
-    for client in topo.clients:
-        writers.update(client.ingress)
-        readers.update(client.returns)
-        readers.update(client.errors)
+    writers, readers = ring_ends(topo)
     assert set(writers) == set(readers) == {e.name for e in topo.edges}
     assert set(writers.values()) == set(readers.values()) == {1}
     # The ring plan (/dev/shm check) counts exactly what the supervisor creates.

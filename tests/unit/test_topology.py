@@ -70,9 +70,8 @@ def test_edge_count_follows_the_replica_counts(shape: dict[str, int]) -> None:
     assert len(topo.clients) == clients
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["defaults", "wide", "narrow"])
-def test_every_ring_has_exactly_one_writer_and_one_reader(shape: dict[str, int]) -> None:
-    topo = _build(_config(shape))
+def ring_ends(topo: Topology) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """How many replicas and clients write and read each ring name (writers, readers)."""
     writers: collections.Counter[str] = collections.Counter()
     readers: collections.Counter[str] = collections.Counter()
     for rep in topo.replicas:
@@ -83,6 +82,13 @@ def test_every_ring_has_exactly_one_writer_and_one_reader(shape: dict[str, int])
         writers.update(client.ingress)
         readers.update(client.returns)
         readers.update(client.errors)
+    return writers, readers
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["defaults", "wide", "narrow"])
+def test_every_ring_has_exactly_one_writer_and_one_reader(shape: dict[str, int]) -> None:
+    topo = _build(_config(shape))
+    writers, readers = ring_ends(topo)
     names = {e.name for e in topo.edges}
     assert set(writers) == set(readers) == names
     assert set(writers.values()) == {1}
