@@ -177,7 +177,9 @@ class Reader:
             up = 1.0 if r.state == "READY" else 0.0
             families.put("replica_up", labels, up)
             families.put("replica_config_version", labels, r.config_version)
-            proc = self._process(r.pid) if r.pid else None
+            # A placement group's members share one process: its CPU and memory are
+            # exported once, on its first member, so that sums over replicas hold.
+            proc = self._process(r.pid) if r.pid and r.pid not in alive else None
             if proc is None:
                 continue
             try:

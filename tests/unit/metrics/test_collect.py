@@ -412,6 +412,19 @@ def test_replicas_from_the_control_block_and_psutil(run: FakeRun) -> None:
     assert rss is not None and rss > 1024 * 1024
 
 
+def test_a_process_shared_by_a_placement_group_is_counted_once(run: FakeRun) -> None:
+    # post-0 and stream-0 in one process: its CPU and memory under post-0 alone.
+    for name in ("post-0", "stream-0"):
+        run.ctl.put(run.slot(name), R_STATE, ReplicaState.READY)
+        run.ctl.put(run.slot(name), R_PID, os.getpid())
+    s = _samples(collect(run.run))
+    assert list(s[PREFIX + "process_cpu_seconds_total"]) == [_key(stage="post", replica="post-0")]
+    assert list(s[PREFIX + "process_resident_memory_bytes"]) == [
+        _key(stage="post", replica="post-0")
+    ]
+    assert _get(s, "replica_up", stage="stream", replica="stream-0") == 1
+
+
 def test_circuits_from_the_breaker_board(run: FakeRun) -> None:
     cfg = BreakerConfig(consecutive_failures=1, open_s=60.0)
     board = run.with_breakers(cfg)
