@@ -34,7 +34,7 @@ from typing import Any, Literal
 import msgspec
 
 from mpipeline.errors import MPipelineError
-from mpipeline.rundir import connect, open_private
+from mpipeline.rundir import connect, open_private, write_atomically
 
 RELOAD_FILE = "reload.json"
 REQUEST_FILE = "reload-request.json"
@@ -93,7 +93,7 @@ _REQUEST = msgspec.json.Decoder(ReloadRequest)
 
 def write_outcomes(run_dir: Path, outcomes: list[ReloadOutcome]) -> None:
     """Publish the latest attempts (the last ``HISTORY`` of ``outcomes``)."""
-    _write(run_dir / RELOAD_FILE, _ENCODE.encode(ReloadLog(outcomes=outcomes[-HISTORY:])))
+    write_atomically(run_dir / RELOAD_FILE, _ENCODE.encode(ReloadLog(outcomes=outcomes[-HISTORY:])))
 
 
 def read_outcomes(run_dir: Path) -> list[ReloadOutcome]:
@@ -125,7 +125,7 @@ def remove_outcome(run_dir: Path) -> None:
 
 
 def write_request(run_dir: Path, request: ReloadRequest) -> None:
-    _write(run_dir / REQUEST_FILE, _ENCODE.encode(request))
+    write_atomically(run_dir / REQUEST_FILE, _ENCODE.encode(request))
 
 
 def take_request(run_dir: Path) -> ReloadRequest:
@@ -147,18 +147,6 @@ def take_request(run_dir: Path) -> ReloadRequest:
         return _REQUEST.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise MPipelineError(f"bad {REQUEST_FILE}: {exc}") from None
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write-then-rename (0600, never through a link): readers see all of it or none."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def render(outcome: ReloadOutcome) -> str:

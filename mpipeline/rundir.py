@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -275,18 +276,22 @@ def lock_holder(run_dir: Path) -> int | None:
 
 def write_state(info: RunInfo) -> None:
     """Publish ``info`` as ``state.json`` in its run dir, atomically."""
-    _write_atomically(Path(info.run_dir) / STATE_FILE, _ENCODE.encode(info))
+    write_atomically(Path(info.run_dir) / STATE_FILE, _ENCODE.encode(info))
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, durable: bool = False) -> None:
     """A new file (never through a link, never an old one), 0600, renamed into place
-    so that readers see all of it or none."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()  # our own leftover from a killed run with the same pid
+    so that readers see all of it or none; ``durable`` fsyncs it before the rename.
+
+    The temporary name is random, so that two writers of one process (two
+    gateway tasks, say) never share one.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         os.write(fd, data)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -295,7 +300,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def write_config(run_dir: Path, text: str) -> Path:
     """Write ``EFFECTIVE_CONFIG`` into ``run_dir`` (0600, atomically); return its path."""
     path = run_dir / EFFECTIVE_CONFIG
-    _write_atomically(path, text.encode())
+    write_atomically(path, text.encode())
     return path
 
 

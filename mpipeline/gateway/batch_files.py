@@ -103,11 +103,11 @@ class BatchStore:
     def add_file(self, filename: str, purpose: Purpose, data: bytes) -> FileObject:
         self._make()
         file_id = new_id("file-")
-        write_atomically(self.files / f"{file_id}.jsonl", data)
+        rundir.write_atomically(self.files / f"{file_id}.jsonl", data, durable=True)
         obj = FileObject(
             id=file_id, bytes=len(data), created_at=now(), filename=filename, purpose=purpose
         )
-        write_atomically(self.files / f"{file_id}.json", _ENCODE(obj))
+        rundir.write_atomically(self.files / f"{file_id}.json", _ENCODE(obj), durable=True)
         return obj
 
     def publish_output(self, file_id: str, filename: str) -> FileObject | None:
@@ -119,7 +119,7 @@ class BatchStore:
         obj = FileObject(
             id=file_id, bytes=size, created_at=now(), filename=filename, purpose="batch_output"
         )
-        write_atomically(self.files / f"{file_id}.json", _ENCODE(obj))
+        rundir.write_atomically(self.files / f"{file_id}.json", _ENCODE(obj), durable=True)
         return obj
 
     def file(self, file_id: str) -> FileObject | None:
@@ -156,7 +156,7 @@ class BatchStore:
 
     def write_batch(self, batch: Batch) -> None:
         self._make()
-        write_atomically(self.root / f"{batch.id}.json", _ENCODE(batch))
+        rundir.write_atomically(self.root / f"{batch.id}.json", _ENCODE(batch), durable=True)
 
     def batch(self, batch_id: str) -> Batch | None:
         if not valid_id(batch_id):
@@ -228,19 +228,6 @@ class Appender:
             self.sync()
             os.close(self._fd)
             self._fd = -1
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """A new 0600 file renamed over ``path``: readers see all of it or none. The temp
-    name is random, as two gateways of one process may write at once."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = rundir.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _read(path: Path) -> bytes | None:

@@ -174,7 +174,8 @@ def test_files_are_never_opened_through_a_link(tmp_run_dir: Path, tmp_path: Path
     with pytest.raises(OSError):
         rundir.RunLock(tmp_run_dir).acquire()
     assert victim.read_text() == "mine"
-    # A planted state.json.<pid>.tmp is removed, never followed.
+    # A link planted where a temp file of ours might go is never followed (the temp
+    # name is random and opened O_EXCL | O_NOFOLLOW).
     tmp = tmp_run_dir / f"{rundir.STATE_FILE}.{os.getpid()}.tmp"
     tmp.symlink_to(victim)
     rundir.write_state(_info(tmp_run_dir))
