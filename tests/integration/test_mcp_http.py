@@ -10,10 +10,8 @@ own pipeline client, never attach one. ``streamable_http_client`` and
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
 import httpx2
@@ -23,11 +21,11 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from mpipeline.pipeline import Pipeline
+from tests.integration._mcp import CALL_TIMEOUT_S, call, check_infer, error, ok
 from tests.integration.conftest import SupervisorFactory, faults_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-CALL_TIMEOUT_S = 60.0
 TOKEN = "mcp-Http-Token-4321"
 TOKEN_ENV = "MPIPELINE_TEST_MCP_TOKEN"
 MAX_BODY = 64 * 1024
@@ -70,26 +68,6 @@ async def _session(url: str, http: httpx2.AsyncClient) -> AsyncIterator[ClientSe
         yield s
 
 
-async def _call(s: ClientSession, name: str, arguments: dict[str, Any]) -> types.CallToolResult:
-    return await s.call_tool(name, arguments, read_timeout_seconds=CALL_TIMEOUT_S)
-
-
-def _ok(result: types.CallToolResult) -> Any:
-    text = result.content[0].text if isinstance(result.content[0], types.TextContent) else ""
-    assert not result.is_error, text
-    assert result.structured_content is not None
-    assert json.loads(text) == result.structured_content
-    return result.structured_content
-
-
-def _error(result: types.CallToolResult) -> str:
-    assert result.is_error
-    (content,) = result.content
-    assert isinstance(content, types.TextContent)
-    assert "Traceback" not in content.text
-    return content.text
-
-
 def test_tools_over_streamable_http_on_two_gateways(start_supervisor: SupervisorFactory) -> None:
     env = {TOKEN_ENV: TOKEN, ADMIN_ENV: ADMIN_TOKEN, **faults_env("assemble:raise_on=POISON")}
     sp = start_supervisor(CONFIG, env=env)
@@ -124,34 +102,15 @@ async def _tools(s: ClientSession) -> None:
 
 
 async def _infer(s: ClientSession, gateways: dict[str, int]) -> None:
-    done = _ok(await _call(s, "infer", {"prompt": "hello there", "session_id": "a"}))
-    assert done["text"] == "hello there" and done["finish_reason"] == "stop"
-    assert done["usage"]["completion_tokens"] == 2 and done["session_id"] == "a"
+    # Progress travels on the POST's own SSE response.
+    done = await check_infer(s)
     # Served by a gateway replica's own client: its request ids carry that pid.
     assert any(done["request_id"].startswith(pid) for pid in gateways)
-
-    seen: list[tuple[float, float | None, str | None]] = []
-
-    async def progress(progress: float, total: float | None, message: str | None) -> None:
-        seen.append((progress, total, message))
-
-    words = "one two three four five"
-    result = await s.call_tool(
-        "infer",
-        {"prompt": words, "max_tokens": 10},
-        read_timeout_seconds=CALL_TIMEOUT_S,
-        progress_callback=progress,
-    )
-    assert _ok(result)["text"] == words
-    # One notification per streamed chunk, on the POST's own SSE response, in order.
-    assert [v for v, _, _ in seen] == [float(i) for i in range(1, len(seen) + 1)]
-    assert len(seen) >= 2 and {t for _, t, _ in seen} == {10.0}
-    assert "".join(m or "" for _, _, m in seen) == words
 
 
 async def _batch(s: ClientSession) -> None:
     prompts = ["first", "", "POISON second", "third words"]
-    out = _ok(await _call(s, "batch_infer", {"prompts": prompts, "concurrency": 2}))
+    out = ok(await call(s, "batch_infer", {"prompts": prompts, "concurrency": 2}))
     results = out["results"]
     assert [r["index"] for r in results] == list(range(len(prompts)))
     assert [r["ok"] for r in results] == [True, False, False, True]
@@ -162,22 +121,22 @@ async def _batch(s: ClientSession) -> None:
 
 
 async def _status(s: ClientSession) -> None:
-    status = _ok(await _call(s, "pipeline_status", {}))
+    status = ok(await call(s, "pipeline_status", {}))
     assert status["state"] == "RUNNING"
     names = {r["name"] for r in status["replicas"]}
     assert {"gateway-0", "gateway-1", "inference-0"} <= names
-    assert "`max_tokens`" in _error(await _call(s, "infer", {"prompt": "x", "max_tokens": 0}))
-    text = _error(await _call(s, "infer", {"prompt": "POISON pill"}))
+    assert "`max_tokens`" in error(await call(s, "infer", {"prompt": "x", "max_tokens": 0}))
+    text = error(await call(s, "infer", {"prompt": "POISON pill"}))
     assert text.startswith("stage_error in assemble")
 
 
 async def _dlq(s: ClientSession) -> None:
-    listed = _ok(await _call(s, "dlq_list", {}))
+    listed = ok(await call(s, "dlq_list", {}))
     # The poisoned batch prompt and the poisoned infer, each recorded by its replica.
     assert listed["total"] == 2 == listed["not_replayed"]
     assert {r["reason"] for r in listed["records"]} == {"stage_error"}
     assert {r["request"]["input"] for r in listed["records"]} == {"POISON second", "POISON pill"}
-    assert "`since`" in _error(await _call(s, "dlq_list", {"since": "a while"}))
+    assert "`since`" in error(await call(s, "dlq_list", {"since": "a while"}))
 
 
 async def _config(s: ClientSession) -> None:
@@ -189,20 +148,20 @@ async def _config(s: ClientSession) -> None:
 async def _rate_limited(s: ClientSession) -> None:
     """The gateway's limits hold for MCP as for ``POST /v1/prompt``: no way around them."""
     for _ in range(2):
-        _ok(await _call(s, "infer", {"prompt": "within", "session_id": "limited"}))
-    text = _error(await _call(s, "infer", {"prompt": "over", "session_id": "limited"}))
+        ok(await call(s, "infer", {"prompt": "within", "session_id": "limited"}))
+    text = error(await call(s, "infer", {"prompt": "over", "session_id": "limited"}))
     assert text.startswith("rate_limited: this session's rate limit is exhausted")
-    out = _ok(await _call(s, "batch_infer", {"prompts": ["x"], "session_id": "limited"}))
+    out = ok(await call(s, "batch_infer", {"prompts": ["x"], "session_id": "limited"}))
     assert out["results"][0]["error"]["type"] == "rate_limited"
 
 
 async def _not_admin(s: ClientSession) -> None:
     """The gateway's token is not the admin's: configure is neither listed nor allowed."""
     assert "configure" not in {t.name for t in (await s.list_tools()).tools}
-    text = _error(await _call(s, "configure", {"settings": {"gateway.timeout_s": 5}}))
+    text = error(await call(s, "configure", {"settings": {"gateway.timeout_s": 5}}))
     assert text.startswith("configure needs admin") and "gateway.admin_token_env" in text
     assert ADMIN_TOKEN not in text and TOKEN not in text
-    assert _ok(await _call(s, "pipeline_status", {}))["config_version"] == 0
+    assert ok(await call(s, "pipeline_status", {}))["config_version"] == 0
 
 
 async def _configure(s: ClientSession) -> None:
@@ -212,20 +171,20 @@ async def _configure(s: ClientSession) -> None:
     settings = tools["configure"].input_schema["properties"]["settings"]
     assert "gateway.timeout_s" in settings["properties"]
     assert "gateway.replicas" not in settings["properties"]
-    done = _ok(await _call(s, "configure", {"settings": {"gateway.timeout_s": 45}}))
+    done = ok(await call(s, "configure", {"settings": {"gateway.timeout_s": 45}}))
     assert (done["state"], done["version"]) == ("applied", 1)
     assert done["live"] == ["gateway.timeout_s"] and done["restarted"] == []
     assert done["settings"] == {"gateway.timeout_s": 45}
     assert done["summary"].startswith("config version 1 applied")
     # Both replicas run the new version (configure answers once every replica took it).
-    status = _ok(await _call(s, "pipeline_status", {}))
+    status = ok(await call(s, "pipeline_status", {}))
     assert status["config_version"] == 1
     # Not live, or a value the config refuses: an error naming the field; nothing changes.
-    text = _error(await _call(s, "configure", {"settings": {"gateway.max_connections": 9}}))
+    text = error(await call(s, "configure", {"settings": {"gateway.max_connections": 9}}))
     assert "`gateway.max_connections`" in text and "only live settings" in text
-    text = _error(await _call(s, "configure", {"settings": {"gateway.timeout_s": -1}}))
+    text = error(await call(s, "configure", {"settings": {"gateway.timeout_s": -1}}))
     assert "gateway.timeout_s" in text and "nothing was changed" in text
-    assert _ok(await _call(s, "pipeline_status", {}))["config_version"] == 1
+    assert ok(await call(s, "pipeline_status", {}))["config_version"] == 1
 
 
 async def _spread(url: str, gateways: dict[str, int]) -> None:
@@ -233,7 +192,7 @@ async def _spread(url: str, gateways: dict[str, int]) -> None:
     served: set[int] = set()
     async with _http(keepalive=False) as http, _session(url, http) as s:
         for i in range(MAX_SPREAD_CALLS):
-            done = _ok(await _call(s, "infer", {"prompt": f"spread {i}"}))
+            done = ok(await call(s, "infer", {"prompt": f"spread {i}"}))
             assert done["text"] == f"spread {i}"
             served |= {g for pid, g in gateways.items() if done["request_id"].startswith(pid)}
             if served == {0, 1}:

@@ -23,11 +23,11 @@ from mcp import ClientSession, MCPError, StdioServerParameters, stdio_client
 
 from mpipeline.dlq import DLQ_FILE, DeadLetter, DeadLetterQueue, RequestPayload
 from mpipeline.pipeline import Pipeline
+from tests.integration._mcp import CALL_TIMEOUT_S, call, check_infer, error, ok
 from tests.integration.conftest import SupervisorFactory, faults_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-CALL_TIMEOUT_S = 60.0
 TOOLS = {"infer", "batch_infer", "pipeline_status", "dlq_list", "dlq_replay", "configure"}
 CONFIG = {
     "gateway.api_clients": 1,
@@ -43,10 +43,6 @@ def _server(config: Path) -> StdioServerParameters:
     )
 
 
-async def _call(s: ClientSession, name: str, arguments: dict[str, Any]) -> types.CallToolResult:
-    return await s.call_tool(name, arguments, read_timeout_seconds=CALL_TIMEOUT_S)
-
-
 async def _cli(*argv: str) -> str:
     """What ``mpipeline ARGV`` prints (it must succeed), run beside the session."""
     proc = await asyncio.create_subprocess_exec(
@@ -55,22 +51,6 @@ async def _cli(*argv: str) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), CALL_TIMEOUT_S)
     assert proc.returncode == 0, err.decode()
     return out.decode()
-
-
-def _ok(result: types.CallToolResult) -> Any:
-    text = result.content[0].text if isinstance(result.content[0], types.TextContent) else ""
-    assert not result.is_error, text
-    assert result.structured_content is not None
-    assert json.loads(text) == result.structured_content
-    return result.structured_content
-
-
-def _error(result: types.CallToolResult) -> str:
-    assert result.is_error
-    (content,) = result.content
-    assert isinstance(content, types.TextContent)
-    assert "Traceback" not in content.text
-    return content.text
 
 
 def _mcp_children() -> list[psutil.Process]:
@@ -129,33 +109,13 @@ async def _tools_listed(s: ClientSession) -> None:
 
 
 async def _infer(s: ClientSession) -> None:
-    done = _ok(await _call(s, "infer", {"prompt": "hello there", "session_id": "a"}))
-    assert done["text"] == "hello there" and done["finish_reason"] == "stop"
-    assert done["usage"]["completion_tokens"] == 2 and done["session_id"] == "a"
+    done = await check_infer(s)
     assert done["citations"] == []
-
-    seen: list[tuple[float, float | None, str | None]] = []
-
-    async def progress(progress: float, total: float | None, message: str | None) -> None:
-        seen.append((progress, total, message))
-
-    words = "one two three four five"
-    result = await s.call_tool(
-        "infer",
-        {"prompt": words, "max_tokens": 10},
-        read_timeout_seconds=CALL_TIMEOUT_S,
-        progress_callback=progress,
-    )
-    assert _ok(result)["text"] == words
-    # One notification per streamed chunk, counting up, the chunks' text in order.
-    assert [v for v, _, _ in seen] == [float(i) for i in range(1, len(seen) + 1)]
-    assert len(seen) >= 2 and {t for _, t, _ in seen} == {10.0}
-    assert "".join(m or "" for _, _, m in seen) == words
 
 
 async def _batch(s: ClientSession) -> None:
     prompts = ["first", "", "POISON second", "third words", "fourth"]
-    out = _ok(await _call(s, "batch_infer", {"prompts": prompts, "concurrency": 2}))
+    out = ok(await call(s, "batch_infer", {"prompts": prompts, "concurrency": 2}))
     results = out["results"]
     assert [r["index"] for r in results] == list(range(len(prompts)))
     assert [r["ok"] for r in results] == [True, False, False, True, True]
@@ -168,7 +128,7 @@ async def _batch(s: ClientSession) -> None:
 
 
 async def _status(s: ClientSession, run_dir: Path) -> None:
-    status = _ok(await _call(s, "pipeline_status", {}))
+    status = ok(await call(s, "pipeline_status", {}))
     expected = json.loads(await _cli("status", "--json", "--run-dir", str(run_dir)))
 
     def replicas(snap: dict[str, Any]) -> list[tuple[str, int, str]]:
@@ -182,7 +142,7 @@ async def _configure(s: ClientSession, run_dir: Path) -> None:
     """Over stdio the run dir's owner may configure: a live field applies, with the
     outcome ``mpipeline reload --json`` would print; anything else changes nothing."""
     settings = {"gateway.stall_timeout_s": 12.5, "supervisor.drain_timeout_s": 7}
-    done = _ok(await _call(s, "configure", {"settings": settings, "log_level": "info"}))
+    done = ok(await call(s, "configure", {"settings": settings, "log_level": "info"}))
     assert (done["state"], done["version"]) == ("applied", 1)
     assert done["live"] == sorted(settings) and done["restarted"] == []
     assert done["settings"] == settings and done["log_level"] == "info"
@@ -199,23 +159,23 @@ async def _configure(s: ClientSession, run_dir: Path) -> None:
         ({"log_level": "loud"}, "`log_level`"),
         ({}, "give `settings`, `log_level` or both"),
     ):
-        assert words in _error(await _call(s, "configure", bad)), bad
+        assert words in error(await call(s, "configure", bad)), bad
     status = json.loads(await _cli("status", "--json", "--run-dir", str(run_dir)))
     assert status["config_version"] == 1
 
 
 async def _bad_arguments(s: ClientSession) -> None:
-    text = _error(await _call(s, "infer", {"prompt": "x", "max_tokens": 0}))
+    text = error(await call(s, "infer", {"prompt": "x", "max_tokens": 0}))
     assert "`max_tokens`" in text and ">= 1" in text
-    assert "`prompt`" in _error(await _call(s, "infer", {"session_id": "a"}))
-    assert "tempreature" in _error(await _call(s, "infer", {"prompt": "x", "tempreature": 1}))
-    assert "`concurrency`" in _error(
-        await _call(s, "batch_infer", {"prompts": ["a"], "concurrency": 99})
+    assert "`prompt`" in error(await call(s, "infer", {"session_id": "a"}))
+    assert "tempreature" in error(await call(s, "infer", {"prompt": "x", "tempreature": 1}))
+    assert "`concurrency`" in error(
+        await call(s, "batch_infer", {"prompts": ["a"], "concurrency": 99})
     )
-    assert "no tool 'infre'" in _error(await _call(s, "infre", {"prompt": "x"}))
-    assert "`since`" in _error(await _call(s, "dlq_list", {"since": "yesterday-ish"}))
+    assert "no tool 'infre'" in error(await call(s, "infre", {"prompt": "x"}))
+    assert "`since`" in error(await call(s, "dlq_list", {"since": "yesterday-ish"}))
     # A request the pipeline fails is an error result naming the code and the stage.
-    text = _error(await _call(s, "infer", {"prompt": "POISON pill"}))
+    text = error(await call(s, "infer", {"prompt": "POISON pill"}))
     assert text.startswith("stage_error in assemble") and "request " in text
 
 
@@ -233,26 +193,26 @@ async def _dlq(s: ClientSession, run_dir: Path) -> None:
     await dlq.record([letter])
     await dlq.aclose()
 
-    listed = _ok(await _call(s, "dlq_list", {}))
+    listed = ok(await call(s, "dlq_list", {}))
     by_id = {r["id"]: r for r in listed["records"]}
     # The poisoned requests above (batch item and infer) and the planted record.
     assert "dead-1" in by_id and listed["total"] == 3 == listed["not_replayed"]
     assert {r["reason"] for r in listed["records"]} == {"stage_error", "ring_full"}
-    only = _ok(await _call(s, "dlq_list", {"reasons": ["ring_full"]}))
+    only = ok(await call(s, "dlq_list", {"reasons": ["ring_full"]}))
     assert [r["id"] for r in only["records"]] == ["dead-1"]
 
-    assert "not both" in _error(await _call(s, "dlq_replay", {}))
-    replay = _ok(await _call(s, "dlq_replay", {"ids": ["dead-1", "nope"]}))
+    assert "not both" in error(await call(s, "dlq_replay", {}))
+    replay = ok(await call(s, "dlq_replay", {"ids": ["dead-1", "nope"]}))
     (one,) = replay["replays"]
     assert one["id"] == "dead-1" and one["outcome"] == "ok" and one["new_request_id"]
     assert replay["notes"] == ["nope: no such record (or filtered out)"]
-    after = _ok(await _call(s, "dlq_list", {"ids": ["dead-1"]}))
+    after = ok(await call(s, "dlq_list", {"ids": ["dead-1"]}))
     (record,) = after["records"]
     assert [(m["outcome"], m["new_request_id"]) for m in record["replays"]] == [
         ("ok", one["new_request_id"])
     ]
     # The poisoned ones still fail (the fault is still on): each an outcome, not an error.
-    rest = _ok(await _call(s, "dlq_replay", {"all": True}))
+    rest = ok(await call(s, "dlq_replay", {"all": True}))
     assert sorted(r["outcome"] for r in rest["replays"]) == ["stage_error", "stage_error"]
     assert rest["failed"] == 2
 
@@ -326,11 +286,11 @@ def test_a_stopped_pipeline_gives_error_results_not_a_dead_server(
                 ClientSession(read, write) as s,
             ):
                 await s.initialize()
-                assert _ok(await _call(s, "infer", {"prompt": "before"}))["text"] == "before"
+                assert ok(await call(s, "infer", {"prompt": "before"}))["text"] == "before"
                 await asyncio.to_thread(sp.stop)
-                text = _error(await _call(s, "infer", {"prompt": "after"}))
+                text = error(await call(s, "infer", {"prompt": "after"}))
                 assert text.startswith("shutting_down"), text
-                assert "no supervisor is running" in _error(await _call(s, "pipeline_status", {}))
+                assert "no supervisor is running" in error(await call(s, "pipeline_status", {}))
                 with pytest.raises(MCPError, match="no supervisor is running"):
                     await s.read_resource("mpipeline://metrics")
 
