@@ -93,8 +93,18 @@ class Gateways:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(CALL_TIMEOUT_S)
 
+    def inflight(self) -> int:
+        """Requests the gateways' pipeline client holds in flight now."""
+        assert self.pipeline is not None
+        return self.call(_inflight(self.pipeline))
+
     def close(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
         assert not self._thread.is_alive(), "the gateway thread did not stop"
+
+
+async def _inflight(pipeline: Pipeline) -> int:
+    """Read on the pipeline's own loop: its table is not shared with other threads."""
+    return pipeline.inflight

@@ -21,7 +21,6 @@ import psutil
 import pytest
 
 from mpipeline.config import STAGE_ORDER, GatewayConfig
-from mpipeline.pipeline import Pipeline
 from tests.integration._live import Gateways
 from tests.integration.conftest import (
     ConfigFactory,
@@ -61,14 +60,6 @@ class BatchGateways(Gateways):
             ],
         )
         self.open_url, self.auth_url = self.urls
-
-    def inflight(self) -> int:
-        assert self.pipeline is not None
-        return self.call(_inflight(self.pipeline))
-
-
-async def _inflight(pipeline: Pipeline) -> int:
-    return pipeline.inflight
 
 
 @pytest.fixture(scope="module")

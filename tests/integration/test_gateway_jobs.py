@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from mpipeline.config import STAGE_ORDER, GatewayConfig
-from mpipeline.pipeline import Pipeline
 from tests.integration._live import Gateways
 from tests.integration.conftest import ConfigFactory, SupervisorFactory, wait_until
 
@@ -44,15 +43,6 @@ class JobGateways(Gateways):
             ],
         )
         self.open_url, self.small_url, self.auth_url = self.urls
-
-    def inflight(self) -> int:
-        """Requests the gateways' pipeline client holds in flight now."""
-        assert self.pipeline is not None
-        return self.call(_inflight(self.pipeline))
-
-
-async def _inflight(pipeline: Pipeline) -> int:
-    return pipeline.inflight
 
 
 @pytest.fixture(scope="module")

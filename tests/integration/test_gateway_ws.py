@@ -20,7 +20,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.frames import CloseCode
 
-from mpipeline.pipeline import Pipeline
 from tests.integration.conftest import (
     ConfigFactory,
     SupervisorFactory,
@@ -81,10 +80,6 @@ async def until_done(ws: ClientConnection) -> list[dict[str, Any]]:
     while messages[-1]["type"] not in ("done", "error"):
         messages.append(await receive(ws))
     return messages
-
-
-async def _inflight(pipeline: Pipeline) -> int:
-    return len(pipeline._inflight)
 
 
 def test_one_prompt_streams_chunks_then_done(live: LiveGateways) -> None:
@@ -190,7 +185,6 @@ def test_plain_get_is_426(live: LiveGateways) -> None:
 def test_disconnect_mid_stream_leaves_the_gateway_serving(live: LiveGateways) -> None:
     """RELIABILITY #21: the socket goes away mid-stream; the request is cancelled."""
     assert live.pipeline is not None
-    pipeline = live.pipeline
     words = " ".join(f"w{i}" for i in range(ECHO_TOKENS))
 
     async def cut() -> int:
@@ -204,7 +198,7 @@ def test_disconnect_mid_stream_leaves_the_gateway_serving(live: LiveGateways) ->
 
     assert run(cut()) == 3
     wait_until(
-        lambda: live.call(_inflight(pipeline)) == 0,
+        lambda: live.inflight() == 0,
         CANCEL_WITHIN_S,
         "the cut stream's request to leave the in-flight table",
     )
